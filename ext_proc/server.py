@@ -1,0 +1,131 @@
+"""The ExternalProcessor gRPC service: one stream per HTTP request, held open until it ends.
+
+Flow per stream: request headers (which API?) -> request body (parse, plan, reserve) -> stream end
+(release). Envoy half-closes the stream when the downstream request finishes or is aborted
+(DESIGN.md §3), so the `finally` below is "the request is over", however it ended.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse
+from ext_proc import admission, responses
+from ext_proc.ledger import Ledgers, Reservation
+from ext_proc.metrics import Decisions
+from ext_proc.openai_protocol import PATHS, ProtocolError, parse_request, with_max_tokens
+from ext_proc.policy import Policy
+
+
+@dataclass
+class PolicyTable:
+    """Current policies by model name; `loaded` stays False until the first xDS update arrives."""
+
+    ledgers: Ledgers
+    policies: dict[str, Policy] = field(default_factory=dict)
+    loaded: bool = False
+
+    def replace(self, policies: list[Policy]) -> None:
+        for p in policies:
+            self.ledgers.set_capacity(p.name, p.budget_bytes)
+        self.policies = {p.name: p for p in policies}
+        self.loaded = True
+
+
+@dataclass
+class _Request:
+    path: str = ""
+    request_id: str = ""
+    reservation: Reservation | None = None
+
+
+def _header(headers: HttpHeaders, name: str) -> str:
+    for h in headers.headers.headers:
+        if h.key == name:
+            return h.raw_value.decode() if h.raw_value else h.value
+    return ""
+
+
+@dataclass
+class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
+    table: PolicyTable
+    decisions: Decisions
+    # Backstop for a stream end that never comes: above Envoy's upstream timeout.
+    reservation_ttl_s: float = 900.0
+    clock: Callable[[], float] = time.monotonic
+    log: structlog.typing.FilteringBoundLogger = field(
+        default_factory=lambda: structlog.get_logger(component="ext_proc"))
+
+    async def Process(self, request_iterator: AsyncIterator[ProcessingRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[ProcessingResponse]:
+        req = _Request()
+        try:
+            async for msg in request_iterator:
+                kind = msg.WhichOneof("request")
+                if kind == "request_headers":
+                    yield self._on_headers(msg.request_headers, req)
+                elif kind == "request_body":
+                    yield self._on_body(msg.request_body, req)
+        finally:
+            if req.reservation is not None:
+                ledger = self.table.ledgers.get(req.reservation.key)
+                if ledger is not None:
+                    ledger.release(req.reservation, self.clock())
+
+    def _refuse(self, model: str, r: admission.Refusal) -> ProcessingResponse:
+        self.decisions.record(model, r.code)
+        return responses.refuse(r)
+
+    def _on_headers(self, headers: HttpHeaders, req: _Request) -> ProcessingResponse:
+        req.path = _header(headers, ":path").partition("?")[0]
+        req.request_id = _header(headers, "x-request-id")
+        if req.path not in PATHS:
+            return self._refuse("", admission.Refusal(404, "unknown_url", f"Unknown request URL: {req.path}. "
+                                                      "This gateway serves /v1/chat/completions, /v1/completions "
+                                                      "and GET /v1/models."))
+        if _header(headers, ":method") != "POST":
+            return self._refuse("", admission.Refusal(405, "method_not_allowed", f"{req.path} takes POST"))
+        if headers.end_of_stream:
+            return self._refuse("", admission.Refusal(400, "invalid_request", "request body is empty"))
+        return responses.CONTINUE_HEADERS
+
+    def _on_body(self, body: HttpBody, req: _Request) -> ProcessingResponse:
+        if not self.table.loaded:
+            return self._refuse("", admission.Refusal(
+                503, "policies_not_loaded", "The gateway has not received its model policies yet.",
+                type_="service_unavailable", retry_after=1))
+        try:
+            llm = parse_request(req.path, body.body)
+        except ProtocolError as e:
+            return self._refuse("", admission.Refusal(400, "invalid_request", str(e), param=e.param))
+        policy = self.table.policies.get(llm.model)
+        if policy is None:
+            # Unknown names stay out of the metric labels: clients choose them.
+            return self._refuse("", admission.Refusal(
+                404, "model_not_found", f"The model {llm.model!r} does not exist.", param="model"))
+        planned = admission.plan(llm, policy)
+        if isinstance(planned, admission.Refusal):
+            return self._refuse(llm.model, planned)
+        ledger = self.table.ledgers.get(policy.name)
+        assert ledger is not None  # PolicyTable.replace creates it with the policy
+        held = admission.admit(planned, policy.name, ledger, self.clock(), self.reservation_ttl_s)
+        if isinstance(held, admission.Refusal):
+            self.log.info("admission.refused", model=llm.model, request_id=req.request_id,
+                          reserved=ledger.reserved, capacity=ledger.capacity, wanted=planned.nbytes)
+            return self._refuse(llm.model, held)
+        req.reservation = held
+        self.decisions.record(llm.model, "admitted")
+        return responses.admit(policy.name, planned.max_tokens, with_max_tokens(llm, planned.max_tokens))
+
+    def expire(self) -> int:
+        """Run the TTL backstop; returns how many reservations it had to release."""
+        expired = self.table.ledgers.expire(self.clock())
+        for r in expired:
+            self.log.warning("ledger.expired", model=r.key, nbytes=r.nbytes)
+        return len(expired)

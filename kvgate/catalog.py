@@ -1,0 +1,238 @@
+"""The model catalog: the YAML a platform team writes, validated into frozen objects.
+
+Everything downstream (Envoy resources, ModelPolicy resources, simulated engines) is rendered from a
+`Catalog`; nothing else reads the YAML. Errors name the model and the field (docs/catalog.md).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from engines import kv_math
+
+SIM = "sim"  # endpoint placeholder: `kvgate up` starts a simulated engine and fills in its address
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string such as '20GiB' or '512 MB'."""
+    if isinstance(value, bool):
+        raise ValueError("expected a byte size such as 20GiB")
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"{value!r} is not a byte size (examples: 21474836480, 20GiB, 512MB)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
+
+
+class CatalogError(ValueError):
+    """A catalog that must not be served; `problems` are 'where: what' lines."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid catalog:\n  " + "\n  ".join(problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Address(_Strict):
+    host: str
+    port: int = Field(gt=0, lt=65536)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_endpoint(value: Any) -> str | Address:
+    if isinstance(value, Address) or value == SIM:
+        return value
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"endpoint {value!r} must be 'host:port' or 'sim'")
+    return Address(host=host.strip("[]"), port=int(port))
+
+
+Endpoint = Annotated[str | Address, BeforeValidator(parse_endpoint)]
+
+
+class KVSpec(_Strict):
+    """KV bytes per token given directly, or derived from a config.json (HF or TensorRT-LLM)."""
+
+    bytes_per_token: int | None = Field(default=None, gt=0)
+    config_json: Path | None = None
+    kv_dtype: str | None = None  # overrides the config's dtype, e.g. fp8 KV on a bf16 model
+    tensor_parallel: int | None = Field(default=None, gt=0)
+    budget_per_endpoint: ByteSize
+
+    @field_validator("config_json")
+    @classmethod
+    def _relative_to_catalog(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        base = (info.context or {}).get("base_dir")
+        return Path(base) / path if path is not None and base and not path.is_absolute() else path
+
+    @model_validator(mode="after")
+    def _one_source(self) -> KVSpec:
+        if (self.bytes_per_token is None) == (self.config_json is None):
+            raise ValueError("give exactly one of bytes_per_token and config_json")
+        if self.config_json is not None and not self.config_json.is_file():
+            raise ValueError(f"config_json {str(self.config_json)!r} is not a file")
+        return self
+
+    @cached_property
+    def shape(self) -> kv_math.ModelShape | None:
+        if self.config_json is None:
+            return None
+        shape = kv_math.load_model_shape(self.config_json)
+        overrides = {k: v for k, v in (("kv_dtype", self.kv_dtype),
+                                       ("tensor_parallel", self.tensor_parallel)) if v is not None}
+        return shape.__class__(**{**shape.__dict__, **overrides})
+
+
+class PromptEstimate(_Strict):
+    """Upper bound on prompt tokens without the model's tokenizer (docs/catalog.md)."""
+
+    bytes_per_token: float = Field(default=1.0, gt=0)
+    per_message_tokens: int = Field(default=8, ge=0)
+    per_request_tokens: int = Field(default=8, ge=0)
+
+
+class SimSettings(_Strict):
+    """Latency model of simulated engines (used by `kvgate up` for `sim` endpoints only)."""
+
+    ttft_base_ms: float = Field(default=20.0, ge=0)
+    ttft_per_token_ms: float = Field(default=0.05, ge=0)
+    itl_ms: float = Field(default=10.0, ge=0)
+    batch_slowdown: float = Field(default=0.02, ge=0)
+    on_full: Literal["queue", "fail"] = "queue"
+    seed: int = 0
+
+
+class Model(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+    protocol: Literal["openai"] = "openai"
+    endpoints: list[Endpoint] = Field(min_length=1)
+    max_context_tokens: int = Field(gt=1)
+    max_output_tokens: int = Field(default=1024, gt=0)
+    tokens_per_block: int | None = Field(default=None, gt=0)
+    kv: KVSpec
+    prompt_estimate: PromptEstimate = PromptEstimate()
+    sim: SimSettings = SimSettings()
+
+    @model_validator(mode="after")
+    def _fits(self) -> Model:
+        if self.max_output_tokens >= self.max_context_tokens:
+            raise ValueError(f"max_output_tokens ({self.max_output_tokens}) must be below "
+                             f"max_context_tokens ({self.max_context_tokens})")
+        one_request = kv_math.reservation_bytes(
+            self.max_context_tokens, self.block_tokens, self.kv_bytes_per_token)
+        if self.kv.budget_per_endpoint < one_request:
+            # An engine that cannot hold one full-context request would refuse it forever.
+            raise ValueError(f"kv.budget_per_endpoint ({self.kv.budget_per_endpoint} B) holds less than "
+                             f"one max_context_tokens request ({one_request} B)")
+        return self
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        shape = self.kv.shape
+        return shape.bytes_per_token() if shape else int(self.kv.bytes_per_token or 0)
+
+    @property
+    def block_tokens(self) -> int:
+        """Catalog value, else the engine config's, else TensorRT-LLM's common 32."""
+        shape = self.kv.shape
+        return self.tokens_per_block or (shape and shape.tokens_per_block) or 32
+
+    @property
+    def cluster_name(self) -> str:
+        return f"kvgate_model/{self.name}"
+
+    def addresses(self) -> list[Address]:
+        """Endpoints as Envoy reaches them; a `sim` left unresolved here is a caller's bug."""
+        if any(e == SIM for e in self.endpoints):
+            raise CatalogError([f"model {self.name!r}: endpoint 'sim' not started (use `kvgate up`)"])
+        return [e for e in self.endpoints if isinstance(e, Address)]
+
+
+class Catalog(_Strict):
+    models: list[Model] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Catalog:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def model(self, name: str) -> Model | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    def with_endpoints(self, endpoints: dict[str, list[Address]]) -> Catalog:
+        """The same catalog with each named model's `sim` endpoints replaced, in order."""
+        def resolve(m: Model) -> Model:
+            started = iter(endpoints.get(m.name, []))
+            return m.model_copy(update={"endpoints": [next(started) if e == SIM else e for e in m.endpoints]})
+        return self.model_copy(update={"models": [resolve(m) for m in self.models]})
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude_defaults=True)
+        for m in data["models"]:
+            m["endpoints"] = [e if e == SIM else f"{e['host']}:{e['port']}" for e in m["endpoints"]]
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def _describe(loc: tuple[Any, ...], raw: Any) -> str:
+    """'model "x" (models[1]): kv.budget_per_endpoint' from a pydantic error location."""
+    if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+        models = raw.get("models") if isinstance(raw, dict) else None
+        name = models[loc[1]].get("name") if isinstance(models, list) and loc[1] < len(models) \
+            and isinstance(models[loc[1]], dict) else None
+        field = ".".join(str(p) for p in loc[2:] if not str(p).startswith(("function-", "str", "Address")))
+        return f"model {name!r} (models[{loc[1]}])" + (f": {field}" if field else "")
+    return ".".join(str(p) for p in loc) or "catalog"
+
+
+def parse_catalog(raw: Any, base_dir: Path | None = None) -> Catalog:
+    try:
+        return Catalog.model_validate(raw, context={"base_dir": base_dir})
+    except ValidationError as e:
+        raise CatalogError([f"{_describe(err['loc'], raw)}: {err['msg']}" for err in e.errors()]) from None
+    except (kv_math.ModelShapeError, OSError, ValueError) as e:
+        raise CatalogError([str(e)]) from None
+
+
+def load_catalog(path: Path) -> Catalog:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CatalogError([f"{path}: {e}"]) from None
+    return parse_catalog(raw, base_dir=path.parent)
+
+
+def bundled_catalog_path() -> Path:
+    """The example catalog of simulated models that `kvgate up` serves with no arguments."""
+    return Path(__file__).parent / "examples" / "catalog.yaml"

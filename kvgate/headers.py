@@ -1,0 +1,6 @@
+"""Header names the gateway's parts agree on (ext_proc sets them, Envoy routes and echoes them)."""
+
+# Set by ext_proc on an admitted request; the routes match it to pick the model's cluster.
+MODEL_HEADER = "x-kvgate-model"
+# The max_tokens ext_proc applied; Envoy copies it onto the response for the client.
+MAX_TOKENS_HEADER = "x-kvgate-max-tokens"

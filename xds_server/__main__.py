@@ -1,0 +1,58 @@
+"""`python -m xds_server --catalog FILE`: serve a catalog over ADS until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from kvgate import logs
+from kvgate.catalog import CatalogError, load_catalog, parse_endpoint
+from xds_server.server import XdsServer
+from xds_server.settings import GatewaySettings
+from xds_server.snapshot import build_snapshot
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="xds_server", description=__doc__)
+    p.add_argument("--catalog", type=Path, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=18000, help="ADS port")
+    p.add_argument("--listen", type=parse_endpoint, default="127.0.0.1:8080",
+                   help="address Envoy's listener binds (host:port)")
+    p.add_argument("--ext-proc", type=parse_endpoint, action="append",
+                   help="ext_proc replica address (repeatable; default 127.0.0.1:9002)")
+    p.add_argument("--max-request-bytes", type=int, default=GatewaySettings.max_request_bytes)
+    return p.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> int:
+    log = logs.configure("xds_server")
+    try:
+        catalog = load_catalog(args.catalog)
+        settings = GatewaySettings(listen=args.listen, max_request_bytes=args.max_request_bytes,
+                                   **({"ext_proc": tuple(args.ext_proc)} if args.ext_proc else {}))
+        snapshot = build_snapshot(catalog, settings)
+    except CatalogError as e:
+        print(e, file=sys.stderr)
+        return 2
+    server = XdsServer(snapshot, log)
+    port = await server.start(args.host, args.port)
+    log.info("xds.serving", port=port, version=snapshot.version, models=[m.name for m in catalog.models])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+    return 0
+
+
+def main() -> None:
+    sys.exit(asyncio.run(run(parse_args())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The ADS gRPC server: one SotwStream per connected client, fed by requests and snapshot changes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+
+from envoy.service.discovery.v3 import ads_pb2_grpc
+from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
+from xds_server.cache import SnapshotCache
+from xds_server.snapshot import Snapshot
+from xds_server.sotw import Nack, SotwStream
+
+_KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+@dataclass
+class Client:
+    """A connected xDS client, as `kvgate status` will show it."""
+
+    node_id: str
+    cluster: str
+    connected_at: float
+    stream: SotwStream
+
+
+@dataclass
+class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    cache: SnapshotCache
+    log: structlog.typing.FilteringBoundLogger = field(default_factory=lambda: structlog.get_logger(component="xds"))
+    clients: dict[int, Client] = field(default_factory=dict)
+    nacks: list[tuple[str, Nack]] = field(default_factory=list)
+    responses_sent: int = 0
+
+    async def StreamAggregatedResources(
+        self, request_iterator: AsyncIterator[DiscoveryRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        stream = SotwStream(self.cache.snapshot)
+        outbox: asyncio.Queue[DiscoveryResponse | None] = asyncio.Queue()
+        tasks = [asyncio.create_task(self._read(request_iterator, stream, outbox)),
+                 asyncio.create_task(self._watch(stream, outbox))]
+        try:
+            while (response := await outbox.get()) is not None:
+                await context.write(response)
+                self.responses_sent += 1
+                self.log.debug("xds.push", type_url=response.type_url, version=response.version_info,
+                               nonce=response.nonce, resources=len(response.resources))
+        finally:
+            for t in tasks:
+                t.cancel()
+            client = self.clients.pop(id(stream), None)
+            if client:
+                self.log.info("xds.disconnected", node=client.node_id, cluster=client.cluster)
+
+    async def _read(self, requests: AsyncIterator[DiscoveryRequest], stream: SotwStream,
+                    outbox: asyncio.Queue[DiscoveryResponse | None]) -> None:
+        try:
+            async for req in requests:
+                if id(stream) not in self.clients and req.node.id:
+                    self.clients[id(stream)] = Client(req.node.id, req.node.cluster, time.time(), stream)
+                    self.log.info("xds.connected", node=req.node.id, cluster=req.node.cluster)
+                responses, nack = stream.on_request(req)
+                if nack:
+                    node = self.clients[id(stream)].node_id if id(stream) in self.clients else "?"
+                    self.nacks.append((node, nack))
+                    self.log.warning("xds.nack", node=node, type_url=nack.type_url,
+                                     version=nack.version, error_detail=nack.message)
+                for r in responses:
+                    outbox.put_nowait(r)
+        finally:
+            outbox.put_nowait(None)
+
+    async def _watch(self, stream: SotwStream, outbox: asyncio.Queue[DiscoveryResponse | None]) -> None:
+        while True:
+            snapshot = await self.cache.wait_newer(stream.snapshot)
+            for r in stream.on_snapshot(snapshot):
+                outbox.put_nowait(r)
+
+
+class XdsServer:
+    """Owns the gRPC server and the cache; `publish` pushes a new snapshot to every stream."""
+
+    def __init__(self, snapshot: Snapshot, log: structlog.typing.FilteringBoundLogger | None = None):
+        self.cache = SnapshotCache(snapshot)
+        self.servicer = AdsServicer(self.cache, **({"log": log} if log else {}))
+        self._server = grpc.aio.server(options=_KEEPALIVE)
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.servicer, self._server)
+
+    async def start(self, host: str, port: int) -> int:
+        bound = self._server.add_insecure_port(f"{host}:{port}")
+        if not bound:
+            raise OSError(f"cannot bind xDS server to {host}:{port}")
+        await self._server.start()
+        return bound
+
+    async def publish(self, snapshot: Snapshot) -> bool:
+        return await self.cache.set(snapshot)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self._server.stop(grace)
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()

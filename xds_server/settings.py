@@ -1,0 +1,22 @@
+"""Gateway-wide settings: where things listen, and the data-path limits that are not per model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvgate.catalog import Address
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    listen: Address = field(default_factory=lambda: Address(host="127.0.0.1", port=8080))
+    ext_proc: tuple[Address, ...] = (Address(host="127.0.0.1", port=9002),)
+    # Largest request body Envoy buffers for ext_proc; bigger bodies get Envoy's own 413.
+    max_request_bytes: int = 4 * 2**20
+    # ext_proc answers in well under a millisecond, but a GC pause must not become a 504
+    # (Envoy's default is 200 ms).
+    ext_proc_message_timeout_s: float = 2.0
+    # Whole-request upstream timeout: long generations stream for minutes.
+    upstream_timeout_s: float = 600.0
+    # Far above Envoy's default 1024: every in-flight LLM request holds one ext_proc stream.
+    ext_proc_max_requests: int = 100_000

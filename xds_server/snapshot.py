@@ -1,0 +1,95 @@
+"""A snapshot: every resource of every type, packed as protobuf Any and versioned by content.
+
+Content-derived versions mean a restarted control plane, or a second replica, with the same catalog
+gives the same versions, so reconnecting clients see no churn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import any_pb2, json_format, message
+
+# Importing the modules registers their types, which ParseDict needs to resolve "@type".
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
+from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+from kvgate.catalog import Catalog
+from xds_server import policies, resources
+from xds_server.settings import GatewaySettings
+
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+POLICY = policies.POLICY_TYPE_URL
+
+# ADS push order: a cluster before its endpoints, both before the listener and routes that use them.
+PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE, POLICY)
+
+# Types whose clients subscribe to everything (an empty name list means "all").
+WILDCARD_TYPES = frozenset({CLUSTER, LISTENER, POLICY})
+
+
+@dataclass(frozen=True)
+class Resources:
+    """All resources of one type, by name, with one version for the set."""
+
+    version: str
+    items: dict[str, any_pb2.Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, named: dict[str, message.Message]) -> Resources:
+        items = {}
+        for name, msg in sorted(named.items()):
+            packed = any_pb2.Any()
+            packed.Pack(msg, deterministic=True)
+            items[name] = packed
+        digest = hashlib.sha256()
+        for name, packed in items.items():
+            digest.update(name.encode() + b"\0" + packed.value + b"\0")
+        return cls(version=digest.hexdigest()[:16], items=items)
+
+    def select(self, names: frozenset[str] | None) -> list[any_pb2.Any]:
+        """The resources a subscription asked for (None: all); names not here yet are left out."""
+        if names is None:
+            return list(self.items.values())
+        return [self.items[n] for n in sorted(names) if n in self.items]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    by_type: dict[str, Resources]
+
+    def get(self, type_url: str) -> Resources:
+        return self.by_type.get(type_url) or Resources(version="")
+
+    @property
+    def version(self) -> str:
+        return hashlib.sha256("".join(r.version for r in self.by_type.values()).encode()).hexdigest()[:16]
+
+
+def _parse(cls: type[message.Message], data: dict[str, Any]) -> message.Message:
+    return json_format.ParseDict(data, cls())
+
+
+def build_snapshot(catalog: Catalog, settings: GatewaySettings) -> Snapshot:
+    """Render the whole catalog; raises if any rendered resource fails to parse as its type."""
+    cluster_list = [_parse(cluster_pb2.Cluster, c) for c in resources.clusters(catalog, settings)]
+    endpoint_list = [_parse(endpoint_pb2.ClusterLoadAssignment, e) for e in resources.endpoints(catalog)]
+    listener_msg = _parse(listener_pb2.Listener, resources.listener(settings))
+    route_msg = _parse(route_pb2.RouteConfiguration, resources.route_configuration(catalog, settings))
+    return Snapshot(by_type={
+        CLUSTER: Resources.of({c.name: c for c in cluster_list}),
+        ENDPOINT: Resources.of({e.cluster_name: e for e in endpoint_list}),
+        LISTENER: Resources.of({listener_msg.name: listener_msg}),
+        ROUTE: Resources.of({route_msg.name: route_msg}),
+        POLICY: Resources.of({p.name: p for p in policies.policies(catalog)}),
+    })
