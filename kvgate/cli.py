@@ -1,0 +1,90 @@
+"""The `kvgate` command: `up` runs a whole gateway, `check` validates a catalog and prints what it renders."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+import yaml
+from google.protobuf import json_format
+
+from kvgate.catalog import SIM, Address, Catalog, CatalogError, bundled_catalog_path, load_catalog
+from kvgate.gateway import Gateway, NotReady
+from kvgate.processes import ProcessDied
+from xds_server.settings import GatewaySettings
+from xds_server.snapshot import PUSH_ORDER, build_snapshot
+
+app = typer.Typer(help="kvgate: an LLM gateway on Envoy that admits requests by the KV cache they can claim.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+CatalogOption = Annotated[Path, typer.Option(help="Model catalog (YAML); default: the bundled simulated models")]
+
+
+def _load(path: Path) -> Catalog:
+    try:
+        return load_catalog(path)
+    except CatalogError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+
+
+def _raise_exit(signum: int, _frame: object) -> NoReturn:
+    raise SystemExit(128 + signum)
+
+
+@app.command()
+def up(catalog: CatalogOption = bundled_catalog_path(),
+       port: Annotated[int, typer.Option(help="Gateway port")] = 8080,
+       host: Annotated[str, typer.Option(help="Gateway address")] = "127.0.0.1",
+       run_dir: Annotated[Path | None, typer.Option(help="Where logs and rendered files go")] = None) -> None:
+    """Start engines (for `sim` endpoints), xds_server, ext_proc and Envoy; stop them all on Ctrl-C/SIGTERM."""
+    cat = _load(catalog)
+    workdir = run_dir or Path(tempfile.mkdtemp(prefix="kvgate-"))
+    # SIGTERM unwinds like Ctrl-C, through the `finally` that stops every child.
+    signal.signal(signal.SIGTERM, _raise_exit)
+    gateway = Gateway(cat, run_dir=workdir, host=host, port=port)
+    typer.echo(f"starting kvgate ({len(cat.models)} models; logs in {workdir}) ...", err=True)
+    try:
+        gateway.start()
+        typer.echo(f"kvgate ready: {gateway.url}  (OpenAI base_url {gateway.url}/v1; Ctrl-C stops)")
+        for m in gateway.catalog.models:
+            typer.echo(f"  {m.name}: {', '.join(map(str, m.addresses()))}", err=True)
+        while True:  # watch the children: a gateway with a dead part must not look healthy
+            gateway.supervisor.check()
+            time.sleep(0.5)
+    except (NotReady, ProcessDied) as e:
+        typer.echo(f"kvgate failed: {e}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        gateway.stop()
+        typer.echo("kvgate stopped", err=True)
+
+
+def _placeholders(cat: Catalog) -> Catalog:
+    """`sim` endpoints get their ports at `kvgate up`; show them as consecutive placeholder ports."""
+    ports = iter(range(18001, 65535))
+    return cat.with_endpoints({m.name: [Address(host="127.0.0.1", port=next(ports)) for e in m.endpoints if e == SIM]
+                               for m in cat.models})
+
+
+@app.command()
+def check(catalog: Annotated[Path, typer.Argument(help="Catalog file to validate")],
+          port: Annotated[int, typer.Option(help="Gateway port to render")] = 8080) -> None:
+    """Validate a catalog and print every resource the control plane would serve (a dry run)."""
+    cat = _placeholders(_load(catalog))
+    settings = GatewaySettings(listen=Address(host="127.0.0.1", port=port))
+    snapshot = build_snapshot(cat, settings)
+    docs = [{"type_url": t, "version_info": snapshot.get(t).version,
+             "resources": [json.loads(json_format.MessageToJson(r, preserving_proto_field_name=True))
+                           for r in snapshot.get(t).items.values()]}
+            for t in PUSH_ORDER]
+    yaml.safe_dump_all(docs, sys.stdout, sort_keys=False, explicit_start=True)
+    typer.echo(f"# catalog OK: {len(cat.models)} models; `sim` endpoints shown at placeholder ports", err=True)

@@ -1,0 +1,141 @@
+"""A whole gateway on one machine: simulated engines, xds_server, ext_proc and Envoy, started in
+dependency order and ready only when a request has gone all the way through.
+
+`kvgate up` runs one; the integration tests and benchmarks run theirs the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvgate.catalog import SIM, Address, Catalog, Model
+from kvgate.envoy_bootstrap import envoy_binary, render_bootstrap
+from kvgate.processes import Supervisor, free_port
+from xds_server.settings import GatewaySettings
+
+ENVOY_NODE_CLUSTER = "kvgate-envoy"
+
+
+def sim_argv(model: Model, port: int, host: str = "127.0.0.1") -> list[str]:
+    """The simulated engine for one `sim` endpoint, sized by the model's KV budget."""
+    s = model.sim
+    blocks = model.kv.budget_per_endpoint // (model.kv_bytes_per_token * model.block_tokens)
+    return [sys.executable, "-m", "engines.sim", "--host", host, "--port", str(port), "--model", model.name,
+            "--kv-blocks", str(blocks), "--tokens-per-block", str(model.block_tokens),
+            "--ttft-base-ms", str(s.ttft_base_ms), "--ttft-per-token-ms", str(s.ttft_per_token_ms),
+            "--itl-ms", str(s.itl_ms), "--batch-slowdown", str(s.batch_slowdown),
+            "--on-full", s.on_full, "--seed", str(s.seed)]
+
+
+def _http(method: str, url: str, body: dict | None = None, timeout_s: float = 2.0) -> tuple[int, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0, b""
+
+
+class NotReady(RuntimeError):
+    pass
+
+
+@dataclass
+class Gateway:
+    catalog: Catalog
+    run_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_request_bytes: int = GatewaySettings.max_request_bytes
+    xds_port: int = field(default_factory=free_port)
+    ext_proc_port: int = field(default_factory=free_port)
+    ext_proc_metrics_port: int = field(default_factory=free_port)
+    admin_port: int = field(default_factory=free_port)
+    sims: dict[str, list[Address]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.supervisor = Supervisor(self.run_dir)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def ext_proc_metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ext_proc_metrics_port}/metrics"
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        try:
+            self._start_all()
+            self._wait_ready(time.monotonic() + timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        self.supervisor.stop_all()
+
+    def __enter__(self) -> Gateway:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def _start_all(self) -> None:
+        py = sys.executable
+        for model in self.catalog.models:
+            for i, _ in enumerate(e for e in model.endpoints if e == SIM):
+                port = free_port()
+                self.supervisor.start(f"sim-{model.name.replace('/', '_')}-{i}", sim_argv(model, port))
+                self.sims.setdefault(model.name, []).append(Address(host="127.0.0.1", port=port))
+        self.catalog = self.catalog.with_endpoints(self.sims)
+        catalog_path = self.run_dir / "catalog.yaml"
+        catalog_path.write_text(self.catalog.to_yaml())
+        self.supervisor.start("xds_server", [
+            py, "-m", "xds_server", "--catalog", str(catalog_path), "--port", str(self.xds_port),
+            "--listen", f"{self.host}:{self.port}", "--ext-proc", f"127.0.0.1:{self.ext_proc_port}",
+            "--max-request-bytes", str(self.max_request_bytes)])
+        self.supervisor.start("ext_proc", [
+            py, "-m", "ext_proc", "--port", str(self.ext_proc_port), "--xds", f"127.0.0.1:{self.xds_port}",
+            "--metrics-port", str(self.ext_proc_metrics_port)])
+        bootstrap = self.run_dir / "envoy.yaml"
+        bootstrap.write_text(render_bootstrap(node_id="envoy-0", node_cluster=ENVOY_NODE_CLUSTER,
+                                              admin_port=self.admin_port,
+                                              xds=Address(host="127.0.0.1", port=self.xds_port)))
+        self.supervisor.start("envoy", [envoy_binary(), "-c", str(bootstrap), "--log-level", "warn",
+                                        "--disable-hot-restart"])
+
+    def _wait_ready(self, deadline: float) -> None:
+        """Envoy LIVE means it applied (ACKed) its first config; then one request per model must
+        pass ext_proc (policies loaded) and reach an engine."""
+        pending = ["envoy"] + [m.name for m in self.catalog.models]
+        while pending:
+            self.supervisor.check()
+            if time.monotonic() > deadline:
+                raise NotReady(f"gateway not ready; still waiting for: {', '.join(pending)} (logs in {self.run_dir})")
+            if pending[0] == "envoy":
+                status, body = _http("GET", f"{self.admin_url}/ready")
+                ok = status == 200 and body.strip() == b"LIVE"
+            else:
+                status, _ = _http("POST", f"{self.url}/v1/completions",
+                                  {"model": pending[0], "prompt": "kvgate probe", "max_tokens": 1}, timeout_s=10)
+                ok = status == 200
+            if ok:
+                pending.pop(0)
+            else:
+                time.sleep(0.05)
