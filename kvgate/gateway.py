@@ -112,7 +112,9 @@ class Gateway:
             "--max-request-bytes", str(self.max_request_bytes)])
         self.supervisor.start("ext_proc", [
             py, "-m", "ext_proc", "--port", str(self.ext_proc_port), "--xds", f"127.0.0.1:{self.xds_port}",
-            "--metrics-port", str(self.ext_proc_metrics_port)])
+            "--metrics-port", str(self.ext_proc_metrics_port),
+            # gRPC must take any body Envoy buffered, plus the message's own framing.
+            "--max-message-bytes", str(self.max_request_bytes + 64 * 1024)])
         bootstrap = self.run_dir / "envoy.yaml"
         bootstrap.write_text(render_bootstrap(node_id="envoy-0", node_cluster=ENVOY_NODE_CLUSTER,
                                               admin_port=self.admin_port,

@@ -115,6 +115,8 @@ def listener(settings: GatewaySettings) -> dict[str, Any]:
         "@type": _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "kvgate",
         "codec_type": "AUTO",  # HTTP/1.1 and HTTP/2 (h2c) on one port
+        # HTTP/2 buffers per stream up to its window: the same cap as HTTP/1.1's buffer limit.
+        "http2_protocol_options": {"initial_stream_window_size": max(65535, settings.max_request_bytes)},
         "rds": {"route_config_name": ROUTE_CONFIG_NAME, "config_source": _ADS},
         "http_filters": [
             ext_proc_filter(settings),
@@ -125,6 +127,8 @@ def listener(settings: GatewaySettings) -> dict[str, Any]:
     return {
         "name": LISTENER_NAME,
         "address": _socket(settings.listen),
+        # Caps what Envoy buffers per HTTP/1.1 request, so bodies over it get Envoy's own 413.
+        "per_connection_buffer_limit_bytes": settings.max_request_bytes,
         "filter_chains": [{"filters": [
             {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }
@@ -181,7 +185,6 @@ def route_configuration(catalog: Catalog, settings: GatewaySettings) -> dict[str
         "virtual_hosts": [{
             "name": "kvgate",
             "domains": ["*"],
-            "request_body_buffer_limit": settings.max_request_bytes,
             "routes": [models_route] + [model_route(m, settings) for m in catalog.models] + [fallback],
         }],
     }

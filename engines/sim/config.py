@@ -1,0 +1,75 @@
+"""Simulator settings, shared by the CLI and by tests that build the app directly."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields, replace
+
+ON_FULL_CHOICES = ("queue", "fail")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "bind address"})
+    port: int = field(default=8000, metadata={"help": "bind port"})
+    model: str = field(default="sim-model", metadata={"help": "served model name"})
+    kv_blocks: int = field(default=2048, metadata={"help": "KV cache capacity in blocks"})
+    tokens_per_block: int = field(default=32, metadata={"help": "tokens held by one KV block"})
+    ttft_base_ms: float = field(default=20.0, metadata={"help": "fixed time to first token"})
+    ttft_per_token_ms: float = field(
+        default=0.1, metadata={"help": "prefill time per prompt token"}
+    )
+    itl_ms: float = field(
+        default=10.0, metadata={"help": "inter-token latency with one running request"}
+    )
+    batch_slowdown: float = field(
+        default=0.02, metadata={"help": "fractional ITL increase per extra running request"}
+    )
+    max_batch: int = field(default=256, metadata={"help": "max concurrently running requests"})
+    on_full: str = field(
+        default="queue",
+        metadata={"help": "when a request cannot be scheduled: wait FIFO or answer 503"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the generated text"})
+    record_limit: int = field(
+        default=1000, metadata={"help": "how many received request bodies /sim/requests keeps"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.on_full not in ON_FULL_CHOICES:
+            raise ValueError(f"on_full must be one of {ON_FULL_CHOICES}, got {self.on_full!r}")
+        for name in ("kv_blocks", "tokens_per_block", "max_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        for name in (
+            "ttft_base_ms",
+            "ttft_per_token_ms",
+            "itl_ms",
+            "batch_slowdown",
+            "record_limit",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+
+    @classmethod
+    def zero_latency(cls, **overrides: object) -> SimConfig:
+        """A config whose requests finish as fast as the event loop allows (for tests)."""
+        fast = cls(ttft_base_ms=0.0, ttft_per_token_ms=0.0, itl_ms=0.0, batch_slowdown=0.0)
+        return replace(fast, **overrides)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --flag per SimConfig field, derived from the fields so the two cannot drift apart."""
+    for f in fields(SimConfig):
+        extra = {"choices": ON_FULL_CHOICES} if f.name == "on_full" else {}
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(f.default),
+            default=f.default,
+            help=f"{f.metadata['help']} (default: %(default)s)",
+            **extra,
+        )
+
+
+def from_args(args: argparse.Namespace) -> SimConfig:
+    return SimConfig(**{f.name: getattr(args, f.name) for f in fields(SimConfig)})

@@ -1,0 +1,390 @@
+"""OpenAI-compatible HTTP front end, shaped like trtllm-serve's."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from engines.sim.config import SimConfig
+from engines.sim.engine import Chunk, EngineFull, GenRequest, RequestTooLarge, SimEngine
+from engines.sim.metrics import SimMetrics
+from engines.sim.text import count_chat_tokens, count_prompt_tokens
+
+Json = dict[str, Any]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+CONFIG = web.AppKey("config", SimConfig)
+ENGINE = web.AppKey("engine", SimEngine)
+METRICS = web.AppKey("metrics", SimMetrics)
+RECORDS = web.AppKey("records", deque)
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = {"message": message, "type": type_, "param": param, "code": code}
+
+    def response(self) -> web.Response:
+        return _json({"error": self.error}, status=self.status)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+# --- request parsing -------------------------------------------------------------
+
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    bool: "a boolean",
+    dict: "an object",
+    list: "an array",
+}
+
+
+def _get(body: Json, name: str, kind: type, default: Any = None) -> Any:
+    """Typed optional field; an explicit null means absent, as in the OpenAI API."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ApiError(400, f"'{name}' must be {_TYPE_NAMES[kind]}", param=name)
+    return value
+
+
+def _stop(body: Json) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return tuple(stop)
+    raise ApiError(400, "'stop' must be a string or an array of strings", param="stop")
+
+
+def _message_text(message: Any) -> str:
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise ApiError(400, "each message must be an object with a string 'role'", param="messages")
+    content = message.get("content")
+    if content is None:  # e.g. an assistant turn that only carried tool calls
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        return " ".join(
+            p["text"] for p in content if p.get("type") == "text" and isinstance(p.get("text"), str)
+        )
+    raise ApiError(
+        400, "message 'content' must be a string or an array of content parts", param="messages"
+    )
+
+
+def _chat_prompt(body: Json) -> tuple[int, str]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+    texts = [_message_text(m) for m in messages]
+    return count_chat_tokens(texts), orjson.dumps(messages).decode()
+
+
+def _completion_prompt(body: Json) -> tuple[int, str]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        prompt = "\n".join(prompt)
+    if not isinstance(prompt, str):
+        raise ApiError(400, "'prompt' must be a string or an array of strings", param="prompt")
+    return count_prompt_tokens(prompt), prompt
+
+
+# --- the two dialects ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between /v1/chat/completions and /v1/completions."""
+
+    object: str
+    chunk_object: str
+    id_prefix: str
+    default_max_tokens: int
+    max_tokens_fields: tuple[str, ...]  # first present wins
+    prompt: Callable[[Json], tuple[int, str]]  # body -> (prompt tokens, text key)
+    choice: Callable[[str], Json]  # text-carrying fields of a full choice
+    delta: Callable[[str | None, bool], Json]  # (text or None on the closing chunk, first chunk?)
+
+
+def _chat_delta(text: str | None, first: bool) -> Json:
+    if text is None:
+        return {}
+    return {"role": "assistant", "content": text} if first else {"content": text}
+
+
+def _choice(fields: Json, finish_reason: str | None) -> Json:
+    return {"index": 0, **fields, "logprobs": None, "finish_reason": finish_reason}
+
+
+CHAT = Dialect(
+    object="chat.completion",
+    chunk_object="chat.completion.chunk",
+    id_prefix="chatcmpl-",
+    # The remaining context length is unknowable without a real tokenizer and
+    # model limit, so a fixed generous default stands in for it.
+    default_max_tokens=1024,
+    max_tokens_fields=("max_completion_tokens", "max_tokens"),
+    prompt=_chat_prompt,
+    choice=lambda text: {"message": {"role": "assistant", "content": text}},
+    delta=lambda text, first: {"delta": _chat_delta(text, first)},
+)
+
+COMPLETIONS = Dialect(
+    object="text_completion",
+    chunk_object="text_completion",
+    id_prefix="cmpl-",
+    default_max_tokens=16,  # the OpenAI API's default
+    max_tokens_fields=("max_tokens",),
+    prompt=_completion_prompt,
+    choice=lambda text: {"text": text},
+    delta=lambda text, first: {"text": text or ""},
+)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One validated request and the envelope its response objects share."""
+
+    dialect: Dialect
+    model: str
+    stream: bool
+    include_usage: bool
+    gen: GenRequest
+    id: str
+    created: int
+
+    def envelope(self, object_: str, choices: list[Json], **extra: Any) -> Json:
+        return {
+            "id": self.id,
+            "object": object_,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+
+    def usage(self, completion_tokens: int) -> Json:
+        prompt = self.gen.prompt_tokens
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt + completion_tokens,
+        }
+
+
+def _parse_call(body: Any, dialect: Dialect, served_model: str) -> _Call:
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    model = _get(body, "model", str)
+    if model is None:
+        raise ApiError(400, "'model' is required", param="model")
+    if model != served_model:
+        raise ApiError(
+            404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
+        )
+    if _get(body, "n", int, 1) != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    field = next(
+        (f for f in dialect.max_tokens_fields if body.get(f) is not None),
+        dialect.max_tokens_fields[0],
+    )
+    max_tokens = _get(body, field, int, dialect.default_max_tokens)
+    if max_tokens < 1:
+        raise ApiError(400, f"'{field}' must be at least 1", param=field)
+    prompt_tokens, key = dialect.prompt(body)
+    return _Call(
+        dialect=dialect,
+        model=model,
+        stream=_get(body, "stream", bool, False),
+        include_usage=_get(_get(body, "stream_options", dict, {}), "include_usage", bool, False),
+        gen=GenRequest(prompt_tokens, max_tokens, _stop(body), key),
+        id=dialect.id_prefix + uuid.uuid4().hex,
+        created=int(time.time()),
+    )
+
+
+# --- handlers --------------------------------------------------------------------
+
+
+async def _complete(request: web.Request, dialect: Dialect) -> web.StreamResponse:
+    raw = await request.read()
+    try:
+        body, valid = orjson.loads(raw), True
+    except orjson.JSONDecodeError:
+        body, valid = raw.decode(errors="replace"), False
+    request.app[RECORDS].append(
+        {
+            "path": request.path,
+            "headers": {k.lower(): v for k, v in request.headers.items()},
+            "body": body,
+        }
+    )
+    if not valid:
+        raise ApiError(400, "request body is not valid JSON")
+    call = _parse_call(body, dialect, request.app[CONFIG].model)
+    # aclosing frees the KV blocks even when the client goes away mid-stream.
+    async with aclosing(request.app[ENGINE].generate(call.gen)) as chunks:
+        if call.stream:
+            return await _stream(request, call, chunks)
+        text: list[str] = []
+        last: Chunk | None = None
+        async for last in chunks:
+            text.append(last.text)
+    assert last is not None and last.finish_reason is not None
+    choice = _choice(dialect.choice("".join(text)), last.finish_reason)
+    return _json(call.envelope(dialect.object, [choice], usage=call.usage(last.completion_tokens)))
+
+
+async def _stream(
+    request: web.Request, call: _Call, chunks: AsyncIterator[Chunk]
+) -> web.StreamResponse:
+    dialect = call.dialect
+    response = web.StreamResponse(headers=SSE_HEADERS)
+
+    async def send(data: Json | str) -> None:
+        payload = data.encode() if isinstance(data, str) else orjson.dumps(data)
+        await response.write(b"data: " + payload + b"\n\n")
+
+    first, last = True, None
+    async for last in chunks:
+        if first:
+            # Headers go out with the first token, so an admission error before
+            # it still becomes a proper HTTP status.
+            await response.prepare(request)
+        if last.text or first:
+            choice = _choice(dialect.delta(last.text, first), None)
+            await send(call.envelope(dialect.chunk_object, [choice]))
+        first = False
+    assert last is not None and last.finish_reason is not None
+    closing = _choice(dialect.delta(None, False), last.finish_reason)
+    await send(call.envelope(dialect.chunk_object, [closing]))
+    if call.include_usage:
+        await send(
+            call.envelope(dialect.chunk_object, [], usage=call.usage(last.completion_tokens))
+        )
+    await send("[DONE]")
+    await response.write_eof()
+    return response
+
+
+def _endpoint(dialect: Dialect) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await _complete(request, dialect)
+
+    return handle
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return e.response()
+    except RequestTooLarge as e:
+        return ApiError(400, str(e), code="context_length_exceeded").response()
+    except EngineFull as e:
+        return ApiError(503, str(e), code="engine_full", type_="server_error").response()
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.Response()
+
+
+async def _models(request: web.Request) -> web.Response:
+    model = {
+        "id": request.app[CONFIG].model,
+        "object": "model",
+        "created": 0,
+        "owned_by": "kvgate-sim",
+    }
+    return _json({"object": "list", "data": [model]})
+
+
+async def _version(request: web.Request) -> web.Response:
+    return _json({"version": "kvgate-sim"})
+
+
+async def _iteration_stats(request: web.Request) -> web.Response:
+    return _json(request.app[METRICS].iteration_stats())
+
+
+async def _prometheus(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[METRICS].prometheus_text(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+# Simulator-only test hooks; trtllm-serve has no such routes.
+
+
+async def _get_records(request: web.Request) -> web.Response:
+    return _json(list(request.app[RECORDS]))
+
+
+async def _clear_records(request: web.Request) -> web.Response:
+    request.app[RECORDS].clear()
+    return web.Response(status=204)
+
+
+async def _state(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    return _json(
+        {
+            "kv_blocks_total": engine.kv.total_blocks,
+            "kv_blocks_used": engine.kv.used_blocks,
+            "running": engine.running,
+            "waiting": engine.waiting,
+            "kv_exhaustion_events": engine.stats.kv_exhaustion_events,
+            "completed": engine.stats.completed,
+        }
+    )
+
+
+def create_app(config: SimConfig) -> web.Application:
+    """The simulator app. Serve it with handler_cancellation=True so a client that
+    disconnects while its request waits in the queue gives its place back."""
+    engine = SimEngine(config)
+    app = web.Application(middlewares=[_errors])
+    app[CONFIG] = config
+    app[ENGINE] = engine
+    app[METRICS] = SimMetrics(engine)
+    app[RECORDS] = deque(maxlen=config.record_limit)
+    app.router.add_post("/v1/chat/completions", _endpoint(CHAT))
+    app.router.add_post("/v1/completions", _endpoint(COMPLETIONS))
+    app.router.add_get("/health", _health)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/version", _version)
+    app.router.add_get("/metrics", _iteration_stats)
+    app.router.add_get("/prometheus/metrics", _prometheus)
+    app.router.add_get("/sim/requests", _get_records)
+    app.router.add_delete("/sim/requests", _clear_records)
+    app.router.add_get("/sim/state", _state)
+    return app

@@ -1,0 +1,77 @@
+"""Deterministic generated text, stop-string handling and prompt token counting."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterable, Iterator
+
+VOCAB = (
+    "the", "a", "cache", "block", "token", "model", "gateway", "request", "server", "batch",
+    "latency", "memory", "page", "queue", "stream", "kernel", "tensor", "layer", "attention",
+    "prefix", "prompt", "decode", "prefill", "route", "engine", "fast", "slow", "full", "free",
+    "ready",
+)  # fmt: skip
+
+# Chat templates wrap each message in a role header and separators.
+CHAT_TOKENS_PER_MESSAGE = 4
+
+_TOKEN_RE = re.compile(r"\w+|[^\w\s]")
+
+
+def generate_words(seed: int, key: str) -> Iterator[str]:
+    """Endless words, the same sequence for the same (seed, key) in every process."""
+    rng = random.Random(f"{seed}\x00{key}")  # str seeds hash via sha512, unlike hash()
+    while True:
+        yield rng.choice(VOCAB)
+
+
+def count_prompt_tokens(text: str) -> int:
+    """Approximate tokenizer: one token per word and per punctuation mark.
+
+    Real tokenizers merge frequent byte sequences, so like them this counts
+    fewer tokens than a one-token-per-byte upper bound.
+    """
+    return len(_TOKEN_RE.findall(text))
+
+
+def count_chat_tokens(contents: Iterable[str]) -> int:
+    """Prompt tokens of a chat: each message's content plus CHAT_TOKENS_PER_MESSAGE (4)."""
+    return sum(count_prompt_tokens(c) + CHAT_TOKENS_PER_MESSAGE for c in contents)
+
+
+class StopScanner:
+    """Finds stop strings in text that arrives piece by piece.
+
+    It holds back the longest tail that could still begin a stop string, so text
+    that a later piece turns into a match is never released to the client.
+    """
+
+    def __init__(self, stops: Iterable[str]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._pending = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Returns (text safe to release, whether a stop string was hit).
+
+        On a hit the released text ends right before the stop string.
+        """
+        text = self._pending + piece
+        hits = [i for i in (text.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self._pending = ""
+            return text[: min(hits)], True
+        held = self._held_tail(text)
+        self._pending = text[len(text) - held :]
+        return text[: len(text) - held], False
+
+    def flush(self) -> str:
+        """The held-back tail, released once no more text will come."""
+        text, self._pending = self._pending, ""
+        return text
+
+    def _held_tail(self, text: str) -> int:
+        for size in range(min(len(text), max((len(s) - 1 for s in self._stops), default=0)), 0, -1):
+            if any(s.startswith(text[-size:]) for s in self._stops):
+                return size
+        return 0

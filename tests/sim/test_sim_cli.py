@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read() if process.stderr else b""
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.05)
+    raise AssertionError(f"{url} not healthy within {timeout}s")
+
+
+def test_module_serves_and_exits_cleanly_on_sigterm() -> None:
+    port = free_port()
+    command = [sys.executable, "-m", "engines.sim", "--port", str(port), "--model", "cli-model"]
+    command += ["--ttft-base-ms", "0", "--itl-ms", "0", "--kv-blocks", "64"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url + "/health", process)
+        with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as client:
+            reply = client.chat.completions.create(
+                model="cli-model", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+            )
+        assert reply.usage.completion_tokens == 3
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=10)
+        assert process.returncode == 0, stderr
+        assert stdout == b""  # no banner, no access log
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
