@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -40,7 +41,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     log: structlog.typing.FilteringBoundLogger = field(default_factory=lambda: structlog.get_logger(component="xds"))
     clients: dict[int, Client] = field(default_factory=dict)
     nacks: list[tuple[str, Nack]] = field(default_factory=list)
-    responses_sent: int = 0
+    # Responses written, by type URL: what a resend loop would inflate.
+    responses_sent: Counter[str] = field(default_factory=Counter)
 
     async def StreamAggregatedResources(
         self, request_iterator: AsyncIterator[DiscoveryRequest], context: grpc.aio.ServicerContext
@@ -52,7 +54,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         try:
             while (response := await outbox.get()) is not None:
                 await context.write(response)
-                self.responses_sent += 1
+                self.responses_sent[response.type_url] += 1
                 self.log.debug("xds.push", type_url=response.type_url, version=response.version_info,
                                nonce=response.nonce, resources=len(response.resources))
         finally:

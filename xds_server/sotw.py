@@ -55,10 +55,9 @@ class SotwStream:
         names_changed = names != state.names
         state.names = names
         version = self.snapshot.get(req.type_url).version
-        if nack is not None and not names_changed:
-            return [], nack  # hold the rejected version until the config changes
-        stale = req.version_info != version and state.nacked_version != version
-        if names_changed or stale or state.sent_version is None:
+        # Behind, unless what it lacks is the version it rejected: that is held until the config changes.
+        behind = req.version_info != version and state.nacked_version != version
+        if names_changed or behind or state.sent_version is None:
             return [self._respond(req.type_url)], nack
         return [], nack
 
