@@ -88,3 +88,7 @@ def check(catalog: Annotated[Path, typer.Argument(help="Catalog file to validate
             for t in PUSH_ORDER]
     yaml.safe_dump_all(docs, sys.stdout, sort_keys=False, explicit_start=True)
     typer.echo(f"# catalog OK: {len(cat.models)} models; `sim` endpoints shown at placeholder ports", err=True)
+
+
+if __name__ == "__main__":
+    app()

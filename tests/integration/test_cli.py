@@ -1,0 +1,129 @@
+"""`kvgate up` and `kvgate check` as a user runs them: real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+from kvgate.catalog import bundled_catalog_path
+from kvgate.processes import free_port
+
+KVGATE = [sys.executable, "-m", "kvgate.cli"]
+
+
+def children_of(pid: int) -> set[int]:
+    """Every live descendant of `pid`, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+
+
+def start_up(args: list[str], tmp_path: Path) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([*KVGATE, "up", "--run-dir", str(tmp_path / "run"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    assert proc.stdout is not None
+    for line in proc.stdout:  # the first stdout line is printed only once the gateway is ready
+        if line.startswith("kvgate ready: "):
+            return proc, line.split()[2]
+        assert time.monotonic() < deadline
+    proc.kill()
+    raise AssertionError(f"kvgate up never got ready: {proc.stderr.read() if proc.stderr else ''}")
+
+
+def stop_and_check_no_orphans(proc: subprocess.Popen[str], sig: int) -> None:
+    kids = children_of(proc.pid)
+    assert len(kids) >= 4  # engines, xds_server, ext_proc, envoy
+    proc.send_signal(sig)
+    proc.wait(timeout=20)
+    deadline = time.monotonic() + 10
+    while any(alive(k) for k in kids):
+        assert time.monotonic() < deadline, f"orphans left: {[k for k in kids if alive(k)]}"
+        time.sleep(0.05)
+
+
+def test_up_with_no_catalog_serves_the_bundled_models_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    proc, url = start_up(["--port", str(free_port())], tmp_path)
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        bundled = yaml.safe_load(bundled_catalog_path().read_text())["models"]
+        assert {m.id for m in client.models.list().data} == {m["name"] for m in bundled}
+        for m in bundled:
+            stream = client.chat.completions.create(
+                model=m["name"], messages=[{"role": "user", "content": "Say hi"}], max_tokens=4, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).split()
+        stop_and_check_no_orphans(proc, signal.SIGINT)
+        assert "kvgate stopped" in (proc.stderr.read() if proc.stderr else "")
+    finally:
+        proc.kill()
+
+
+def test_up_serves_another_catalog_and_stops_on_sigterm(tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"models": [{
+        "name": "solo", "endpoints": ["sim", "sim"], "max_context_tokens": 2048, "max_output_tokens": 64,
+        "kv": {"bytes_per_token": 65536, "budget_per_endpoint": "1GiB"}}]}))
+    proc, url = start_up(["--catalog", str(catalog), "--port", str(free_port())], tmp_path)
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        resp = client.completions.with_raw_response.create(model="solo", prompt="hi", max_tokens=1000)
+        assert resp.headers["x-kvgate-max-tokens"] == "64"
+        assert resp.parse().usage.completion_tokens == 64
+        stop_and_check_no_orphans(proc, signal.SIGTERM)
+    finally:
+        proc.kill()
+
+
+def test_up_refuses_an_invalid_catalog_naming_model_and_field(tmp_path: Path) -> None:
+    catalog = tmp_path / "bad.yaml"
+    catalog.write_text(yaml.safe_dump({"models": [{"name": "m1", "endpoints": ["nowhere"],
+                                                   "max_context_tokens": 100, "kv": {"budget_per_endpoint": "1GiB"}}]}))
+    result = subprocess.run([*KVGATE, "up", "--catalog", str(catalog)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "model 'm1' (models[0]): endpoints.0" in result.stderr
+    assert "model 'm1' (models[0]): kv" in result.stderr
+
+
+def test_check_prints_every_resource_type_in_ads_order() -> None:
+    result = subprocess.run([*KVGATE, "check", str(bundled_catalog_path())], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    docs = list(yaml.safe_load_all(result.stdout))
+    assert [d["type_url"].rsplit(".", 1)[1] for d in docs] == [
+        "Cluster", "ClusterLoadAssignment", "Listener", "RouteConfiguration", "ModelPolicy"]
+    policies = {p["name"]: p for p in docs[-1]["resources"]}
+    assert policies["llama-3-8b"]["kv_bytes_per_token"] == str(128 * 1024)
+
+
+@pytest.mark.parametrize("content", ["models: [", "models: []", "{}"])
+def test_check_refuses_broken_catalogs(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(content)
+    result = subprocess.run([*KVGATE, "check", str(path)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "invalid catalog" in result.stderr
