@@ -43,11 +43,12 @@ class LLMRequest:
 
 
 def _text_bytes(value: Any) -> int:
-    """UTF-8 bytes of every string inside a JSON value: message contents, tool schemas, names."""
+    """UTF-8 bytes of every string inside a JSON value, keys included: chat templates render tool
+    schemas (property names and all) into the prompt."""
     if isinstance(value, str):
         return len(value.encode())
     if isinstance(value, dict):
-        return sum(_text_bytes(v) for v in value.values())
+        return sum(len(k.encode()) + _text_bytes(v) for k, v in value.items())
     if isinstance(value, list):
         return sum(_text_bytes(v) for v in value)
     return 0
@@ -75,6 +76,10 @@ def _chat_prompt(body: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]
             + _text_bytes(body.get("response_format")),), (), len(messages)
 
 
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _completion_prompt(body: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...], int]:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -82,9 +87,9 @@ def _completion_prompt(body: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
             return tuple(len(p.encode()) for p in prompt), (), 0
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if all(_is_token_id(t) for t in prompt):
             return (), (len(prompt),), 0
-        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+        if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in prompt):
             return (), tuple(len(p) for p in prompt), 0
     raise ProtocolError("'prompt' must be a string, an array of strings, or token ids", "prompt")
 

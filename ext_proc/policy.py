@@ -22,7 +22,7 @@ class Policy:
     @classmethod
     def from_proto(cls, p: policy_pb2.ModelPolicy) -> Policy:
         est = p.prompt_estimate
-        if not (p.name and p.max_context_tokens and p.kv_bytes_per_token and p.tokens_per_block
+        if not (p.name and p.max_context_tokens and p.max_output_tokens and p.kv_bytes_per_token and p.tokens_per_block
                 and p.endpoints and est.bytes_per_token > 0):
             raise ValueError(f"ModelPolicy {p.name!r} lacks a required field")
         return cls(

@@ -7,6 +7,7 @@ Everything downstream (Envoy resources, ModelPolicy resources, simulated engines
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -41,7 +42,7 @@ def parse_size(value: Any) -> int:
     m = _SIZE.match(str(value))
     if not m:
         raise ValueError(f"{value!r} is not a byte size (examples: 21474836480, 20GiB, 512MB)")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
+    return int(Decimal(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
 
 
 ByteSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
@@ -92,7 +93,8 @@ class KVSpec(_Strict):
     @classmethod
     def _relative_to_catalog(cls, path: Path | None, info: ValidationInfo) -> Path | None:
         base = (info.context or {}).get("base_dir")
-        return Path(base) / path if path is not None and base and not path.is_absolute() else path
+        # Absolute, so the catalog still finds it when re-written elsewhere (kvgate up's run dir).
+        return (Path(base) / path).resolve() if path is not None and base and not path.is_absolute() else path
 
     @model_validator(mode="after")
     def _one_source(self) -> KVSpec:
@@ -195,7 +197,7 @@ class Catalog(_Strict):
         """The same catalog with each named model's `sim` endpoints replaced, in order."""
         def resolve(m: Model) -> Model:
             started = iter(endpoints.get(m.name, []))
-            return m.model_copy(update={"endpoints": [next(started) if e == SIM else e for e in m.endpoints]})
+            return m.model_copy(update={"endpoints": [next(started, e) if e == SIM else e for e in m.endpoints]})
         return self.model_copy(update={"models": [resolve(m) for m in self.models]})
 
     def to_yaml(self) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kvgate.catalog import SIM, Address, Catalog, Model
 from kvgate.envoy_bootstrap import envoy_binary, render_bootstrap
-from kvgate.processes import Supervisor, free_port
+from kvgate.processes import Supervisor, free_port, port_is_free
 from xds_server.settings import GatewaySettings
 
 ENVOY_NODE_CLUSTER = "kvgate-envoy"
@@ -79,6 +79,9 @@ class Gateway:
         return f"http://127.0.0.1:{self.ext_proc_metrics_port}/metrics"
 
     def start(self, timeout_s: float = 60.0) -> None:
+        if not port_is_free(self.host, self.port):
+            # Envoy would NACK the listener and never get ready: say so now, plainly.
+            raise NotReady(f"{self.host}:{self.port} is already in use (choose another with --port)")
         try:
             self._start_all()
             self._wait_ready(time.monotonic() + timeout_s)

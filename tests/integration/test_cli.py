@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -108,6 +109,17 @@ def test_up_refuses_an_invalid_catalog_naming_model_and_field(tmp_path: Path) ->
     assert result.returncode == 2
     assert "model 'm1' (models[0]): endpoints.0" in result.stderr
     assert "model 'm1' (models[0]): kv" in result.stderr
+
+
+def test_up_says_when_its_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([*KVGATE, "up", "--port", str(port), "--run-dir", str(tmp_path)],
+                                capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port} is already in use" in result.stderr
 
 
 def test_check_prints_every_resource_type_in_ads_order() -> None:

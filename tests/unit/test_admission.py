@@ -1,0 +1,261 @@
+"""ext_proc tokens, admission and policy: prompt estimate, clamp, KV bytes, reservation, refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import orjson
+import pytest
+
+from engines.kv_math import reservation_bytes
+from ext_proc import tokens
+from ext_proc.admission import Plan, Refusal, admit, plan
+from ext_proc.ledger import Ledger, Reservation
+from ext_proc.openai_protocol import CHAT_PATH, COMPLETIONS_PATH, LLMRequest, parse_request
+from ext_proc.policy import Policy
+from kvgate.v1 import policy_pb2
+
+BPT = 10  # KV bytes per token
+BLOCK = 16
+
+
+def policy(**overrides: Any) -> Policy:
+    """Context 1000, clamp 100, 16-token blocks, 10 B/token; the estimate is 1 token per byte, no overhead."""
+    fields: dict[str, Any] = dict(name="m", max_context_tokens=1000, max_output_tokens=100, kv_bytes_per_token=BPT,
+                                  tokens_per_block=BLOCK, budget_bytes=10**6, estimate_bytes_per_token=1.0,
+                                  estimate_per_message=0, estimate_per_request=0)
+    fields.update(overrides)
+    return Policy(**fields)
+
+
+def completion(prompt: Any, **fields: Any) -> LLMRequest:
+    return parse_request(COMPLETIONS_PATH, orjson.dumps({"model": "m", "prompt": prompt, **fields}))
+
+
+def chat(content: str, **fields: Any) -> LLMRequest:
+    return parse_request(CHAT_PATH, orjson.dumps({"model": "m", "messages": [{"role": "u", "content": content}],
+                                                  **fields}))
+
+
+def ids(n: int) -> list[int]:
+    """A prompt of exactly n tokens, sent as token ids."""
+    return list(range(n))
+
+
+def planned(req: LLMRequest, pol: Policy | None = None) -> Plan:
+    out = plan(req, pol or policy())
+    assert isinstance(out, Plan), out
+    return out
+
+
+def refused(req: LLMRequest, pol: Policy | None = None) -> Refusal:
+    out = plan(req, pol or policy())
+    assert isinstance(out, Refusal), out
+    return out
+
+
+def proto_policy(**overrides: Any) -> policy_pb2.ModelPolicy:
+    p = policy_pb2.ModelPolicy(
+        name="m", protocol="openai", max_context_tokens=1000, max_output_tokens=100, kv_bytes_per_token=BPT,
+        tokens_per_block=BLOCK,
+        endpoints=[policy_pb2.Endpoint(address="a:1", kv_budget_bytes=300),
+                   policy_pb2.Endpoint(address="b:2", kv_budget_bytes=700)],
+        prompt_estimate=policy_pb2.PromptEstimate(bytes_per_token=1.0, per_message_tokens=8, per_request_tokens=4))
+    for k, v in overrides.items():
+        if v is None:
+            p.ClearField(k)
+        else:
+            setattr(p, k, v)
+    return p
+
+
+# --- tokens.prompt_tokens --------------------------------------------------------------------
+
+def test_token_ids_are_counted_exactly() -> None:
+    pol = policy(estimate_per_message=8, estimate_per_request=8)
+    assert tokens.prompt_tokens(completion([ids(5), ids(9)]), pol) == (5, 9)
+
+
+def test_estimate_rounds_bytes_up_and_adds_overhead() -> None:
+    pol = policy(estimate_bytes_per_token=4.0, estimate_per_message=0, estimate_per_request=3)
+    assert tokens.prompt_tokens(completion(["x" * 10, "x" * 12]), pol) == (3 + 3, 3 + 3)
+
+
+def test_estimate_per_message_overhead_for_chat() -> None:
+    pol = policy(estimate_per_message=8, estimate_per_request=5)
+    req = chat("hello")
+    assert tokens.prompt_tokens(req, pol) == (req.prompt_bytes[0] + 8 + 5,)
+
+
+def test_estimate_counts_utf8_bytes() -> None:
+    assert tokens.prompt_tokens(completion("你好"), policy()) == (6,)
+
+
+# --- plan: the clamp -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("prompt_tokens", "requested", "expected"), [
+    (10, 50, 50),      # the client's own limit
+    (10, 500, 100),    # the model's max_output_tokens
+    (950, 80, 50),     # the context left after the prompt
+    (950, None, 50),   # no max_tokens: the clamp
+    (10, None, 100),
+    (999, None, 1),    # exactly one token of room
+])
+def test_clamp_is_the_min_of_requested_output_limit_and_room(prompt_tokens: int, requested: int | None,
+                                                            expected: int) -> None:
+    fields = {} if requested is None else {"max_tokens": requested}
+    assert planned(completion(ids(prompt_tokens), **fields)).max_tokens == expected
+
+
+def test_clamp_uses_the_longest_prompt() -> None:
+    p = planned(completion([ids(100), ids(960), ids(5)]))
+    assert p.max_tokens == 40
+    assert p.prompt_tokens == 960
+
+
+def test_chat_clamp_uses_max_completion_tokens() -> None:
+    assert planned(chat("hi", max_completion_tokens=7, max_tokens=90)).max_tokens == 7
+
+
+def test_plan_reports_the_estimated_prompt() -> None:
+    req = chat("hello world")
+    pol = policy(estimate_per_message=8, estimate_per_request=8)
+    assert planned(req, pol).prompt_tokens == tokens.prompt_tokens(req, pol)[0]
+
+
+# --- plan: context refusals ------------------------------------------------------------------
+
+@pytest.mark.parametrize("prompt_tokens", [1000, 1001, 5000])
+def test_prompt_without_room_is_context_length_exceeded(prompt_tokens: int) -> None:
+    r = refused(completion(ids(prompt_tokens)))
+    assert (r.status, r.code, r.type_, r.param) == (400, "context_length_exceeded", "invalid_request_error", "prompt")
+    assert "1000" in r.message
+
+
+def test_chat_context_refusal_names_messages() -> None:
+    r = refused(chat("x" * 1000))
+    assert (r.status, r.code, r.param) == (400, "context_length_exceeded", "messages")
+
+
+def test_context_refusal_counts_estimate_overhead() -> None:
+    req = chat("x" * 900)
+    tight = policy(max_context_tokens=req.prompt_bytes[0] + 16)
+    assert planned(req, tight).max_tokens == 16  # without overhead: 16 tokens of room
+    with_overhead = dataclasses.replace(tight, estimate_per_message=8, estimate_per_request=8)
+    assert refused(req, with_overhead).code == "context_length_exceeded"
+
+
+def test_one_overlong_prompt_of_many_refuses_the_request() -> None:
+    assert refused(completion([ids(10), ids(1000)])).code == "context_length_exceeded"
+
+
+def test_context_refusal_has_no_retry_after() -> None:
+    assert refused(completion(ids(1000))).retry_after is None
+
+
+# --- plan: KV bytes --------------------------------------------------------------------------
+
+def test_nbytes_is_whole_blocks() -> None:
+    # 10 prompt + 20 output = 30 tokens -> 2 blocks of 16 -> 32 tokens x 10 B
+    assert planned(completion(ids(10), max_tokens=20)).nbytes == 2 * BLOCK * BPT
+
+
+def test_nbytes_at_an_exact_block_boundary() -> None:
+    assert planned(completion(ids(12), max_tokens=20)).nbytes == 2 * BLOCK * BPT
+    assert planned(completion(ids(13), max_tokens=20)).nbytes == 3 * BLOCK * BPT
+
+
+def test_nbytes_sums_prompts_and_multiplies_by_n() -> None:
+    p = planned(completion([ids(10), ids(40)], max_tokens=20, n=3))
+    per_prompt = reservation_bytes(30, BLOCK, BPT) + reservation_bytes(60, BLOCK, BPT)
+    assert per_prompt == (2 + 4) * BLOCK * BPT
+    assert p.nbytes == 3 * per_prompt
+
+
+def test_nbytes_uses_the_clamped_output() -> None:
+    p = planned(completion(ids(10), max_tokens=5000))
+    assert p.nbytes == reservation_bytes(10 + 100, BLOCK, BPT)
+
+
+def test_nbytes_for_chat_uses_the_estimate() -> None:
+    pol = policy(estimate_per_message=8, estimate_per_request=8)
+    req = chat("hello", max_tokens=10)
+    assert planned(req, pol).nbytes == reservation_bytes(tokens.prompt_tokens(req, pol)[0] + 10, BLOCK, BPT)
+
+
+# --- plan: larger than the whole budget ------------------------------------------------------
+
+def test_n_beyond_the_whole_budget_is_request_too_large() -> None:
+    one = planned(completion(ids(10), max_tokens=20)).nbytes
+    pol = policy(budget_bytes=4 * one)
+    assert planned(completion(ids(10), max_tokens=20, n=4), pol).nbytes == 4 * one
+    r = refused(completion(ids(10), max_tokens=20, n=5), pol)
+    assert (r.status, r.code, r.type_) == (400, "request_too_large", "invalid_request_error")
+    assert r.retry_after is None
+
+
+def test_prompts_beyond_the_whole_budget_is_request_too_large() -> None:
+    one = planned(completion(ids(10), max_tokens=20)).nbytes
+    pol = policy(budget_bytes=2 * one)
+    assert refused(completion([ids(10)] * 3, max_tokens=20), pol).code == "request_too_large"
+
+
+# --- admit -----------------------------------------------------------------------------------
+
+def test_admit_reserves_the_planned_bytes() -> None:
+    p = planned(completion(ids(10), max_tokens=20))
+    ledger = Ledger(capacity=10 * p.nbytes)
+    r = admit(p, "m", ledger, now=100.0, ttl_s=900.0)
+    assert isinstance(r, Reservation)
+    assert (r.key, r.nbytes, r.started, r.expires) == ("m", p.nbytes, 100.0, 1000.0)
+    assert ledger.reserved == p.nbytes
+
+
+def test_admit_fills_to_capacity_then_refuses_429() -> None:
+    p = planned(completion(ids(10), max_tokens=20))
+    ledger = Ledger(capacity=3 * p.nbytes)
+    held = [admit(p, "m", ledger, now=0.0, ttl_s=900.0) for _ in range(3)]
+    assert all(isinstance(h, Reservation) for h in held)
+    r = admit(p, "m", ledger, now=0.5, ttl_s=900.0)
+    assert isinstance(r, Refusal)
+    assert (r.status, r.code, r.type_) == (429, "rate_limit_exceeded", "rate_limit_error")
+    assert r.retry_after is not None and 1 <= r.retry_after <= 60
+    assert ledger.reserved == 3 * p.nbytes
+
+
+def test_admit_again_after_release() -> None:
+    p = planned(completion(ids(10), max_tokens=20))
+    ledger = Ledger(capacity=p.nbytes)
+    first = admit(p, "m", ledger, now=0.0, ttl_s=900.0)
+    assert isinstance(admit(p, "m", ledger, now=1.0, ttl_s=900.0), Refusal)
+    assert isinstance(first, Reservation) and ledger.release(first, now=2.0)
+    assert isinstance(admit(p, "m", ledger, now=3.0, ttl_s=900.0), Reservation)
+
+
+# --- Policy.from_proto -----------------------------------------------------------------------
+
+def test_from_proto_copies_fields_and_sums_budgets() -> None:
+    pol = Policy.from_proto(proto_policy())
+    assert pol == Policy(name="m", max_context_tokens=1000, max_output_tokens=100, kv_bytes_per_token=BPT,
+                         tokens_per_block=BLOCK, budget_bytes=1000, estimate_bytes_per_token=1.0,
+                         estimate_per_message=8, estimate_per_request=4)
+
+
+@pytest.mark.parametrize("field", ["name", "max_context_tokens", "max_output_tokens", "kv_bytes_per_token",
+                                   "tokens_per_block", "endpoints", "prompt_estimate"])
+def test_from_proto_rejects_a_policy_lacking_a_field(field: str) -> None:
+    with pytest.raises(ValueError):
+        Policy.from_proto(proto_policy(**{field: None}))
+
+
+def test_from_proto_rejects_zero_bytes_per_token_estimate() -> None:
+    p = proto_policy()
+    p.prompt_estimate.bytes_per_token = 0.0
+    with pytest.raises(ValueError):
+        Policy.from_proto(p)
+
+
+def test_policy_from_proto_plans_like_the_catalog_says() -> None:
+    pol = Policy.from_proto(proto_policy())
+    assert planned(completion(ids(10), max_tokens=20), pol).nbytes == 2 * BLOCK * BPT

@@ -1,0 +1,221 @@
+"""ext_proc/ledger.py: KV-budget bookkeeping with the clock passed in."""
+
+from __future__ import annotations
+
+from ext_proc.ledger import Ledger, Ledgers, Reservation
+
+TTL = 900.0
+
+
+def reserve(ledger: Ledger, nbytes: int, now: float = 0.0, ttl_s: float = TTL) -> Reservation:
+    r = ledger.try_reserve("m", nbytes, now, ttl_s)
+    assert r is not None, f"{nbytes} B did not fit ({ledger.reserved}/{ledger.capacity})"
+    return r
+
+
+def hold_and_release(ledger: Ledger, nbytes: int, start: float, end: float) -> None:
+    """One reservation held from `start` to `end`, which feeds the mean hold time."""
+    assert ledger.release(reserve(ledger, nbytes, start), end)
+
+
+# --- capacity --------------------------------------------------------------------------------
+
+def test_fill_to_the_byte() -> None:
+    ledger = Ledger(capacity=1000)
+    reserve(ledger, 600)
+    reserve(ledger, 400)
+    assert ledger.reserved == 1000
+    assert ledger.try_reserve("m", 1, 0.0, TTL) is None
+
+
+def test_one_byte_over_is_refused() -> None:
+    ledger = Ledger(capacity=1000)
+    reserve(ledger, 600)
+    assert ledger.try_reserve("m", 401, 0.0, TTL) is None
+    assert ledger.reserved == 600
+    assert ledger.active == 1
+
+
+def test_larger_than_capacity_never_fits() -> None:
+    assert Ledger(capacity=1000).try_reserve("m", 1001, 0.0, TTL) is None
+
+
+def test_reservation_records_key_bytes_and_deadline() -> None:
+    r = Ledger(capacity=1000).try_reserve("model-a", 10, 5.0, 30.0)
+    assert r is not None
+    assert (r.key, r.nbytes, r.started, r.expires, r.released) == ("model-a", 10, 5.0, 35.0, False)
+
+
+def test_equal_looking_reservations_are_distinct() -> None:
+    ledger = Ledger(capacity=1000)
+    a, b = reserve(ledger, 10), reserve(ledger, 10)
+    assert a != b
+    assert ledger.active == 2
+
+
+# --- release ---------------------------------------------------------------------------------
+
+def test_release_is_idempotent() -> None:
+    ledger = Ledger(capacity=1000)
+    r = reserve(ledger, 300)
+    reserve(ledger, 200)
+    assert ledger.release(r, 1.0) is True
+    assert ledger.release(r, 2.0) is False
+    assert ledger.reserved == 200
+    assert ledger.active == 1
+    assert r.released
+
+
+def test_released_bytes_are_reusable() -> None:
+    ledger = Ledger(capacity=1000)
+    r = reserve(ledger, 1000)
+    assert ledger.try_reserve("m", 500, 0.0, TTL) is None
+    ledger.release(r, 1.0)
+    reserve(ledger, 500)
+    reserve(ledger, 500)
+    assert ledger.reserved == 1000
+
+
+def test_release_of_a_foreign_reservation_does_nothing() -> None:
+    mine, other = Ledger(capacity=1000), Ledger(capacity=1000)
+    reserve(mine, 100)
+    foreign = reserve(other, 100)
+    assert mine.release(foreign, 1.0) is False
+    assert mine.reserved == 100
+    assert other.reserved == 100
+
+
+# --- expire ----------------------------------------------------------------------------------
+
+def test_expire_releases_only_past_deadline() -> None:
+    ledger = Ledger(capacity=1000)
+    short = reserve(ledger, 100, now=0.0, ttl_s=10.0)
+    long = reserve(ledger, 200, now=0.0, ttl_s=20.0)
+    assert ledger.expire(9.9) == []
+    assert ledger.expire(15.0) == [short]
+    assert short.released and not long.released
+    assert ledger.reserved == 200
+    assert ledger.expire(25.0) == [long]
+    assert ledger.reserved == 0
+
+
+def test_expire_skips_already_released() -> None:
+    ledger = Ledger(capacity=1000)
+    r = reserve(ledger, 100, ttl_s=10.0)
+    ledger.release(r, 1.0)
+    assert ledger.expire(100.0) == []
+    assert ledger.reserved == 0
+
+
+def test_release_after_expire_is_a_no_op() -> None:
+    ledger = Ledger(capacity=1000)
+    r = reserve(ledger, 100, ttl_s=10.0)
+    ledger.expire(11.0)
+    reserve(ledger, 900, now=11.0)
+    assert ledger.release(r, 12.0) is False  # the stream end arrives late: nothing double-released
+    assert ledger.reserved == 900
+
+
+# --- retry_after -----------------------------------------------------------------------------
+
+def test_retry_after_bounds() -> None:
+    ledger = Ledger(capacity=100)
+    reserve(ledger, 100, now=0.0)
+    for now in (0.0, 0.5, 10.0, 1000.0):
+        assert 1 <= ledger.retry_after(50, now) <= 60
+
+
+def test_retry_after_at_least_one_second() -> None:
+    ledger = Ledger(capacity=100)
+    reserve(ledger, 100, now=0.0)
+    assert ledger.retry_after(50, now=500.0) == 1
+
+
+def test_retry_after_at_most_sixty_seconds() -> None:
+    ledger = Ledger(capacity=100)
+    hold_and_release(ledger, 10, start=0.0, end=1000.0)  # mean hold now ~200 s
+    reserve(ledger, 100, now=1000.0)
+    assert ledger.retry_after(50, now=1000.0) == 60
+
+
+def test_retry_after_for_a_request_that_never_fits() -> None:
+    ledger = Ledger(capacity=100)
+    reserve(ledger, 10)
+    assert ledger.retry_after(200, now=0.0) == 60
+
+
+def test_retry_after_waits_for_the_oldest_holder_that_frees_enough() -> None:
+    ledger = Ledger(capacity=100)
+    hold_and_release(ledger, 10, start=0.0, end=50.0)  # mean hold 1 + 0.2 x 49 = 10.8 s
+    reserve(ledger, 30, now=50.0)
+    reserve(ledger, 70, now=55.0)
+    assert ledger.retry_after(20, now=50.0) == 11   # the first (30 B) suffices: 50 + 10.8 - 50
+    assert ledger.retry_after(50, now=50.0) == 16   # both needed: 55 + 10.8 - 50
+
+
+def test_retry_after_shrinks_as_the_mean_hold_shrinks() -> None:
+    ledger = Ledger(capacity=100)
+    hold_and_release(ledger, 10, start=0.0, end=50.0)
+    reserve(ledger, 60, now=50.0)
+    seen = [ledger.retry_after(50, now=50.0)]
+    for _ in range(5):
+        hold_and_release(ledger, 40, start=50.0, end=50.0)  # instant requests
+        seen.append(ledger.retry_after(50, now=50.0))
+    # mean hold 10.8 s, then x 0.8 per instant release: 8.64, 6.91, 5.53, 4.42, 3.54
+    assert seen == [11, 9, 7, 6, 5, 4]
+
+
+def test_mean_hold_follows_released_reservations() -> None:
+    ledger = Ledger(capacity=100)
+    assert ledger.mean_hold_s == 1.0
+    hold_and_release(ledger, 10, start=0.0, end=11.0)
+    assert ledger.mean_hold_s == 3.0  # 1 + 0.2 x (11 - 1)
+
+
+# --- Ledgers ---------------------------------------------------------------------------------
+
+def test_ledgers_create_on_first_capacity() -> None:
+    ledgers = Ledgers()
+    assert ledgers.get("a") is None
+    ledger = ledgers.set_capacity("a", 100)
+    assert ledgers.get("a") is ledger
+    assert ledger.capacity == 100
+
+
+def test_set_capacity_keeps_reservations() -> None:
+    ledgers = Ledgers()
+    ledger = ledgers.set_capacity("a", 1000)
+    r = reserve(ledger, 800)
+    assert ledgers.set_capacity("a", 500) is ledger
+    assert ledger.reserved == 800
+    assert ledger.try_reserve("a", 1, 0.0, TTL) is None  # over the new capacity until released
+    assert ledger.release(r, 1.0)
+    reserve(ledger, 500)
+    assert ledger.try_reserve("a", 1, 0.0, TTL) is None
+
+
+def test_set_capacity_grow_admits_more() -> None:
+    ledgers = Ledgers()
+    ledger = ledgers.set_capacity("a", 100)
+    reserve(ledger, 100)
+    ledgers.set_capacity("a", 300)
+    reserve(ledger, 200)
+    assert ledger.reserved == 300
+
+
+def test_ledgers_are_independent_and_sorted() -> None:
+    ledgers = Ledgers()
+    b = ledgers.set_capacity("b", 100)
+    a = ledgers.set_capacity("a", 100)
+    reserve(a, 100)
+    reserve(b, 10)
+    assert [k for k, _ in ledgers.items()] == ["a", "b"]
+    assert b.reserved == 10
+
+
+def test_ledgers_expire_across_keys() -> None:
+    ledgers = Ledgers()
+    ra = reserve(ledgers.set_capacity("a", 100), 10, ttl_s=5.0)
+    rb = reserve(ledgers.set_capacity("b", 100), 20, ttl_s=50.0)
+    assert ledgers.expire(10.0) == [ra]
+    assert set(ledgers.expire(60.0)) == {rb}

@@ -1,0 +1,305 @@
+"""ext_proc/openai_protocol.py: parse OpenAI request bodies, rewrite their output limit, render errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from ext_proc.openai_protocol import (
+    CHAT_PATH,
+    COMPLETIONS_PATH,
+    LLMRequest,
+    ProtocolError,
+    error_body,
+    parse_request,
+    with_max_tokens,
+)
+
+USER = {"role": "user", "content": "hello"}
+
+
+def body(**fields: Any) -> bytes:
+    return orjson.dumps(fields)
+
+
+def chat(*messages: dict[str, Any], **fields: Any) -> LLMRequest:
+    return parse_request(CHAT_PATH, body(model="m", messages=list(messages) or [USER], **fields))
+
+
+def completion(prompt: Any = "hello", **fields: Any) -> LLMRequest:
+    return parse_request(COMPLETIONS_PATH, body(model="m", prompt=prompt, **fields))
+
+
+def parse_error(path: str, raw: bytes) -> ProtocolError:
+    with pytest.raises(ProtocolError) as e:
+        parse_request(path, raw)
+    return e.value
+
+
+def chat_error(**fields: Any) -> ProtocolError:
+    return parse_error(CHAT_PATH, body(**{"model": "m", "messages": [USER], **fields}))
+
+
+def completion_error(**fields: Any) -> ProtocolError:
+    return parse_error(COMPLETIONS_PATH, body(**{"model": "m", "prompt": "hi", **fields}))
+
+
+def rewritten(req: LLMRequest, max_tokens: int) -> dict[str, Any]:
+    out = with_max_tokens(req, max_tokens)
+    assert out is not None
+    return orjson.loads(out)
+
+
+# --- chat ------------------------------------------------------------------------------------
+
+def test_chat_parses_model_messages_and_param() -> None:
+    req = chat(USER, {"role": "assistant", "content": "hi"})
+    assert req.model == "m"
+    assert req.messages == 2
+    assert req.prompt_param == "messages"
+    assert req.exact_prompt_tokens == ()
+    assert req.sequences_per_prompt == 1
+    assert req.requested_max_tokens is None
+
+
+def test_chat_text_bytes_count_utf8() -> None:
+    ascii_req = chat({"role": "user", "content": "ab"})
+    chinese = chat({"role": "user", "content": "你好"})
+    # Two CJK characters are 6 UTF-8 bytes, two ASCII ones 2.
+    assert chinese.prompt_bytes[0] - ascii_req.prompt_bytes[0] == 4
+    assert len(chinese.prompt_bytes) == 1
+
+
+def test_chat_text_bytes_grow_with_content() -> None:
+    short = chat({"role": "user", "content": "x"})
+    long = chat({"role": "user", "content": "x" * 1001})
+    assert long.prompt_bytes[0] - short.prompt_bytes[0] == 1000
+
+
+def test_chat_counts_content_parts() -> None:
+    plain = chat({"role": "user", "content": ""})
+    parts = chat({"role": "user", "content": [{"type": "text", "text": "é" * 10}]})
+    assert parts.prompt_bytes[0] - plain.prompt_bytes[0] >= 20
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                         "parameters": {"type": "object"}}}
+
+
+def test_chat_counts_tools() -> None:
+    without = chat()
+    with_tools = chat(tools=[TOOL])
+    assert with_tools.prompt_bytes[0] - without.prompt_bytes[0] >= len("get_weather") + len("Weather in a city")
+
+
+def tool_with_property(prop: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {prop: {"type": "string"}}, "required": [prop]}}}
+
+
+def test_chat_counts_tool_schema_property_names() -> None:
+    """Chat templates render the tool JSON (keys included) into the prompt: an upper bound counts keys."""
+    long_name = "p" * 300
+    short = chat(tools=[tool_with_property("p")])
+    long = chat(tools=[tool_with_property(long_name)])
+    # The name appears twice in the rendered schema: as a key of "properties" and in "required".
+    assert long.prompt_bytes[0] - short.prompt_bytes[0] >= 2 * (len(long_name) - 1)
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"max_tokens": 100}, 100),
+    ({"max_completion_tokens": 70}, 70),
+    ({"max_tokens": 100, "max_completion_tokens": 70}, 70),
+    ({"max_tokens": 50, "max_completion_tokens": 70}, 50),
+    ({"max_tokens": None, "max_completion_tokens": 70}, 70),
+])
+def test_chat_requested_max_tokens_is_the_min(fields: dict[str, Any], expected: int) -> None:
+    assert chat(**fields).requested_max_tokens == expected
+
+
+def test_chat_n() -> None:
+    assert chat(n=3).sequences_per_prompt == 3
+
+
+# --- completions -----------------------------------------------------------------------------
+
+def test_completion_string_prompt() -> None:
+    req = completion("héllo")
+    assert req.prompt_bytes == (6,)
+    assert req.exact_prompt_tokens == ()
+    assert req.prompt_param == "prompt"
+    assert req.messages == 0
+
+
+def test_completion_list_of_prompts() -> None:
+    assert completion(["a", "你", "abc"]).prompt_bytes == (1, 3, 3)
+
+
+def test_completion_token_ids() -> None:
+    req = completion([1, 2, 3, 4])
+    assert req.exact_prompt_tokens == (4,)
+    assert req.prompt_bytes == ()
+
+
+def test_completion_list_of_token_id_lists() -> None:
+    assert completion([[1, 2], [3, 4, 5], [6]]).exact_prompt_tokens == (2, 3, 1)
+
+
+def test_completion_max_tokens_and_n() -> None:
+    req = completion(max_tokens=30, n=2)
+    assert req.requested_max_tokens == 30
+    assert req.sequences_per_prompt == 2
+
+
+def test_completion_ignores_max_completion_tokens() -> None:
+    req = completion(max_completion_tokens=5)
+    assert req.requested_max_tokens is None
+    assert req.limit_keys == ("max_tokens",)
+
+
+@pytest.mark.parametrize("prompt", [None, 5, [], ["a", 1], [[]], [[1], "a"], {"text": "a"}, [True, False]])
+def test_completion_bad_prompt(prompt: Any) -> None:
+    assert completion_error(prompt=prompt).param == "prompt"
+
+
+def test_completion_bool_in_token_id_lists_rejected() -> None:
+    """A flat list of ids already refuses booleans; lists of id lists must too."""
+    assert completion_error(prompt=[[1, True], [2]]).param == "prompt"
+
+
+def test_completion_missing_prompt() -> None:
+    assert parse_error(COMPLETIONS_PATH, body(model="m")).param == "prompt"
+
+
+# --- errors common to both -------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw", [b"", b"{not json", b"[1, 2]", b'"text"', b"null", b"\xff\xfe"])
+@pytest.mark.parametrize("path", [CHAT_PATH, COMPLETIONS_PATH])
+def test_body_not_a_json_object(path: str, raw: bytes) -> None:
+    assert parse_error(path, raw).param is None
+
+
+def test_empty_body_message() -> None:
+    assert "empty" in str(parse_error(CHAT_PATH, b""))
+
+
+def test_invalid_json_message() -> None:
+    assert "JSON" in str(parse_error(CHAT_PATH, b"{"))
+
+
+@pytest.mark.parametrize("model", [None, 3, "", ["m"]])
+def test_model_must_be_a_string(model: Any) -> None:
+    assert chat_error(model=model).param == "model"
+
+
+def test_model_missing() -> None:
+    assert parse_error(CHAT_PATH, body(messages=[USER])).param == "model"
+
+
+@pytest.mark.parametrize("messages", [None, "hello", {"role": "user"}, []])
+def test_messages_must_be_a_non_empty_list(messages: Any) -> None:
+    assert chat_error(messages=messages).param == "messages"
+
+
+@pytest.mark.parametrize("bad", [{"content": "no role"}, {"role": 1, "content": "x"}, "user: hi"])
+def test_message_needs_a_role(bad: Any) -> None:
+    assert chat_error(messages=[USER, bad]).param == "messages[1]"
+
+
+@pytest.mark.parametrize("key", ["max_tokens", "max_completion_tokens"])
+@pytest.mark.parametrize("value", ["10", 10.0, 10.5, True, False, 0, -1, [10]])
+def test_chat_limit_must_be_a_positive_int(key: str, value: Any) -> None:
+    assert chat_error(**{key: value}).param == key
+
+
+@pytest.mark.parametrize("value", ["1", 1.5, True, 0, -2])
+def test_completion_max_tokens_must_be_a_positive_int(value: Any) -> None:
+    assert completion_error(max_tokens=value).param == "max_tokens"
+
+
+@pytest.mark.parametrize("value", ["2", 2.0, True, 0, -1])
+def test_n_must_be_a_positive_int(value: Any) -> None:
+    assert chat_error(n=value).param == "n"
+    assert completion_error(n=value).param == "n"
+
+
+def test_protocol_error_is_a_value_error_with_message() -> None:
+    e = chat_error(max_tokens=0)
+    assert isinstance(e, ValueError)
+    assert "max_tokens" in str(e)
+
+
+# --- with_max_tokens -------------------------------------------------------------------------
+
+def test_unchanged_limit_returns_none() -> None:
+    assert with_max_tokens(chat(max_tokens=100), 100) is None
+    assert with_max_tokens(chat(max_tokens=100, max_completion_tokens=100), 100) is None
+    assert with_max_tokens(completion(max_tokens=7), 7) is None
+
+
+def test_rewrites_every_present_key() -> None:
+    out = rewritten(chat(max_tokens=500, max_completion_tokens=300), 100)
+    assert (out["max_tokens"], out["max_completion_tokens"]) == (100, 100)
+
+
+def test_rewrites_when_only_one_of_two_keys_differs() -> None:
+    out = rewritten(chat(max_tokens=100, max_completion_tokens=300), 100)
+    assert (out["max_tokens"], out["max_completion_tokens"]) == (100, 100)
+
+
+def test_rewrites_only_the_key_used() -> None:
+    out = rewritten(chat(max_completion_tokens=300), 100)
+    assert out["max_completion_tokens"] == 100
+    assert "max_tokens" not in out
+
+
+def test_adds_max_tokens_when_none_present() -> None:
+    assert rewritten(chat(), 64)["max_tokens"] == 64
+    assert rewritten(completion(), 64)["max_tokens"] == 64
+    assert "max_completion_tokens" not in rewritten(chat(), 64)
+
+
+def test_null_limit_counts_as_absent() -> None:
+    out = rewritten(chat(max_tokens=None), 64)
+    assert out["max_tokens"] == 64
+
+
+def test_completion_rewrite_leaves_max_completion_tokens_alone() -> None:
+    out = rewritten(completion(max_tokens=500, max_completion_tokens=500), 10)
+    assert (out["max_tokens"], out["max_completion_tokens"]) == (10, 500)
+
+
+def test_rewrite_keeps_other_fields() -> None:
+    req = chat({"role": "user", "content": "你好 \"quoted\""}, max_tokens=500, temperature=0.2, stream=True,
+               stop=["\n"], user="u-1", logit_bias={"50256": -100})
+    out = rewritten(req, 10)
+    assert out == {**req.body, "max_tokens": 10}
+
+
+def test_rewrite_is_valid_json_bytes() -> None:
+    out = with_max_tokens(completion("x", max_tokens=99, echo=False), 5)
+    assert isinstance(out, bytes)
+    assert orjson.loads(out)["prompt"] == "x"
+
+
+def test_rewrite_does_not_change_the_parsed_request() -> None:
+    req = chat(max_tokens=500)
+    with_max_tokens(req, 10)
+    assert req.body["max_tokens"] == 500
+
+
+# --- error_body ------------------------------------------------------------------------------
+
+def test_error_body_shape() -> None:
+    out = orjson.loads(error_body("too long", type_="invalid_request_error", code="context_length_exceeded",
+                                  param="messages"))
+    assert out == {"error": {"message": "too long", "type": "invalid_request_error",
+                             "param": "messages", "code": "context_length_exceeded"}}
+
+
+def test_error_body_param_defaults_to_null() -> None:
+    out = orjson.loads(error_body("busy", type_="rate_limit_error", code="rate_limit_exceeded"))
+    assert out["error"]["param"] is None
+    assert set(out["error"]) == {"message", "type", "param", "code"}

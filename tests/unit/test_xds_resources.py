@@ -1,0 +1,328 @@
+"""xds_server resources, policies and snapshot: what Envoy and ext_proc receive for a catalog.
+
+Checked on the protobuf messages of build_snapshot (what goes on the wire), not on the dicts.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import orjson
+import pytest
+from google.protobuf import message
+
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
+from envoy.config.listener.v3.listener_pb2 import Listener
+from envoy.config.route.v3.route_pb2 import RouteConfiguration
+from envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2 import ExternalProcessor, ExtProcPerRoute
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (
+    HttpConnectionManager,
+)
+from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpProtocolOptions
+from kvgate.catalog import Address, Catalog, CatalogError, bundled_catalog_path, load_catalog, parse_catalog
+from kvgate.headers import MODEL_HEADER
+from kvgate.v1.policy_pb2 import ModelPolicy
+from xds_server import policies, resources
+from xds_server.settings import GatewaySettings
+from xds_server.snapshot import CLUSTER, ENDPOINT, LISTENER, POLICY, PUSH_ORDER, ROUTE, Snapshot, build_snapshot
+
+M = TypeVar("M", bound=message.Message)
+SETTINGS = GatewaySettings()
+GiB = 2**30
+
+
+def model(name: str, *endpoints: str, **overrides: Any) -> dict[str, Any]:
+    m: dict[str, Any] = {"name": name, "endpoints": list(endpoints), "max_context_tokens": 8192,
+                         "max_output_tokens": 1024, "tokens_per_block": 32,
+                         "kv": {"bytes_per_token": 131072, "budget_per_endpoint": "2GiB"}}
+    m.update(overrides)
+    return m
+
+
+def catalog(alpha: dict[str, Any] | None = None, *extra: dict[str, Any]) -> Catalog:
+    """Two models: alpha on two engines, beta on one (override alpha's fields with `alpha`)."""
+    return parse_catalog({"models": [
+        model("alpha", "10.0.0.1:8000", "10.0.0.2:8000", **(alpha or {})),
+        model("beta", "engine-b:9000", max_context_tokens=32768, max_output_tokens=2048,
+              kv={"bytes_per_token": 131072, "budget_per_endpoint": "8GiB"}),
+        *extra]})
+
+
+def snapshot(alpha: dict[str, Any] | None = None, settings: GatewaySettings = SETTINGS) -> Snapshot:
+    return build_snapshot(catalog(alpha), settings)
+
+
+def resources_of(snap: Snapshot, type_url: str, cls: type[M]) -> dict[str, M]:
+    out = {}
+    for name, packed in snap.get(type_url).items.items():
+        msg = cls()
+        assert packed.Unpack(msg), f"{name} is not a {cls.__name__}"
+        out[name] = msg
+    return out
+
+
+def only(snap: Snapshot, type_url: str, cls: type[M]) -> M:
+    (msg,) = resources_of(snap, type_url, cls).values()
+    return msg
+
+
+def hcm(snap: Snapshot) -> HttpConnectionManager:
+    (chain,) = only(snap, LISTENER, Listener).filter_chains
+    (network_filter,) = chain.filters
+    out = HttpConnectionManager()
+    assert network_filter.typed_config.Unpack(out)
+    return out
+
+
+def ext_proc_config(snap: Snapshot) -> ExternalProcessor:
+    http_filter = hcm(snap).http_filters[0]
+    assert http_filter.name == resources.EXT_PROC_FILTER
+    out = ExternalProcessor()
+    assert http_filter.typed_config.Unpack(out)
+    return out
+
+
+def routes(snap: Snapshot) -> dict[str, Any]:
+    (vhost,) = only(snap, ROUTE, RouteConfiguration).virtual_hosts
+    return {r.name: r for r in vhost.routes}
+
+
+def models_route(snap: Snapshot) -> Any:
+    (route,) = [r for r in routes(snap).values() if r.match.path == "/v1/models"]
+    return route
+
+
+def versions(snap: Snapshot) -> dict[str, str]:
+    return {t: snap.get(t).version for t in PUSH_ORDER}
+
+
+def changed_types(a: Snapshot, b: Snapshot) -> set[str]:
+    return {t for t in PUSH_ORDER if a.get(t).version != b.get(t).version}
+
+
+# --- ext_proc filter and its cluster ---------------------------------------------------------
+
+def test_ext_proc_filter_buffers_the_request_body() -> None:
+    mode = ext_proc_config(snapshot()).processing_mode
+    assert mode.request_body_mode == ProcessingMode.BUFFERED
+    assert mode.request_header_mode == ProcessingMode.SEND
+
+
+def test_ext_proc_filter_fails_closed() -> None:
+    cfg = ext_proc_config(snapshot())
+    assert cfg.failure_mode_allow is False
+
+
+def test_ext_proc_message_timeout_above_envoy_default() -> None:
+    cfg = ext_proc_config(snapshot())
+    assert cfg.HasField("message_timeout")
+    assert cfg.message_timeout.ToTimedelta() > timedelta(milliseconds=200)
+
+
+def test_ext_proc_filter_talks_to_the_ext_proc_cluster() -> None:
+    cfg = ext_proc_config(snapshot())
+    assert cfg.grpc_service.envoy_grpc.cluster_name == resources.EXT_PROC_CLUSTER
+
+
+def test_router_is_the_last_http_filter() -> None:
+    names = [f.name for f in hcm(snapshot()).http_filters]
+    assert names == [resources.EXT_PROC_FILTER, "envoy.filters.http.router"]
+
+
+def test_listener_uses_rds_over_ads_and_listens_where_told() -> None:
+    snap = snapshot(settings=GatewaySettings(listen=Address(host="1.2.3.4", port=5)))
+    listener = only(snap, LISTENER, Listener)
+    assert listener.address.socket_address.address == "1.2.3.4"
+    assert listener.address.socket_address.port_value == 5
+    rds = hcm(snap).rds
+    assert rds.route_config_name == resources.ROUTE_CONFIG_NAME
+    assert rds.config_source.HasField("ads")
+
+
+def ext_proc_cluster(snap: Snapshot) -> Cluster:
+    return resources_of(snap, CLUSTER, Cluster)[resources.EXT_PROC_CLUSTER]
+
+
+def test_ext_proc_cluster_circuit_breaker_above_1024() -> None:
+    thresholds = ext_proc_cluster(snapshot()).circuit_breakers.thresholds
+    assert thresholds
+    assert all(t.max_requests.value > 1024 for t in thresholds)
+    assert all(t.max_pending_requests.value > 1024 for t in thresholds)
+
+
+def test_ext_proc_cluster_speaks_http2() -> None:
+    options = ext_proc_cluster(snapshot()).typed_extension_protocol_options[
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    parsed = HttpProtocolOptions()
+    assert options.Unpack(parsed)
+    assert parsed.explicit_http_config.HasField("http2_protocol_options")
+
+
+def test_ext_proc_cluster_points_at_the_ext_proc_servers() -> None:
+    lbs = ext_proc_cluster(snapshot()).load_assignment.endpoints
+    addrs = [(e.endpoint.address.socket_address.address, e.endpoint.address.socket_address.port_value)
+             for group in lbs for e in group.lb_endpoints]
+    assert addrs == [(a.host, a.port) for a in SETTINGS.ext_proc]
+
+
+# --- CDS / EDS -------------------------------------------------------------------------------
+
+def test_one_eds_cluster_per_model() -> None:
+    clusters = resources_of(snapshot(), CLUSTER, Cluster)
+    cat = catalog()
+    assert set(clusters) == {resources.EXT_PROC_CLUSTER} | {m.cluster_name for m in cat.models}
+    for m in cat.models:
+        c = clusters[m.cluster_name]
+        assert c.type == Cluster.EDS
+        assert c.eds_cluster_config.eds_config.HasField("ads")
+
+
+def test_one_load_assignment_per_model_with_its_endpoints() -> None:
+    cat = catalog()
+    assignments = resources_of(snapshot(), ENDPOINT, ClusterLoadAssignment)
+    assert set(assignments) == {m.cluster_name for m in cat.models}
+    for m in cat.models:
+        cla = assignments[m.cluster_name]
+        assert cla.cluster_name == m.cluster_name
+        got = [f"{e.endpoint.address.socket_address.address}:{e.endpoint.address.socket_address.port_value}"
+               for group in cla.endpoints for e in group.lb_endpoints]
+        assert got == [str(a) for a in m.addresses()]
+
+
+def test_every_endpoint_group_has_a_locality() -> None:
+    for cla in resources_of(snapshot(), ENDPOINT, ClusterLoadAssignment).values():
+        assert cla.endpoints
+        assert all(group.HasField("locality") for group in cla.endpoints)
+
+
+def test_unresolved_sim_cannot_be_rendered() -> None:
+    cat = parse_catalog({"models": [model("alpha", "sim")]})
+    with pytest.raises(CatalogError):
+        build_snapshot(cat, SETTINGS)
+
+
+# --- RDS -------------------------------------------------------------------------------------
+
+def test_each_model_routed_by_the_model_header() -> None:
+    by_cluster = {}
+    for r in routes(snapshot()).values():
+        for h in r.match.headers:
+            if h.name == MODEL_HEADER:
+                by_cluster[h.string_match.exact] = r.route.cluster
+    assert by_cluster == {m.name: m.cluster_name for m in catalog().models}
+
+
+def test_model_routes_keep_ext_proc() -> None:
+    for m in catalog().models:
+        assert resources.EXT_PROC_FILTER not in routes(snapshot())[m.name].typed_per_filter_config
+
+
+def test_models_list_is_a_direct_response_for_get() -> None:
+    route = models_route(snapshot())
+    assert route.direct_response.status == 200
+    assert [(h.name, h.string_match.exact) for h in route.match.headers] == [(":method", "GET")]
+
+
+def test_models_list_body_lists_limits() -> None:
+    body = orjson.loads(models_route(snapshot()).direct_response.body.inline_string)
+    listed = {d["id"]: (d["max_model_len"], d["max_output_tokens"]) for d in body["data"]}
+    assert listed == {m.name: (m.max_context_tokens, m.max_output_tokens) for m in catalog().models}
+    assert listed["beta"] == (32768, 2048)
+
+
+def test_models_list_disables_ext_proc() -> None:
+    per_filter = models_route(snapshot()).typed_per_filter_config
+    cfg = ExtProcPerRoute()
+    assert per_filter[resources.EXT_PROC_FILTER].Unpack(cfg)
+    assert cfg.disabled is True
+
+
+def test_models_list_body_helper_matches_catalog() -> None:
+    body = orjson.loads(resources.models_list_body(catalog()))
+    assert [d["id"] for d in body["data"]] == ["alpha", "beta"]
+
+
+# --- policies --------------------------------------------------------------------------------
+
+def test_policies_carry_kv_math_and_budgets() -> None:
+    pols = resources_of(snapshot(), POLICY, ModelPolicy)
+    alpha = pols["alpha"]
+    assert alpha.kv_bytes_per_token == 131072
+    assert alpha.tokens_per_block == 32
+    assert (alpha.max_context_tokens, alpha.max_output_tokens) == (8192, 1024)
+    assert [(e.address, e.kv_budget_bytes) for e in alpha.endpoints] == [
+        ("10.0.0.1:8000", 2 * GiB), ("10.0.0.2:8000", 2 * GiB)]
+
+
+def test_policy_per_model_with_protocol_and_estimate() -> None:
+    pols = {p.name: p for p in policies.policies(catalog())}
+    assert set(pols) == {"alpha", "beta"}
+    beta = pols["beta"]
+    assert beta.protocol == "openai"
+    assert [e.address for e in beta.endpoints] == ["engine-b:9000"]
+    assert beta.prompt_estimate.bytes_per_token == 1.0
+    assert beta.prompt_estimate.per_message_tokens == 8
+
+
+def test_policy_for_bundled_shape_uses_config_json_bytes() -> None:
+    cat = load_catalog(bundled_catalog_path())
+    cat = cat.with_endpoints({m.name: [Address(host="127.0.0.1", port=18001 + i)] for i, m in enumerate(cat.models)})
+    assert [p.kv_bytes_per_token for p in policies.policies(cat)] == [131072, 131072]
+    assert [p.endpoints[0].kv_budget_bytes for p in policies.policies(cat)] == [20 * GiB, 21 * GiB]
+
+
+# --- versions --------------------------------------------------------------------------------
+
+def test_versions_are_deterministic() -> None:
+    a, b = snapshot(), snapshot()
+    assert versions(a) == versions(b)
+    assert a.version == b.version
+    assert all(versions(a).values())
+
+
+def test_versions_differ_between_types() -> None:
+    assert len(set(versions(snapshot()).values())) == len(PUSH_ORDER)
+
+
+def test_max_output_change_touches_routes_and_policies_only() -> None:
+    assert changed_types(snapshot(), snapshot({"max_output_tokens": 512})) == {ROUTE, POLICY}
+
+
+def test_endpoint_change_touches_endpoints_and_policies_only() -> None:
+    moved = {"endpoints": ["10.0.0.1:8000", "10.0.0.3:8000"]}
+    assert changed_types(snapshot(), snapshot(moved)) == {ENDPOINT, POLICY}
+
+
+def test_budget_change_touches_policies_only() -> None:
+    bigger = {"kv": {"bytes_per_token": 131072, "budget_per_endpoint": "3GiB"}}
+    assert changed_types(snapshot(), snapshot(bigger)) == {POLICY}
+
+
+def test_new_model_touches_clusters_endpoints_routes_policies() -> None:
+    a = build_snapshot(catalog(), SETTINGS)
+    b = build_snapshot(catalog(None, model("gamma", "10.0.0.9:8000")), SETTINGS)
+    assert changed_types(a, b) == {CLUSTER, ENDPOINT, ROUTE, POLICY}
+
+
+def test_listen_change_touches_listener_only() -> None:
+    moved = GatewaySettings(listen=Address(host="0.0.0.0", port=8081))
+    assert changed_types(snapshot(), snapshot(settings=moved)) == {LISTENER}
+
+
+def test_snapshot_version_follows_content() -> None:
+    assert snapshot().version != snapshot({"max_output_tokens": 512}).version
+
+
+def test_select_leaves_out_unknown_names() -> None:
+    res = snapshot().get(ENDPOINT)
+    picked = res.select(frozenset({"kvgate_model/alpha", "kvgate_model/nope"}))
+    assert len(picked) == 1
+    assert len(res.select(None)) == 2
+
+
+def test_unknown_type_has_empty_resources() -> None:
+    res = snapshot().get("type.googleapis.com/nope")
+    assert res.version == "" and res.items == {}
