@@ -45,11 +45,13 @@ class _Request:
     reservation: Reservation | None = None
 
 
-def _header(headers: HttpHeaders, name: str) -> str:
-    for h in headers.headers.headers:
-        if h.key == name:
-            return h.raw_value.decode() if h.raw_value else h.value
-    return ""
+_WANTED = frozenset({":path", ":method", "x-request-id"})
+
+
+def _headers(headers: HttpHeaders) -> dict[str, str]:
+    """The few request headers admission reads, in one pass (Envoy 1.40 sends values as raw_value)."""
+    return {h.key: h.raw_value.decode() if h.raw_value else h.value
+            for h in headers.headers.headers if h.key in _WANTED}
 
 
 @dataclass
@@ -83,13 +85,14 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
         return responses.refuse(r)
 
     def _on_headers(self, headers: HttpHeaders, req: _Request) -> ProcessingResponse:
-        req.path = _header(headers, ":path").partition("?")[0]
-        req.request_id = _header(headers, "x-request-id")
+        wanted = _headers(headers)
+        req.path = wanted.get(":path", "").partition("?")[0]
+        req.request_id = wanted.get("x-request-id", "")
         if req.path not in PATHS:
             return self._refuse("", admission.Refusal(404, "unknown_url", f"Unknown request URL: {req.path}. "
                                                       "This gateway serves /v1/chat/completions, /v1/completions "
                                                       "and GET /v1/models."))
-        if _header(headers, ":method") != "POST":
+        if wanted.get(":method") != "POST":
             return self._refuse("", admission.Refusal(405, "method_not_allowed", f"{req.path} takes POST"))
         if headers.end_of_stream:
             return self._refuse("", admission.Refusal(400, "invalid_request", "request body is empty"))
