@@ -1,0 +1,141 @@
+"""The ExternalProcessor stream handler, driven with real ext_proc protos and no sockets."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
+from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingRequest
+from ext_proc.ledger import Ledgers
+from ext_proc.metrics import Decisions
+from ext_proc.policy import Policy
+from ext_proc.server import ExtProcServicer, PolicyTable
+from kvgate.headers import MAX_TOKENS_HEADER, MODEL_HEADER
+
+POLICY = Policy(name="m", max_context_tokens=1024, max_output_tokens=100, kv_bytes_per_token=10,
+                tokens_per_block=16, budget_bytes=10 * 16 * 40, estimate_bytes_per_token=1.0,
+                estimate_per_message=0, estimate_per_request=0)
+
+
+def servicer(loaded: bool = True) -> ExtProcServicer:
+    table = PolicyTable(Ledgers())
+    if loaded:
+        table.replace([POLICY])
+    return ExtProcServicer(table, Decisions(CollectorRegistry()), clock=lambda: 0.0)
+
+
+def headers(path: str = "/v1/completions", method: str = "POST", end: bool = False) -> ProcessingRequest:
+    hs = [HeaderValue(key=":path", raw_value=path.encode()), HeaderValue(key=":method", raw_value=method.encode())]
+    return ProcessingRequest(request_headers=HttpHeaders(headers=HeaderMap(headers=hs), end_of_stream=end))
+
+
+def body(payload: dict) -> ProcessingRequest:
+    return ProcessingRequest(request_body=HttpBody(body=orjson.dumps(payload), end_of_stream=True))
+
+
+async def feed(*msgs: ProcessingRequest) -> AsyncIterator[ProcessingRequest]:
+    for m in msgs:
+        yield m
+
+
+async def run(s: ExtProcServicer, *msgs: ProcessingRequest) -> list:
+    return [r async for r in s.Process(feed(*msgs), None)]  # type: ignore[arg-type]
+
+
+def set_headers(resp) -> dict[str, str]:  # noqa: ANN001
+    return {h.header.key: h.header.raw_value.decode()
+            for h in resp.request_body.response.header_mutation.set_headers}
+
+
+def reserved(s: ExtProcServicer) -> int:
+    ledger = s.table.ledgers.get("m")
+    assert ledger is not None
+    return ledger.reserved
+
+
+@pytest.mark.asyncio
+async def test_admitted_request_is_routed_clamped_and_released_at_stream_end() -> None:
+    s = servicer()
+    gen = s.Process(feed(headers(), body({"model": "m", "prompt": "x" * 60, "max_tokens": 500})), None)
+    first = await gen.__anext__()
+    assert first.HasField("request_headers")
+    admitted = await gen.__anext__()
+    common = admitted.request_body.response
+    new_body = orjson.loads(common.body_mutation.body)
+    assert common.clear_route_cache
+    assert set_headers(admitted) == {MODEL_HEADER: "m", MAX_TOKENS_HEADER: "100",
+                                     "content-length": str(len(common.body_mutation.body))}
+    assert new_body == {"model": "m", "prompt": "x" * 60, "max_tokens": 100}
+    assert reserved(s) == 10 * 16 * 10  # 160 tokens -> 10 blocks of 16
+    with pytest.raises(StopAsyncIteration):
+        await gen.__anext__()  # Envoy half-closed: the request is over
+    assert reserved(s) == 0
+
+
+@pytest.mark.asyncio
+async def test_cancelled_stream_releases_its_reservation() -> None:
+    s = servicer()
+    gen = s.Process(feed(headers(), body({"model": "m", "prompt": "hi", "max_tokens": 10})), None)
+    await gen.__anext__()
+    await gen.__anext__()
+    assert reserved(s) > 0
+    await gen.aclose()  # what grpc.aio does when Envoy resets the stream
+    assert reserved(s) == 0
+
+
+@pytest.mark.asyncio
+async def test_unchanged_body_is_not_rewritten() -> None:
+    (_, admitted) = await run(servicer(), headers(), body({"model": "m", "prompt": "hi", "max_tokens": 100}))
+    assert not admitted.request_body.response.HasField("body_mutation")
+    assert "content-length" not in set_headers(admitted)
+
+
+@pytest.mark.asyncio
+async def test_before_policies_arrive_requests_get_503_with_retry_after() -> None:
+    (_, refused) = await run(servicer(loaded=False), headers(), body({"model": "m", "prompt": "hi"}))
+    imm = refused.immediate_response
+    assert imm.status.code == 503
+    assert {h.header.key: h.header.raw_value for h in imm.headers.set_headers}["retry-after"] == b"1"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("msg", "status"), [
+    (headers("/v1/embeddings"), 404),
+    (headers(method="GET"), 405),
+    (headers(end=True), 400),
+])
+async def test_refused_at_the_headers(msg: ProcessingRequest, status: int) -> None:
+    (refused,) = await run(servicer(), msg)
+    assert refused.immediate_response.status.code == status
+    assert orjson.loads(refused.immediate_response.body)["error"]["message"]
+
+
+@pytest.mark.asyncio
+async def test_budget_full_is_429_and_nothing_is_held_for_the_refused() -> None:
+    s = servicer()
+    holder = s.Process(feed(headers(), body({"model": "m", "prompt": "a" * 300, "max_tokens": 100})), None)
+    await holder.__anext__()
+    await holder.__anext__()
+    held = reserved(s)
+    (_, refused) = await run(s, headers(), body({"model": "m", "prompt": "b" * 300, "max_tokens": 100}))
+    assert refused.immediate_response.status.code == 429
+    assert reserved(s) == held
+    await holder.aclose()
+    assert reserved(s) == 0
+
+
+def test_ttl_backstop_releases_what_outlived_its_deadline() -> None:
+    now = [0.0]
+    s = servicer()
+    s.clock = lambda: now[0]
+    ledger = s.table.ledgers.get("m")
+    assert ledger is not None
+    ledger.try_reserve("m", 100, now=0.0, ttl_s=s.reservation_ttl_s)
+    now[0] = s.reservation_ttl_s - 1
+    assert s.expire() == 0
+    now[0] = s.reservation_ttl_s + 1
+    assert s.expire() == 1 and ledger.reserved == 0
