@@ -10,6 +10,8 @@ from kvgate.v1 import policy_pb2
 @dataclass(frozen=True)
 class Policy:
     name: str
+    protocol: str
+    backend_model: str
     max_context_tokens: int
     max_output_tokens: int
     kv_bytes_per_token: int
@@ -27,6 +29,8 @@ class Policy:
             raise ValueError(f"ModelPolicy {p.name!r} lacks a required field")
         return cls(
             name=p.name,
+            protocol=p.protocol,
+            backend_model=p.backend_model or p.name,
             max_context_tokens=p.max_context_tokens,
             max_output_tokens=p.max_output_tokens,
             kv_bytes_per_token=p.kv_bytes_per_token,

@@ -63,13 +63,21 @@ class _Strict(BaseModel):
 class Address(_Strict):
     host: str
     port: int = Field(gt=0, lt=65536)
+    # Triton serves gRPC on a second port of the same server.
+    grpc_port: int | None = Field(default=None, gt=0, lt=65536)
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def grpc(self) -> Address:
+        if self.grpc_port is None:
+            raise ValueError(f"endpoint {self} has no grpc_port")
+        return Address(host=self.host, port=self.grpc_port)
 
-def parse_endpoint(value: Any) -> str | Address:
-    if isinstance(value, Address) or value == SIM:
+
+def parse_endpoint(value: Any) -> str | Address | dict[str, Any]:
+    """'host:port', 'sim', or a mapping {host, port, grpc_port} (validated as an Address)."""
+    if isinstance(value, (Address, dict)) or value == SIM:
         return value
     host, sep, port = str(value).rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -133,9 +141,15 @@ class SimSettings(_Strict):
     seed: int = 0
 
 
+_MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
+
+
 class Model(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
-    protocol: Literal["openai"] = "openai"
+    name: str = Field(pattern=_MODEL_NAME)
+    # openai: trtllm-serve, vLLM. triton: Triton with the TensorRT-LLM backend (HTTP and gRPC ports).
+    protocol: Literal["openai", "triton"] = "openai"
+    # The engine's name for the model when it differs (Triton's TRT-LLM ensemble is often `ensemble`).
+    backend_model: str | None = Field(default=None, pattern=_MODEL_NAME)
     endpoints: list[Endpoint] = Field(min_length=1)
     max_context_tokens: int = Field(gt=1)
     max_output_tokens: int = Field(default=1024, gt=0)
@@ -143,6 +157,15 @@ class Model(_Strict):
     kv: KVSpec
     prompt_estimate: PromptEstimate = PromptEstimate()
     sim: SimSettings = SimSettings()
+
+    @model_validator(mode="after")
+    def _ports_match_protocol(self) -> Model:
+        addrs = [e for e in self.endpoints if isinstance(e, Address)]
+        if self.protocol == "triton" and any(a.grpc_port is None for a in addrs):
+            raise ValueError("triton endpoints need both ports: {host: ..., port: HTTP, grpc_port: GRPC}")
+        if self.protocol == "openai" and any(a.grpc_port is not None for a in addrs):
+            raise ValueError("grpc_port is for triton endpoints only")
+        return self
 
     @model_validator(mode="after")
     def _fits(self) -> Model:
@@ -169,8 +192,16 @@ class Model(_Strict):
         return self.tokens_per_block or (shape and shape.tokens_per_block) or 32
 
     @property
+    def engine_model(self) -> str:
+        return self.backend_model or self.name
+
+    @property
     def cluster_name(self) -> str:
         return f"kvgate_model/{self.name}"
+
+    @property
+    def grpc_cluster_name(self) -> str:
+        return f"kvgate_model/{self.name}/grpc"
 
     def addresses(self) -> list[Address]:
         """Endpoints as Envoy reaches them; a `sim` left unresolved here is a caller's bug."""
@@ -203,7 +234,8 @@ class Catalog(_Strict):
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=True)
         for m in data["models"]:
-            m["endpoints"] = [e if e == SIM else f"{e['host']}:{e['port']}" for e in m["endpoints"]]
+            m["endpoints"] = [e if e == SIM or "grpc_port" in e else f"{e['host']}:{e['port']}"
+                              for e in m["endpoints"]]
         return yaml.safe_dump(data, sort_keys=False)
 
 

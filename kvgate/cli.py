@@ -14,7 +14,7 @@ import typer
 import yaml
 from google.protobuf import json_format
 
-from kvgate.catalog import SIM, Address, Catalog, CatalogError, bundled_catalog_path, load_catalog
+from kvgate.catalog import SIM, Address, Catalog, CatalogError, Model, bundled_catalog_path, load_catalog
 from kvgate.gateway import Gateway, NotReady
 from kvgate.processes import ProcessDied
 from xds_server.settings import GatewaySettings
@@ -71,8 +71,12 @@ def up(catalog: CatalogOption = bundled_catalog_path(),
 def _placeholders(cat: Catalog) -> Catalog:
     """`sim` endpoints get their ports at `kvgate up`; show them as consecutive placeholder ports."""
     ports = iter(range(18001, 65535))
-    return cat.with_endpoints({m.name: [Address(host="127.0.0.1", port=next(ports)) for e in m.endpoints if e == SIM]
-                               for m in cat.models})
+
+    def placeholder(m: Model) -> Address:
+        return Address(host="127.0.0.1", port=next(ports),
+                       grpc_port=next(ports) if m.protocol == "triton" else None)
+
+    return cat.with_endpoints({m.name: [placeholder(m) for e in m.endpoints if e == SIM] for m in cat.models})
 
 
 @app.command()

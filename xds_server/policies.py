@@ -13,6 +13,7 @@ def model_policy(model: Model) -> policy_pb2.ModelPolicy:
     return policy_pb2.ModelPolicy(
         name=model.name,
         protocol=model.protocol,
+        backend_model=model.engine_model,
         max_context_tokens=model.max_context_tokens,
         max_output_tokens=model.max_output_tokens,
         kv_bytes_per_token=model.kv_bytes_per_token,

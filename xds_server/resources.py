@@ -6,6 +6,7 @@ Reading top to bottom follows Envoy's ADS order: clusters, endpoints, listener, 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -50,20 +51,21 @@ def ext_proc_cluster(settings: GatewaySettings) -> dict[str, Any]:
         "type": "STATIC",
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
+        "typed_extension_protocol_options": _http2(),
         "circuit_breakers": _circuit_breakers(settings.ext_proc_max_requests),
         "load_assignment": {"cluster_name": EXT_PROC_CLUSTER, "endpoints": _lb_endpoints(settings.ext_proc)},
     }
 
 
-def model_cluster(model: Model, settings: GatewaySettings) -> dict[str, Any]:
-    return {
-        "name": model.cluster_name,
+def _http2() -> dict[str, Any]:
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}}}}
+
+
+def _eds_cluster(name: str, settings: GatewaySettings, *, http2: bool = False) -> dict[str, Any]:
+    cluster = {
+        "name": name,
         "type": "EDS",
         "eds_cluster_config": {"eds_config": _ADS},
         "connect_timeout": "2s",
@@ -71,16 +73,33 @@ def model_cluster(model: Model, settings: GatewaySettings) -> dict[str, Any]:
         # Admission, not Envoy's queue, protects the engine: don't let the breaker refuse first.
         "circuit_breakers": _circuit_breakers(settings.ext_proc_max_requests),
     }
+    if http2:
+        cluster["typed_extension_protocol_options"] = _http2()
+    return cluster
+
+
+def model_clusters(model: Model, settings: GatewaySettings) -> list[dict[str, Any]]:
+    """HTTP/1.1 to the engine's HTTP port; a Triton model also gets an HTTP/2 cluster for gRPC."""
+    clusters = [_eds_cluster(model.cluster_name, settings)]
+    if model.protocol == "triton":
+        clusters.append(_eds_cluster(model.grpc_cluster_name, settings, http2=True))
+    return clusters
 
 
 def clusters(catalog: Catalog, settings: GatewaySettings) -> list[dict[str, Any]]:
-    return [ext_proc_cluster(settings)] + [model_cluster(m, settings) for m in catalog.models]
+    return [ext_proc_cluster(settings)] + [c for m in catalog.models for c in model_clusters(m, settings)]
 
 
 # --- EDS -------------------------------------------------------------------------------------
 
 def endpoints(catalog: Catalog) -> list[dict[str, Any]]:
-    return [{"cluster_name": m.cluster_name, "endpoints": _lb_endpoints(m.addresses())} for m in catalog.models]
+    out = []
+    for m in catalog.models:
+        out.append({"cluster_name": m.cluster_name, "endpoints": _lb_endpoints(m.addresses())})
+        if m.protocol == "triton":
+            out.append({"cluster_name": m.grpc_cluster_name,
+                        "endpoints": _lb_endpoints([a.grpc() for a in m.addresses()])})
+    return out
 
 
 # --- LDS -------------------------------------------------------------------------------------
@@ -144,28 +163,65 @@ def models_list_body(catalog: Catalog) -> bytes:
         for m in catalog.models]})
 
 
-def _json_response(status: int, body: bytes, *, skip_ext_proc: bool) -> dict[str, Any]:
+_NO_EXT_PROC = {EXT_PROC_FILTER: {"@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                                   "disabled": True}}
+_GET = {"name": ":method", "string_match": {"exact": "GET"}}
+_GRPC = {"name": "content-type", "string_match": {"prefix": "application/grpc"}}
+TRITON_GRPC_SERVICE = "/inference.GRPCInferenceService/"
+
+
+def _direct(status: int, body: bytes, *, skip_ext_proc: bool) -> dict[str, Any]:
     route: dict[str, Any] = {
         "direct_response": {"status": status, "body": {"inline_string": body.decode()}},
         "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
     }
     if skip_ext_proc:
-        route["typed_per_filter_config"] = {EXT_PROC_FILTER: {
-            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "disabled": True}}
+        route["typed_per_filter_config"] = _NO_EXT_PROC
     return route
 
 
-def model_route(model: Model, settings: GatewaySettings) -> dict[str, Any]:
-    return {
-        "name": model.name,
-        "match": {"prefix": "/", "headers": [{"name": MODEL_HEADER, "string_match": {"exact": model.name}}]},
-        "route": {"cluster": model.cluster_name, "timeout": _duration(settings.upstream_timeout_s)},
-        # ext_proc puts the applied clamp on the request; Envoy copies it to the response, so telling
-        # the client costs no extra ext_proc round trip.
-        "response_headers_to_add": [{
-            "header": {"key": MAX_TOKENS_HEADER, "value": f"%REQ({MAX_TOKENS_HEADER})%"},
-            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
-    }
+def _to_cluster(cluster: str, settings: GatewaySettings, model: Model | None = None) -> dict[str, Any]:
+    action: dict[str, Any] = {"cluster": cluster, "timeout": _duration(settings.upstream_timeout_s)}
+    if model is not None and model.engine_model != model.name:
+        # Triton HTTP names the model in the path: rewrite the gateway's name to the engine's.
+        action["regex_rewrite"] = {"pattern": {"regex": f"^/v2/models/{re.escape(model.name)}(/|$)"},
+                                   "substitution": f"/v2/models/{model.engine_model}\\1"}
+    return action
+
+
+def model_routes(model: Model, settings: GatewaySettings) -> list[dict[str, Any]]:
+    """Routes on the header ext_proc sets after admission; gRPC goes to the HTTP/2 cluster."""
+    # ext_proc puts the applied clamp on the request; Envoy copies it to the response, so telling
+    # the client costs no extra ext_proc round trip.
+    echo = [{"header": {"key": MAX_TOKENS_HEADER, "value": f"%REQ({MAX_TOKENS_HEADER})%"},
+             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+    by_model = {"name": MODEL_HEADER, "string_match": {"exact": model.name}}
+    routes = []
+    if model.protocol == "triton":
+        routes.append({"name": f"{model.name} grpc", "match": {"prefix": "/", "headers": [by_model, _GRPC]},
+                       "route": _to_cluster(model.grpc_cluster_name, settings), "response_headers_to_add": echo})
+    routes.append({"name": model.name, "match": {"prefix": "/", "headers": [by_model]},
+                   "route": _to_cluster(model.cluster_name, settings, model), "response_headers_to_add": echo})
+    return routes
+
+
+def triton_routes(catalog: Catalog, settings: GatewaySettings) -> list[dict[str, Any]]:
+    """What Triton clients read without running inference, answered without ext_proc."""
+    triton = [m for m in catalog.models if m.protocol == "triton"]
+    if not triton:
+        return []
+    health = [{"name": f"triton {p}", "match": {"path": p, "headers": [_GET]}, **_direct(200, b"", skip_ext_proc=True)}
+              for p in ("/v2/health/live", "/v2/health/ready")]
+    # Server-level gRPC calls (ServerLive, ServerReady, ServerMetadata) name no model: the first
+    # Triton engine answers them.
+    server_rpcs = {"name": "triton grpc server", "match": {"prefix": TRITON_GRPC_SERVICE + "Server"},
+                   "route": _to_cluster(triton[0].grpc_cluster_name, settings), "typed_per_filter_config": _NO_EXT_PROC}
+    # Model readiness and metadata over HTTP: routed by the model in the path.
+    model_gets = [{"name": f"{m.name} metadata",
+                   "match": {"path_separated_prefix": f"/v2/models/{m.name}", "headers": [_GET]},
+                   "route": _to_cluster(m.cluster_name, settings, m), "typed_per_filter_config": _NO_EXT_PROC}
+                  for m in triton]
+    return health + [server_rpcs] + model_gets
 
 
 NO_ROUTE_BODY = orjson.dumps({"error": {
@@ -174,17 +230,16 @@ NO_ROUTE_BODY = orjson.dumps({"error": {
 
 
 def route_configuration(catalog: Catalog, settings: GatewaySettings) -> dict[str, Any]:
-    models_route = {"name": "models_list",
-                    "match": {"path": "/v1/models",
-                              "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
-                    **_json_response(200, models_list_body(catalog), skip_ext_proc=True)}
+    models_route = {"name": "models_list", "match": {"path": "/v1/models", "headers": [_GET]},
+                    **_direct(200, models_list_body(catalog), skip_ext_proc=True)}
     # Reached only by a request ext_proc let through without a model, which it never should.
-    fallback = {"name": "no_model", "match": {"prefix": "/"}, **_json_response(404, NO_ROUTE_BODY, skip_ext_proc=False)}
+    fallback = {"name": "no_model", "match": {"prefix": "/"}, **_direct(404, NO_ROUTE_BODY, skip_ext_proc=False)}
     return {
         "name": ROUTE_CONFIG_NAME,
         "virtual_hosts": [{
             "name": "kvgate",
             "domains": ["*"],
-            "routes": [models_route] + [model_route(m, settings) for m in catalog.models] + [fallback],
+            "routes": [models_route, *triton_routes(catalog, settings),
+                       *(r for m in catalog.models for r in model_routes(m, settings)), fallback],
         }],
     }

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvgate/v1/policy.proto\x12\tkvgate.v1\"\xf6\x01\n\x0bModelPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x03 \x01(\r\x12\x19\n\x11max_output_tokens\x18\x04 \x01(\r\x12\x1a\n\x12kv_bytes_per_token\x18\x05 \x01(\x04\x12\x18\n\x10tokens_per_block\x18\x06 \x01(\r\x12&\n\tendpoints\x18\x07 \x03(\x0b\x32\x13.kvgate.v1.Endpoint\x12\x32\n\x0fprompt_estimate\x18\x08 \x01(\x0b\x32\x19.kvgate.v1.PromptEstimate\"4\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x17\n\x0fkv_budget_bytes\x18\x02 \x01(\x04\"a\n\x0ePromptEstimate\x12\x17\n\x0f\x62ytes_per_token\x18\x01 \x01(\x01\x12\x1a\n\x12per_message_tokens\x18\x02 \x01(\r\x12\x1a\n\x12per_request_tokens\x18\x03 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvgate/v1/policy.proto\x12\tkvgate.v1\"\x8d\x02\n\x0bModelPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x03 \x01(\r\x12\x19\n\x11max_output_tokens\x18\x04 \x01(\r\x12\x1a\n\x12kv_bytes_per_token\x18\x05 \x01(\x04\x12\x18\n\x10tokens_per_block\x18\x06 \x01(\r\x12&\n\tendpoints\x18\x07 \x03(\x0b\x32\x13.kvgate.v1.Endpoint\x12\x32\n\x0fprompt_estimate\x18\x08 \x01(\x0b\x32\x19.kvgate.v1.PromptEstimate\x12\x15\n\rbackend_model\x18\t \x01(\t\"4\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x17\n\x0fkv_budget_bytes\x18\x02 \x01(\x04\"a\n\x0ePromptEstimate\x12\x17\n\x0f\x62ytes_per_token\x18\x01 \x01(\x01\x12\x1a\n\x12per_message_tokens\x18\x02 \x01(\r\x12\x1a\n\x12per_request_tokens\x18\x03 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvgate.v1.policy_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELPOLICY']._serialized_start=38
-  _globals['_MODELPOLICY']._serialized_end=284
-  _globals['_ENDPOINT']._serialized_start=286
-  _globals['_ENDPOINT']._serialized_end=338
-  _globals['_PROMPTESTIMATE']._serialized_start=340
-  _globals['_PROMPTESTIMATE']._serialized_end=437
+  _globals['_MODELPOLICY']._serialized_end=307
+  _globals['_ENDPOINT']._serialized_start=309
+  _globals['_ENDPOINT']._serialized_end=361
+  _globals['_PROMPTESTIMATE']._serialized_start=363
+  _globals['_PROMPTESTIMATE']._serialized_end=460
 # @@protoc_insertion_point(module_scope)

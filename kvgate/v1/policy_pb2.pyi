@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ModelPolicy(_message.Message):
-    __slots__ = ("name", "protocol", "max_context_tokens", "max_output_tokens", "kv_bytes_per_token", "tokens_per_block", "endpoints", "prompt_estimate")
+    __slots__ = ("name", "protocol", "max_context_tokens", "max_output_tokens", "kv_bytes_per_token", "tokens_per_block", "endpoints", "prompt_estimate", "backend_model")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class ModelPolicy(_message.Message):
     TOKENS_PER_BLOCK_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_MODEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     protocol: str
     max_context_tokens: int
@@ -24,7 +25,8 @@ class ModelPolicy(_message.Message):
     tokens_per_block: int
     endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
     prompt_estimate: PromptEstimate
-    def __init__(self, name: _Optional[str] = ..., protocol: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., tokens_per_block: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., prompt_estimate: _Optional[_Union[PromptEstimate, _Mapping]] = ...) -> None: ...
+    backend_model: str
+    def __init__(self, name: _Optional[str] = ..., protocol: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., tokens_per_block: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., prompt_estimate: _Optional[_Union[PromptEstimate, _Mapping]] = ..., backend_model: _Optional[str] = ...) -> None: ...
 
 class Endpoint(_message.Message):
     __slots__ = ("address", "kv_budget_bytes")

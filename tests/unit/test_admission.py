@@ -22,7 +22,7 @@ BLOCK = 16
 
 def policy(**overrides: Any) -> Policy:
     """Context 1000, clamp 100, 16-token blocks, 10 B/token; the estimate is 1 token per byte, no overhead."""
-    fields: dict[str, Any] = dict(name="m", max_context_tokens=1000, max_output_tokens=100, kv_bytes_per_token=BPT,
+    fields: dict[str, Any] = dict(name="m", protocol="openai", backend_model="m", max_context_tokens=1000, max_output_tokens=100, kv_bytes_per_token=BPT,
                                   tokens_per_block=BLOCK, budget_bytes=10**6, estimate_bytes_per_token=1.0,
                                   estimate_per_message=0, estimate_per_request=0)
     fields.update(overrides)
@@ -237,7 +237,7 @@ def test_admit_again_after_release() -> None:
 
 def test_from_proto_copies_fields_and_sums_budgets() -> None:
     pol = Policy.from_proto(proto_policy())
-    assert pol == Policy(name="m", max_context_tokens=1000, max_output_tokens=100, kv_bytes_per_token=BPT,
+    assert pol == Policy(name="m", protocol="openai", backend_model="m", max_context_tokens=1000, max_output_tokens=100, kv_bytes_per_token=BPT,
                          tokens_per_block=BLOCK, budget_bytes=1000, estimate_bytes_per_token=1.0,
                          estimate_per_message=8, estimate_per_request=4)
 

@@ -150,7 +150,7 @@ def test_budget_zero_rejected() -> None:
     (lambda m: m.update(max_output_tokens=5000), "max_output_tokens"),
     (lambda m: m.update(colour="blue"), "colour"),
     (lambda m: m["kv"].update(colour="blue"), "kv.colour"),
-    (lambda m: m.update(protocol="triton"), "protocol"),
+    (lambda m: m.update(protocol="vllm-grpc"), "protocol"),
 ], ids=["missing-context", "endpoint-no-port", "endpoint-port-not-digits", "endpoint-port-range",
         "no-endpoints", "both-kv-sources", "no-kv-source", "budget-below-one-request",
         "output-equals-context", "output-above-context", "extra-field", "extra-kv-field", "bad-protocol"])

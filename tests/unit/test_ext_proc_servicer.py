@@ -16,7 +16,7 @@ from ext_proc.policy import Policy
 from ext_proc.server import ExtProcServicer, PolicyTable
 from kvgate.headers import MAX_TOKENS_HEADER, MODEL_HEADER
 
-POLICY = Policy(name="m", max_context_tokens=1024, max_output_tokens=100, kv_bytes_per_token=10,
+POLICY = Policy(name="m", protocol="openai", backend_model="m", max_context_tokens=1024, max_output_tokens=100, kv_bytes_per_token=10,
                 tokens_per_block=16, budget_bytes=10 * 16 * 40, estimate_bytes_per_token=1.0,
                 estimate_per_message=0, estimate_per_request=0)
 
