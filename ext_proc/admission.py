@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from engines.kv_math import reservation_bytes
 from ext_proc import tokens
 from ext_proc.ledger import Ledger, Reservation
-from ext_proc.openai_protocol import LLMRequest
+from ext_proc.request import LLMRequest
 from ext_proc.policy import Policy
 
 

@@ -1,6 +1,5 @@
-"""The OpenAI request protocol as admission sees it: parse a body, rewrite its max_tokens, render errors.
-
-Pure functions over bytes; no I/O. Parse errors are `ProtocolError`s carrying the OpenAI `param`.
+"""The OpenAI API (chat and completions) as admission sees it: parse a body, rewrite its output limit,
+render errors. Pure functions over bytes; parse errors are `ProtocolError`s naming the OpenAI `param`.
 """
 
 from __future__ import annotations
@@ -9,6 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from ext_proc.request import LLMRequest, ProtocolError, Rewrite, is_int, json_object, positive_int
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -19,27 +20,22 @@ _CHAT_LIMIT_KEYS = ("max_completion_tokens", "max_tokens")
 _COMPLETION_LIMIT_KEYS = ("max_tokens",)
 
 
-class ProtocolError(ValueError):
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
 @dataclass(frozen=True)
-class LLMRequest:
-    """What admission needs to know of one request, whatever the protocol."""
-
-    model: str
-    # UTF-8 bytes of each prompt's text (one entry per prompt of a batched completion).
-    prompt_bytes: tuple[int, ...]
-    # Prompts sent as token ids (completions allow it): exact counts, no estimate needed.
-    exact_prompt_tokens: tuple[int, ...]
-    prompt_param: str  # the field holding the prompt, named in context errors
-    messages: int  # chat messages, for the chat template's per-message overhead
-    sequences_per_prompt: int  # `n`
-    requested_max_tokens: int | None
-    limit_keys: tuple[str, ...]  # keys holding the output limit, to rewrite
+class OpenAIRequest:
+    request: LLMRequest
     body: dict[str, Any]
+    limit_keys: tuple[str, ...]  # keys holding the output limit, to rewrite
+
+    def rewrite(self, max_tokens: int | None, engine_model: str) -> Rewrite | None:
+        """The body with its output limit and model set; None when the body already says so."""
+        updates: dict[str, Any] = {}
+        if max_tokens is not None:
+            present = [k for k in self.limit_keys if self.body.get(k) is not None]
+            # Rewrite every key the client used; with none, `max_tokens` is the one every engine reads.
+            updates = {k: max_tokens for k in (present or ("max_tokens",)) if self.body.get(k) != max_tokens}
+        if engine_model != self.request.model:
+            updates["model"] = engine_model  # vLLM refuses a model name it does not serve
+        return Rewrite(orjson.dumps({**self.body, **updates})) if updates else None
 
 
 def _text_bytes(value: Any) -> int:
@@ -54,17 +50,6 @@ def _text_bytes(value: Any) -> int:
     return 0
 
 
-def _positive_int(body: dict[str, Any], key: str) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ProtocolError(f"'{key}' must be an integer, got {type(value).__name__}", key)
-    if value < 1:
-        raise ProtocolError(f"'{key}' must be at least 1, got {value}", key)
-    return value
-
-
 def _chat_prompt(body: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...], int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -76,10 +61,6 @@ def _chat_prompt(body: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]
             + _text_bytes(body.get("response_format")),), (), len(messages)
 
 
-def _is_token_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _completion_prompt(body: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...], int]:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -87,44 +68,27 @@ def _completion_prompt(body: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
             return tuple(len(p.encode()) for p in prompt), (), 0
-        if all(_is_token_id(t) for t in prompt):
+        if all(is_int(t) for t in prompt):
             return (), (len(prompt),), 0
-        if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in prompt):
+        if all(isinstance(p, list) and p and all(is_int(t) for t in p) for p in prompt):
             return (), tuple(len(p) for p in prompt), 0
     raise ProtocolError("'prompt' must be a string, an array of strings, or token ids", "prompt")
 
 
-def parse_request(path: str, raw: bytes) -> LLMRequest:
-    if not raw:
-        raise ProtocolError("request body is empty")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise ProtocolError(f"request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise ProtocolError("request body must be a JSON object")
+def parse_request(path: str, raw: bytes) -> OpenAIRequest:
+    body = json_object(raw)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ProtocolError("'model' must be a non-empty string", "model")
     chat = path == CHAT_PATH
     prompt_bytes, token_ids, messages = _chat_prompt(body) if chat else _completion_prompt(body)
     keys = _CHAT_LIMIT_KEYS if chat else _COMPLETION_LIMIT_KEYS
-    limits = [v for v in (_positive_int(body, k) for k in keys) if v is not None]
-    n = _positive_int(body, "n") or 1
-    return LLMRequest(model=model, prompt_bytes=prompt_bytes, exact_prompt_tokens=token_ids,
-                      prompt_param="messages" if chat else "prompt", messages=messages,
-                      sequences_per_prompt=n, requested_max_tokens=min(limits) if limits else None,
-                      limit_keys=keys, body=body)
-
-
-def with_max_tokens(req: LLMRequest, max_tokens: int) -> bytes | None:
-    """The body with its output limit set to `max_tokens`; None when the body already says so."""
-    present = [k for k in req.limit_keys if k in req.body and req.body[k] is not None]
-    if present and all(req.body[k] == max_tokens for k in present):
-        return None
-    # Rewrite every key the client used; with none, `max_tokens` is the one every engine reads.
-    updated = {**req.body, **{k: max_tokens for k in (present or ("max_tokens",))}}
-    return orjson.dumps(updated)
+    limits = [v for v in (positive_int(body.get(k), k) for k in keys) if v is not None]
+    request = LLMRequest(model=model, prompt_bytes=prompt_bytes, exact_prompt_tokens=token_ids,
+                         prompt_param="messages" if chat else "prompt", messages=messages,
+                         sequences_per_prompt=positive_int(body.get("n"), "n") or 1,
+                         requested_max_tokens=min(limits) if limits else None)
+    return OpenAIRequest(request, body, keys)
 
 
 def error_body(message: str, *, type_: str, code: str, param: str | None = None) -> bytes:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import orjson
+
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
     BodyMutation,
     BodyResponse,
     CommonResponse,
+    GrpcStatus,
     HeaderMutation,
     HeadersResponse,
     ImmediateResponse,
@@ -14,7 +17,9 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 from envoy.type.v3.http_status_pb2 import HttpStatus
 from ext_proc.admission import Refusal
+from ext_proc.apis import Convention
 from ext_proc.openai_protocol import error_body
+from ext_proc.request import Rewrite
 from kvgate.headers import MAX_TOKENS_HEADER, MODEL_HEADER
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -28,25 +33,51 @@ def _set(key: str, value: str) -> HeaderValueOption:
     return HeaderValueOption(header=HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE)
 
 
-def admit(model: str, max_tokens: int, new_body: bytes | None) -> ProcessingResponse:
+def admit(model: str, max_tokens: int | None, rewrite: Rewrite | None) -> ProcessingResponse:
     """Route by model (header + route-cache clear in one response, or Envoy ignores the clear) and
     rewrite the body with a matching content-length, or Envoy answers 500."""
-    headers = [_set(MODEL_HEADER, model), _set(MAX_TOKENS_HEADER, str(max_tokens))]
+    headers = [_set(MODEL_HEADER, model)]
+    if max_tokens is not None:
+        headers.append(_set(MAX_TOKENS_HEADER, str(max_tokens)))
     common = CommonResponse(clear_route_cache=True)
-    if new_body is not None:
-        headers.append(_set("content-length", str(len(new_body))))
-        common.body_mutation.CopyFrom(BodyMutation(body=new_body))
+    if rewrite is not None:
+        headers.append(_set("content-length", str(len(rewrite.body))))
+        headers.extend(_set(k, v) for k, v in rewrite.headers)
+        common.body_mutation.CopyFrom(BodyMutation(body=rewrite.body))
     common.header_mutation.CopyFrom(HeaderMutation(set_headers=headers))
     return ProcessingResponse(request_body=BodyResponse(response=common))
 
 
-def refuse(r: Refusal) -> ProcessingResponse:
+# gRPC status codes by the HTTP status a refusal would have.
+_GRPC_CODES = {400: 3, 404: 5, 405: 12, 413: 8, 429: 8, 503: 14}  # INVALID_ARGUMENT, NOT_FOUND, ...
+_UNIMPLEMENTED = 12
+
+
+def _grpc(r: Refusal) -> ImmediateResponse:
+    code = _UNIMPLEMENTED if r.code == "unknown_url" else _GRPC_CODES.get(r.status, 2)  # 2: UNKNOWN
+    headers = [_set("content-type", "application/grpc")]
+    if r.retry_after is not None:
+        # gRPC's own retry hint (gRFC A6); clients that ignore it still get RESOURCE_EXHAUSTED.
+        headers.append(_set("grpc-retry-pushback-ms", str(r.retry_after * 1000)))
+    return ImmediateResponse(status=HttpStatus(code=200), grpc_status=GrpcStatus(status=code),
+                             headers=HeaderMutation(set_headers=headers), body=r.message.encode(),
+                             details=f"kvgate_{r.code}")
+
+
+def _http(r: Refusal, body: bytes) -> ImmediateResponse:
     headers = [_JSON]
     if r.retry_after is not None:
         headers.append(_set("retry-after", str(r.retry_after)))
-    return ProcessingResponse(immediate_response=ImmediateResponse(
-        status=HttpStatus(code=r.status),
-        headers=HeaderMutation(set_headers=headers),
-        body=error_body(r.message, type_=r.type_, code=r.code, param=r.param),
-        details=f"kvgate_{r.code}",
-    ))
+    return ImmediateResponse(status=HttpStatus(code=r.status), headers=HeaderMutation(set_headers=headers),
+                             body=body, details=f"kvgate_{r.code}")
+
+
+def refuse(r: Refusal, convention: Convention) -> ProcessingResponse:
+    """The refusal in the client's own convention."""
+    if convention is Convention.GRPC:
+        immediate = _grpc(r)
+    elif convention is Convention.TRITON_HTTP:
+        immediate = _http(r, orjson.dumps({"error": r.message}))
+    else:
+        immediate = _http(r, error_body(r.message, type_=r.type_, code=r.code, param=r.param))
+    return ProcessingResponse(immediate_response=immediate)

@@ -16,10 +16,12 @@ import structlog
 
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse
-from ext_proc import admission, responses
+from ext_proc import admission, apis, responses
+from ext_proc.apis import Call, Convention
 from ext_proc.ledger import Ledgers, Reservation
 from ext_proc.metrics import Decisions
-from ext_proc.openai_protocol import PATHS, ProtocolError, parse_request, with_max_tokens
+from ext_proc.request import ProtocolError
+from ext_proc.triton_http import BINARY_HEADER
 from ext_proc.policy import Policy
 
 
@@ -40,18 +42,26 @@ class PolicyTable:
 
 @dataclass
 class _Request:
+    headers: dict[str, str] = field(default_factory=dict)
     path: str = ""
-    request_id: str = ""
+    convention: Convention = Convention.OPENAI
+    call: Call | None = None
     reservation: Reservation | None = None
 
 
-_WANTED = frozenset({":path", ":method", "x-request-id"})
+# The request headers admission reads; Envoy 1.40 sends values as raw_value.
+_WANTED = frozenset({":path", ":method", "content-type", "x-request-id", BINARY_HEADER})
 
 
 def _headers(headers: HttpHeaders) -> dict[str, str]:
-    """The few request headers admission reads, in one pass (Envoy 1.40 sends values as raw_value)."""
     return {h.key: h.raw_value.decode() if h.raw_value else h.value
             for h in headers.headers.headers if h.key in _WANTED}
+
+
+def _not_found(model: str, policy: Policy | None) -> str:
+    if policy is None:
+        return f"The model {model!r} does not exist."
+    return f"The model {model!r} is served over the {policy.protocol} protocol; use that API for it."
 
 
 @dataclass
@@ -80,51 +90,57 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
                 if ledger is not None:
                     ledger.release(req.reservation, self.clock())
 
-    def _refuse(self, model: str, r: admission.Refusal) -> ProcessingResponse:
+    def _refuse(self, req: _Request, model: str, r: admission.Refusal) -> ProcessingResponse:
         self.decisions.record(model, r.code)
-        return responses.refuse(r)
+        return responses.refuse(r, req.convention)
 
     def _on_headers(self, headers: HttpHeaders, req: _Request) -> ProcessingResponse:
-        wanted = _headers(headers)
-        req.path = wanted.get(":path", "").partition("?")[0]
-        req.request_id = wanted.get("x-request-id", "")
-        if req.path not in PATHS:
-            return self._refuse("", admission.Refusal(404, "unknown_url", f"Unknown request URL: {req.path}. "
-                                                      "This gateway serves /v1/chat/completions, /v1/completions "
-                                                      "and GET /v1/models."))
-        if wanted.get(":method") != "POST":
-            return self._refuse("", admission.Refusal(405, "method_not_allowed", f"{req.path} takes POST"))
+        req.headers = _headers(headers)
+        req.path = req.headers.get(":path", "").partition("?")[0]
+        req.convention = apis.convention_for(req.path, req.headers.get("content-type", ""))
+        req.call = apis.match(req.path, req.headers.get("content-type", ""))
+        if req.call is None:
+            return self._refuse(req, "", admission.Refusal(404, "unknown_url", f"Unknown request URL: {req.path}. "
+                                                           "The gateway admits the OpenAI API, Triton's generate and "
+                                                           "KServe v2 infer over HTTP, and Triton's gRPC inference."))
+        req.convention = req.call.api.convention
+        if req.headers.get(":method") != "POST":
+            return self._refuse(req, "", admission.Refusal(405, "method_not_allowed", f"{req.path} takes POST"))
         if headers.end_of_stream:
-            return self._refuse("", admission.Refusal(400, "invalid_request", "request body is empty"))
+            return self._refuse(req, "", admission.Refusal(400, "invalid_request", "request body is empty"))
         return responses.CONTINUE_HEADERS
 
     def _on_body(self, body: HttpBody, req: _Request) -> ProcessingResponse:
+        assert req.call is not None  # a refused call ends at its headers
         if not self.table.loaded:
-            return self._refuse("", admission.Refusal(
+            return self._refuse(req, "", admission.Refusal(
                 503, "policies_not_loaded", "The gateway has not received its model policies yet.",
                 type_="service_unavailable", retry_after=1))
         try:
-            llm = parse_request(req.path, body.body)
+            parsed = req.call.api.parse(req.call.model, req.headers, body.body)
         except ProtocolError as e:
-            return self._refuse("", admission.Refusal(400, "invalid_request", str(e), param=e.param))
+            return self._refuse(req, "", admission.Refusal(400, "invalid_request", str(e), param=e.param))
+        llm = parsed.request
         policy = self.table.policies.get(llm.model)
-        if policy is None:
+        if policy is None or policy.protocol != req.call.api.protocol:
             # Unknown names stay out of the metric labels: clients choose them.
-            return self._refuse("", admission.Refusal(
-                404, "model_not_found", f"The model {llm.model!r} does not exist.", param="model"))
+            return self._refuse(req, "", admission.Refusal(404, "model_not_found", _not_found(llm.model, policy),
+                                                           param="model"))
+        if not llm.admit:
+            return responses.admit(policy.name, None, parsed.rewrite(None, policy.backend_model))
         planned = admission.plan(llm, policy)
         if isinstance(planned, admission.Refusal):
-            return self._refuse(llm.model, planned)
+            return self._refuse(req, llm.model, planned)
         ledger = self.table.ledgers.get(policy.name)
         assert ledger is not None  # PolicyTable.replace creates it with the policy
         held = admission.admit(planned, policy.name, ledger, self.clock(), self.reservation_ttl_s)
         if isinstance(held, admission.Refusal):
-            self.log.info("admission.refused", model=llm.model, request_id=req.request_id,
+            self.log.info("admission.refused", model=llm.model, request_id=req.headers.get("x-request-id"),
                           reserved=ledger.reserved, capacity=ledger.capacity, wanted=planned.nbytes)
-            return self._refuse(llm.model, held)
+            return self._refuse(req, llm.model, held)
         req.reservation = held
         self.decisions.record(llm.model, "admitted")
-        return responses.admit(policy.name, planned.max_tokens, with_max_tokens(llm, planned.max_tokens))
+        return responses.admit(policy.name, planned.max_tokens, parsed.rewrite(planned.max_tokens, policy.backend_model))
 
     def expire(self) -> int:
         """Run the TTL backstop; returns how many reservations it had to release."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from ext_proc.openai_protocol import LLMRequest
+from ext_proc.request import LLMRequest
 from ext_proc.policy import Policy
 
 

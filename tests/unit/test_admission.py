@@ -12,7 +12,8 @@ from engines.kv_math import reservation_bytes
 from ext_proc import tokens
 from ext_proc.admission import Plan, Refusal, admit, plan
 from ext_proc.ledger import Ledger, Reservation
-from ext_proc.openai_protocol import CHAT_PATH, COMPLETIONS_PATH, LLMRequest, parse_request
+from ext_proc.openai_protocol import CHAT_PATH, COMPLETIONS_PATH, parse_request
+from ext_proc.request import LLMRequest
 from ext_proc.policy import Policy
 from kvgate.v1 import policy_pb2
 
@@ -30,12 +31,12 @@ def policy(**overrides: Any) -> Policy:
 
 
 def completion(prompt: Any, **fields: Any) -> LLMRequest:
-    return parse_request(COMPLETIONS_PATH, orjson.dumps({"model": "m", "prompt": prompt, **fields}))
+    return parse_request(COMPLETIONS_PATH, orjson.dumps({"model": "m", "prompt": prompt, **fields})).request
 
 
 def chat(content: str, **fields: Any) -> LLMRequest:
     return parse_request(CHAT_PATH, orjson.dumps({"model": "m", "messages": [{"role": "u", "content": content}],
-                                                  **fields}))
+                                                  **fields})).request
 
 
 def ids(n: int) -> list[int]:

@@ -7,15 +7,8 @@ from typing import Any
 import orjson
 import pytest
 
-from ext_proc.openai_protocol import (
-    CHAT_PATH,
-    COMPLETIONS_PATH,
-    LLMRequest,
-    ProtocolError,
-    error_body,
-    parse_request,
-    with_max_tokens,
-)
+from ext_proc.openai_protocol import CHAT_PATH, COMPLETIONS_PATH, OpenAIRequest, error_body, parse_request
+from ext_proc.request import ProtocolError
 
 USER = {"role": "user", "content": "hello"}
 
@@ -24,11 +17,11 @@ def body(**fields: Any) -> bytes:
     return orjson.dumps(fields)
 
 
-def chat(*messages: dict[str, Any], **fields: Any) -> LLMRequest:
+def chat(*messages: dict[str, Any], **fields: Any) -> OpenAIRequest:
     return parse_request(CHAT_PATH, body(model="m", messages=list(messages) or [USER], **fields))
 
 
-def completion(prompt: Any = "hello", **fields: Any) -> LLMRequest:
+def completion(prompt: Any = "hello", **fields: Any) -> OpenAIRequest:
     return parse_request(COMPLETIONS_PATH, body(model="m", prompt=prompt, **fields))
 
 
@@ -46,7 +39,12 @@ def completion_error(**fields: Any) -> ProtocolError:
     return parse_error(COMPLETIONS_PATH, body(**{"model": "m", "prompt": "hi", **fields}))
 
 
-def rewritten(req: LLMRequest, max_tokens: int) -> dict[str, Any]:
+def with_max_tokens(req: OpenAIRequest, max_tokens: int) -> bytes | None:
+    out = req.rewrite(max_tokens, req.request.model)
+    return None if out is None else out.body
+
+
+def rewritten(req: OpenAIRequest, max_tokens: int) -> dict[str, Any]:
     out = with_max_tokens(req, max_tokens)
     assert out is not None
     return orjson.loads(out)
@@ -56,32 +54,32 @@ def rewritten(req: LLMRequest, max_tokens: int) -> dict[str, Any]:
 
 def test_chat_parses_model_messages_and_param() -> None:
     req = chat(USER, {"role": "assistant", "content": "hi"})
-    assert req.model == "m"
-    assert req.messages == 2
-    assert req.prompt_param == "messages"
-    assert req.exact_prompt_tokens == ()
-    assert req.sequences_per_prompt == 1
-    assert req.requested_max_tokens is None
+    assert req.request.model == "m"
+    assert req.request.messages == 2
+    assert req.request.prompt_param == "messages"
+    assert req.request.exact_prompt_tokens == ()
+    assert req.request.sequences_per_prompt == 1
+    assert req.request.requested_max_tokens is None
 
 
 def test_chat_text_bytes_count_utf8() -> None:
     ascii_req = chat({"role": "user", "content": "ab"})
     chinese = chat({"role": "user", "content": "你好"})
     # Two CJK characters are 6 UTF-8 bytes, two ASCII ones 2.
-    assert chinese.prompt_bytes[0] - ascii_req.prompt_bytes[0] == 4
-    assert len(chinese.prompt_bytes) == 1
+    assert chinese.request.prompt_bytes[0] - ascii_req.request.prompt_bytes[0] == 4
+    assert len(chinese.request.prompt_bytes) == 1
 
 
 def test_chat_text_bytes_grow_with_content() -> None:
     short = chat({"role": "user", "content": "x"})
     long = chat({"role": "user", "content": "x" * 1001})
-    assert long.prompt_bytes[0] - short.prompt_bytes[0] == 1000
+    assert long.request.prompt_bytes[0] - short.request.prompt_bytes[0] == 1000
 
 
 def test_chat_counts_content_parts() -> None:
     plain = chat({"role": "user", "content": ""})
     parts = chat({"role": "user", "content": [{"type": "text", "text": "é" * 10}]})
-    assert parts.prompt_bytes[0] - plain.prompt_bytes[0] >= 20
+    assert parts.request.prompt_bytes[0] - plain.request.prompt_bytes[0] >= 20
 
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -91,7 +89,7 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "description": "
 def test_chat_counts_tools() -> None:
     without = chat()
     with_tools = chat(tools=[TOOL])
-    assert with_tools.prompt_bytes[0] - without.prompt_bytes[0] >= len("get_weather") + len("Weather in a city")
+    assert with_tools.request.prompt_bytes[0] - without.request.prompt_bytes[0] >= len("get_weather") + len("Weather in a city")
 
 
 def tool_with_property(prop: str) -> dict[str, Any]:
@@ -105,7 +103,7 @@ def test_chat_counts_tool_schema_property_names() -> None:
     short = chat(tools=[tool_with_property("p")])
     long = chat(tools=[tool_with_property(long_name)])
     # The name appears twice in the rendered schema: as a key of "properties" and in "required".
-    assert long.prompt_bytes[0] - short.prompt_bytes[0] >= 2 * (len(long_name) - 1)
+    assert long.request.prompt_bytes[0] - short.request.prompt_bytes[0] >= 2 * (len(long_name) - 1)
 
 
 @pytest.mark.parametrize(("fields", "expected"), [
@@ -116,46 +114,46 @@ def test_chat_counts_tool_schema_property_names() -> None:
     ({"max_tokens": None, "max_completion_tokens": 70}, 70),
 ])
 def test_chat_requested_max_tokens_is_the_min(fields: dict[str, Any], expected: int) -> None:
-    assert chat(**fields).requested_max_tokens == expected
+    assert chat(**fields).request.requested_max_tokens == expected
 
 
 def test_chat_n() -> None:
-    assert chat(n=3).sequences_per_prompt == 3
+    assert chat(n=3).request.sequences_per_prompt == 3
 
 
 # --- completions -----------------------------------------------------------------------------
 
 def test_completion_string_prompt() -> None:
     req = completion("héllo")
-    assert req.prompt_bytes == (6,)
-    assert req.exact_prompt_tokens == ()
-    assert req.prompt_param == "prompt"
-    assert req.messages == 0
+    assert req.request.prompt_bytes == (6,)
+    assert req.request.exact_prompt_tokens == ()
+    assert req.request.prompt_param == "prompt"
+    assert req.request.messages == 0
 
 
 def test_completion_list_of_prompts() -> None:
-    assert completion(["a", "你", "abc"]).prompt_bytes == (1, 3, 3)
+    assert completion(["a", "你", "abc"]).request.prompt_bytes == (1, 3, 3)
 
 
 def test_completion_token_ids() -> None:
     req = completion([1, 2, 3, 4])
-    assert req.exact_prompt_tokens == (4,)
-    assert req.prompt_bytes == ()
+    assert req.request.exact_prompt_tokens == (4,)
+    assert req.request.prompt_bytes == ()
 
 
 def test_completion_list_of_token_id_lists() -> None:
-    assert completion([[1, 2], [3, 4, 5], [6]]).exact_prompt_tokens == (2, 3, 1)
+    assert completion([[1, 2], [3, 4, 5], [6]]).request.exact_prompt_tokens == (2, 3, 1)
 
 
 def test_completion_max_tokens_and_n() -> None:
     req = completion(max_tokens=30, n=2)
-    assert req.requested_max_tokens == 30
-    assert req.sequences_per_prompt == 2
+    assert req.request.requested_max_tokens == 30
+    assert req.request.sequences_per_prompt == 2
 
 
 def test_completion_ignores_max_completion_tokens() -> None:
     req = completion(max_completion_tokens=5)
-    assert req.requested_max_tokens is None
+    assert req.request.requested_max_tokens is None
     assert req.limit_keys == ("max_tokens",)
 
 

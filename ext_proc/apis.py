@@ -1,0 +1,72 @@
+"""Which API a request speaks, from its method, path and content-type: the parser for its body and the
+convention its errors must follow. Pure; the table is the whole list of what the gateway admits.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from ext_proc import openai_protocol, triton_grpc, triton_http
+from ext_proc.request import Parsed
+
+Parser = Callable[[str | None, Mapping[str, str], bytes], Parsed]
+
+
+class Convention(enum.Enum):
+    """How the client expects to hear an error."""
+
+    OPENAI = "openai"  # {"error": {"message", "type", "param", "code"}}
+    TRITON_HTTP = "triton_http"  # {"error": "message"}
+    GRPC = "grpc"  # grpc-status and grpc-message
+
+
+@dataclass(frozen=True)
+class Api:
+    name: str
+    protocol: str  # the catalog protocol of the models it reaches
+    convention: Convention
+    parse: Parser
+
+
+@dataclass(frozen=True)
+class Call:
+    api: Api
+    model: str | None  # named by the path (Triton HTTP); else the body names it
+
+
+def _openai(path: str) -> Parser:
+    return lambda model, headers, raw: openai_protocol.parse_request(path, raw)
+
+
+_OPENAI = {p: Api(f"openai {p}", "openai", Convention.OPENAI, _openai(p)) for p in openai_protocol.PATHS}
+_TRITON_HTTP = {
+    "generate": Api("triton generate", "triton", Convention.TRITON_HTTP, triton_http.parse_generate),
+    "generate_stream": Api("triton generate_stream", "triton", Convention.TRITON_HTTP, triton_http.parse_generate),
+    "infer": Api("kserve infer", "triton", Convention.TRITON_HTTP, triton_http.parse_infer),
+}
+_TRITON_GRPC = {
+    "ModelInfer": Api("grpc ModelInfer", "triton", Convention.GRPC, triton_grpc.parse_infer),
+    **{m: Api(f"grpc {m}", "triton", Convention.GRPC, triton_grpc.lookup_parser(m))
+       for m in triton_grpc.LOOKUP_METHODS},
+}
+_TRITON_PATH = re.compile(r"^/v2/models/(?P<model>.+?)(?:/versions/[^/]+)?/(?P<op>generate|generate_stream|infer)$")
+
+
+def convention_for(path: str, content_type: str) -> Convention:
+    if content_type.startswith("application/grpc"):
+        return Convention.GRPC
+    return Convention.TRITON_HTTP if path.startswith("/v2") else Convention.OPENAI
+
+
+def match(path: str, content_type: str) -> Call | None:
+    """The API of a POST to `path`; None when the gateway admits nothing there."""
+    if path in _OPENAI:
+        return Call(_OPENAI[path], None)
+    if path.startswith(triton_grpc.SERVICE):
+        api = _TRITON_GRPC.get(path[len(triton_grpc.SERVICE):])
+        return Call(api, None) if api else None
+    m = _TRITON_PATH.match(path)
+    return Call(_TRITON_HTTP[m["op"]], m["model"]) if m else None

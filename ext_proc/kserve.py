@@ -1,0 +1,79 @@
+"""KServe v2 tensors as Triton's TensorRT-LLM ensemble takes them: `text_input` (BYTES) and
+`max_tokens` (INT32). Shared by the HTTP (JSON, binary extension) and gRPC parsers; pure functions.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+from ext_proc.request import ProtocolError, is_int
+
+TEXT_INPUT = "text_input"
+MAX_TOKENS = "max_tokens"
+# TensorRT-LLM's ensemble declares max_tokens INT32; INT64 is accepted and kept as sent.
+INT_FORMATS = {"INT32": "<i", "INT64": "<q"}
+
+
+def elements(shape: Sequence[Any], name: str) -> int:
+    if not isinstance(shape, (list, tuple)) or not all(is_int(d) and d >= 0 for d in shape):
+        raise ProtocolError(f"input '{name}' has an invalid shape {shape!r}", name)
+    return math.prod(shape)
+
+
+def decode_raw_bytes(raw: bytes, name: str) -> list[bytes]:
+    """BYTES elements in raw form: each is a 4-byte little-endian length, then the bytes."""
+    out, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise ProtocolError(f"input '{name}': truncated BYTES element", name)
+        (n,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + n > len(raw):
+            raise ProtocolError(f"input '{name}': truncated BYTES element", name)
+        out.append(raw[pos:pos + n])
+        pos += n
+    return out
+
+
+def int_format(datatype: str) -> str:
+    try:
+        return INT_FORMATS[datatype]
+    except KeyError:
+        raise ProtocolError(f"input '{MAX_TOKENS}' must be INT32, got {datatype}", MAX_TOKENS) from None
+
+
+def decode_raw_ints(raw: bytes, datatype: str) -> list[int]:
+    fmt = int_format(datatype)
+    size = struct.calcsize(fmt)
+    if len(raw) % size:
+        raise ProtocolError(f"input '{MAX_TOKENS}': {len(raw)} bytes is not a whole number of {datatype}",
+                            MAX_TOKENS)
+    return [v for (v,) in struct.iter_unpack(fmt, raw)]
+
+
+def encode_raw_ints(values: Sequence[int], datatype: str) -> bytes:
+    fmt = int_format(datatype)
+    return b"".join(struct.pack(fmt, v) for v in values)
+
+
+def check_max_tokens(values: Sequence[Any], count: int) -> list[int]:
+    """max_tokens elements: as many as the shape says, each an integer of at least 1."""
+    if len(values) != count:
+        raise ProtocolError(f"input '{MAX_TOKENS}' has {len(values)} elements, its shape says {count}", MAX_TOKENS)
+    if not values:
+        raise ProtocolError(f"input '{MAX_TOKENS}' is empty", MAX_TOKENS)
+    for v in values:
+        if not is_int(v) or v < 1:
+            raise ProtocolError(f"input '{MAX_TOKENS}' must hold integers of at least 1, got {v!r}", MAX_TOKENS)
+    return list(values)
+
+
+def clamped(values: Sequence[int], max_tokens: int) -> list[int]:
+    return [min(v, max_tokens) for v in values]
+
+
+def missing_text_input() -> ProtocolError:
+    return ProtocolError(f"input '{TEXT_INPUT}' (BYTES) is required", TEXT_INPUT)

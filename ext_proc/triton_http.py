@@ -1,0 +1,158 @@
+"""Triton's HTTP APIs as admission sees them: the generate extension (JSON) and KServe v2 `infer`
+(JSON tensors, or the binary-tensor extension). The model is named in the URL path, which Envoy's
+route rewrites to the engine's name; only the body's output limit is ours to rewrite. Pure functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from ext_proc import kserve
+from ext_proc.kserve import MAX_TOKENS, TEXT_INPUT
+from ext_proc.request import LLMRequest, ProtocolError, Rewrite, json_object, positive_int
+
+BINARY_HEADER = "inference-header-content-length"
+
+
+# --- generate / generate_stream ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    request: LLMRequest
+    body: dict[str, Any]
+
+    def rewrite(self, max_tokens: int | None, engine_model: str) -> Rewrite | None:
+        if max_tokens is None or self.body.get(MAX_TOKENS) == max_tokens:
+            return None
+        return Rewrite(orjson.dumps({**self.body, MAX_TOKENS: max_tokens}))
+
+
+def parse_generate(model: str | None, headers: Mapping[str, str], raw: bytes) -> GenerateRequest:
+    body = json_object(raw)
+    text = body.get(TEXT_INPUT)
+    if not isinstance(text, str):
+        raise kserve.missing_text_input() if text is None else ProtocolError(
+            f"'{TEXT_INPUT}' must be a string", TEXT_INPUT)
+    request = LLMRequest(model=model or "", prompt_bytes=(len(text.encode()),), prompt_param=TEXT_INPUT,
+                         requested_max_tokens=positive_int(body.get(MAX_TOKENS), MAX_TOKENS))
+    return GenerateRequest(request, body)
+
+
+# --- infer: KServe v2 JSON tensors, optionally with binary data after the JSON header ---------
+
+@dataclass(frozen=True)
+class _Tensor:
+    index: int  # position in the JSON header's inputs
+    spec: dict[str, Any]
+    binary: bytes | None  # raw data when sent in the binary extension
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    request: LLMRequest
+    json_header: bytes  # as received: kept byte for byte when only binary data changes
+    header: dict[str, Any]
+    tensors: dict[str, _Tensor]
+    binary: bool  # the body used the binary extension
+
+    def rewrite(self, max_tokens: int | None, engine_model: str) -> Rewrite | None:
+        if max_tokens is None:
+            return None
+        header, replaced = self.header, {}
+        limit = self.tensors.get(MAX_TOKENS)
+        if limit is None:
+            batch = len(self.request.prompt_bytes)
+            header = {**header, "inputs": [*header["inputs"], {
+                "name": MAX_TOKENS, "datatype": "INT32", "shape": [batch, 1], "data": [max_tokens] * batch}]}
+        elif limit.binary is not None:
+            values = kserve.decode_raw_ints(limit.binary, limit.spec["datatype"])
+            if max(values) <= max_tokens:
+                return None
+            # Same dtype and count: the binary section keeps its length.
+            replaced[MAX_TOKENS] = kserve.encode_raw_ints(kserve.clamped(values, max_tokens), limit.spec["datatype"])
+        else:
+            values = _flat(limit.spec["data"])
+            if max(values) <= max_tokens:
+                return None
+            inputs = list(header["inputs"])
+            inputs[limit.index] = {**limit.spec, "data": kserve.clamped(values, max_tokens)}
+            header = {**header, "inputs": inputs}
+        json_header = self.json_header if header is self.header else orjson.dumps(header)
+        binary = [replaced.get(name, t.binary or b"") for name, t in
+                  sorted(self.tensors.items(), key=lambda kv: kv[1].index) if t.binary is not None]
+        extra = ((BINARY_HEADER, str(len(json_header))),) if self.binary and header is not self.header else ()
+        return Rewrite(json_header + b"".join(binary), extra)
+
+
+def _flat(data: Any) -> list[Any]:
+    if isinstance(data, list):
+        return [x for item in data for x in _flat(item)]
+    return [data]
+
+
+def _split_binary(headers: Mapping[str, str], raw: bytes) -> tuple[bytes, bytes | None]:
+    declared = headers.get(BINARY_HEADER)
+    if declared is None:
+        return raw, None
+    if not declared.isdigit() or int(declared) > len(raw):
+        raise ProtocolError(f"{BINARY_HEADER} {declared!r} does not fit a {len(raw)}-byte body")
+    return raw[:int(declared)], raw[int(declared):]
+
+
+def _tensors(inputs: list[Any], binary: bytes | None) -> dict[str, _Tensor]:
+    out, pos = {}, 0
+    for i, spec in enumerate(inputs):
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise ProtocolError(f"inputs[{i}] must be an object with a 'name'", "inputs")
+        size = (spec.get("parameters") or {}).get("binary_data_size")
+        data = None
+        if size is not None:
+            if binary is None or pos + size > len(binary):
+                raise ProtocolError(f"input '{spec['name']}': binary_data_size {size} runs past the body",
+                                    spec["name"])
+            data, pos = binary[pos:pos + size], pos + size
+        out[spec["name"]] = _Tensor(i, spec, data)
+    if binary is not None and pos != len(binary):
+        raise ProtocolError(f"{len(binary) - pos} bytes of binary data belong to no input")
+    return out
+
+
+def _text_elements(t: _Tensor) -> list[bytes]:
+    if t.spec.get("datatype") != "BYTES":
+        raise ProtocolError(f"input '{TEXT_INPUT}' must be BYTES, got {t.spec.get('datatype')}", TEXT_INPUT)
+    if t.binary is not None:
+        items = kserve.decode_raw_bytes(t.binary, TEXT_INPUT)
+    else:
+        items = [v.encode() if isinstance(v, str) else v for v in _flat(t.spec.get("data"))]
+        if not all(isinstance(v, bytes) for v in items):
+            raise ProtocolError(f"input '{TEXT_INPUT}' must hold strings", TEXT_INPUT)
+    if len(items) != kserve.elements(t.spec.get("shape"), TEXT_INPUT) or not items:
+        raise ProtocolError(f"input '{TEXT_INPUT}' has {len(items)} elements, its shape says otherwise", TEXT_INPUT)
+    return items
+
+
+def _limits(t: _Tensor) -> list[int]:
+    dtype = t.spec.get("datatype", "")
+    kserve.int_format(dtype)
+    values = kserve.decode_raw_ints(t.binary, dtype) if t.binary is not None else _flat(t.spec.get("data"))
+    return kserve.check_max_tokens(values, kserve.elements(t.spec.get("shape"), MAX_TOKENS))
+
+
+def parse_infer(model: str | None, headers: Mapping[str, str], raw: bytes) -> InferRequest:
+    json_part, binary = _split_binary(headers, raw)
+    header = json_object(json_part)
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list):
+        raise ProtocolError("'inputs' must be an array of tensors", "inputs")
+    tensors = _tensors(inputs, binary)
+    if TEXT_INPUT not in tensors:
+        raise kserve.missing_text_input()
+    texts = _text_elements(tensors[TEXT_INPUT])
+    limits = _limits(tensors[MAX_TOKENS]) if MAX_TOKENS in tensors else None
+    request = LLMRequest(model=model or "", prompt_bytes=tuple(len(t) for t in texts), prompt_param=TEXT_INPUT,
+                         requested_max_tokens=max(limits) if limits else None)
+    return InferRequest(request, json_part, header, tensors, binary is not None)
