@@ -29,6 +29,8 @@ class Api:
     protocol: str  # the catalog protocol of the models it reaches
     convention: Convention
     parse: Parser
+    # A bidi gRPC stream: each message is its own request, and the first one picks the route.
+    streaming: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ _TRITON_HTTP = {
 }
 _TRITON_GRPC = {
     "ModelInfer": Api("grpc ModelInfer", "triton", Convention.GRPC, triton_grpc.parse_infer),
+    "ModelStreamInfer": Api("grpc ModelStreamInfer", "triton", Convention.GRPC, triton_grpc.parse_stream_message,
+                            streaming=True),
     **{m: Api(f"grpc {m}", "triton", Convention.GRPC, triton_grpc.lookup_parser(m))
        for m in triton_grpc.LOOKUP_METHODS},
 }

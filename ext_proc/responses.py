@@ -48,6 +48,18 @@ def admit(model: str, max_tokens: int | None, rewrite: Rewrite | None) -> Proces
     return ProcessingResponse(request_body=BodyResponse(response=common))
 
 
+def route_headers(model: str) -> ProcessingResponse:
+    """The answer to a stream's headers, sent once its first message named the model."""
+    return ProcessingResponse(request_headers=HeadersResponse(response=CommonResponse(
+        header_mutation=HeaderMutation(set_headers=[_set(MODEL_HEADER, model)]), clear_route_cache=True)))
+
+
+def stream_chunk(data: bytes) -> ProcessingResponse:
+    """What replaces one STREAMED body chunk upstream: the whole messages it completed, maybe none."""
+    mutation = BodyMutation(body=data) if data else BodyMutation(clear_body=True)
+    return ProcessingResponse(request_body=BodyResponse(response=CommonResponse(body_mutation=mutation)))
+
+
 # gRPC status codes by the HTTP status a refusal would have.
 _GRPC_CODES = {400: 3, 404: 5, 405: 12, 413: 8, 429: 8, 503: 14}  # INVALID_ARGUMENT, NOT_FOUND, ...
 _UNIMPLEMENTED = 12

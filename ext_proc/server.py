@@ -16,11 +16,11 @@ import structlog
 
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse
-from ext_proc import admission, apis, responses
+from ext_proc import admission, apis, responses, triton_grpc
 from ext_proc.apis import Call, Convention
 from ext_proc.ledger import Ledgers, Reservation
 from ext_proc.metrics import Decisions
-from ext_proc.request import ProtocolError
+from ext_proc.request import ProtocolError, Rewrite
 from ext_proc.triton_http import BINARY_HEADER
 from ext_proc.policy import Policy
 
@@ -46,7 +46,21 @@ class _Request:
     path: str = ""
     convention: Convention = Convention.OPENAI
     call: Call | None = None
-    reservation: Reservation | None = None
+    # One per admitted request; a gRPC stream carries many, all released when it ends.
+    reservations: list[Reservation] = field(default_factory=list)
+    # A gRPC stream: the model its first message routed it to, the bytes of a frame still
+    # arriving, and the chunks Envoy sent before that first message completed.
+    stream_model: str | None = None
+    stream_routed: bool = False
+    stream_rest: bytes = b""
+    unanswered_chunks: int = 0
+
+
+@dataclass(frozen=True)
+class _Admitted:
+    model: str
+    max_tokens: int | None  # None: a lookup, nothing to clamp
+    rewrite: Rewrite | None
 
 
 # The request headers admission reads; Envoy 1.40 sends values as raw_value.
@@ -81,20 +95,25 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
             async for msg in request_iterator:
                 kind = msg.WhichOneof("request")
                 if kind == "request_headers":
-                    yield self._on_headers(msg.request_headers, req)
+                    replies = self._on_headers(msg.request_headers, req)
                 elif kind == "request_body":
-                    yield self._on_body(msg.request_body, req)
+                    replies = self._on_body(msg.request_body, req)
+                else:
+                    continue
+                for reply in replies:
+                    yield reply
         finally:
-            if req.reservation is not None:
-                ledger = self.table.ledgers.get(req.reservation.key)
+            now = self.clock()
+            for r in req.reservations:
+                ledger = self.table.ledgers.get(r.key)
                 if ledger is not None:
-                    ledger.release(req.reservation, self.clock())
+                    ledger.release(r, now)
 
-    def _refuse(self, req: _Request, model: str, r: admission.Refusal) -> ProcessingResponse:
+    def _refuse(self, req: _Request, model: str, r: admission.Refusal) -> list[ProcessingResponse]:
         self.decisions.record(model, r.code)
-        return responses.refuse(r, req.convention)
+        return [responses.refuse(r, req.convention)]
 
-    def _on_headers(self, headers: HttpHeaders, req: _Request) -> ProcessingResponse:
+    def _on_headers(self, headers: HttpHeaders, req: _Request) -> list[ProcessingResponse]:
         req.headers = _headers(headers)
         req.path = req.headers.get(":path", "").partition("?")[0]
         req.convention = apis.convention_for(req.path, req.headers.get("content-type", ""))
@@ -108,16 +127,58 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
             return self._refuse(req, "", admission.Refusal(405, "method_not_allowed", f"{req.path} takes POST"))
         if headers.end_of_stream:
             return self._refuse(req, "", admission.Refusal(400, "invalid_request", "request body is empty"))
-        return responses.CONTINUE_HEADERS
+        # A stream's route depends on its first message: the headers are answered once it arrives.
+        return [] if req.call.api.streaming else [responses.CONTINUE_HEADERS]
 
-    def _on_body(self, body: HttpBody, req: _Request) -> ProcessingResponse:
+    def _on_body(self, body: HttpBody, req: _Request) -> list[ProcessingResponse]:
         assert req.call is not None  # a refused call ends at its headers
+        if req.call.api.streaming:
+            return self._on_stream_message(body, req)
+        decided = self._decide(req, body.body)
+        if isinstance(decided, list):
+            return decided
+        return [responses.admit(decided.model, decided.max_tokens, decided.rewrite)]
+
+    def _on_stream_message(self, body: HttpBody, req: _Request) -> list[ProcessingResponse]:
+        """A chunk of a bidi gRPC stream (STREAMED body): frames may span chunks, and until the first
+        message has named the model, neither the headers nor any chunk can be answered."""
+        try:
+            messages, req.stream_rest = triton_grpc.split_frames(req.stream_rest + body.body)
+            if body.end_of_stream and req.stream_rest:
+                raise ProtocolError("the stream ended inside a gRPC frame")
+        except ProtocolError as e:
+            return self._refuse(req, "", admission.Refusal(400, "invalid_request", str(e)))
+        out = []
+        for message in messages:
+            decided = self._decide(req, message)
+            if isinstance(decided, list):
+                return decided  # a refusal ends the whole stream: gRPC has no per-message status
+            if req.stream_model is not None and decided.model != req.stream_model:
+                return self._refuse(req, decided.model, admission.Refusal(
+                    400, "invalid_request", f"this stream serves model {req.stream_model!r}, not "
+                    f"{decided.model!r}", param="model_name"))
+            req.stream_model = decided.model
+            out.append(decided.rewrite.body if decided.rewrite else triton_grpc.frame(message))
+        req.unanswered_chunks += 1
+        if req.stream_model is None:
+            return []
+        replies = [responses.stream_chunk(b"") for _ in range(req.unanswered_chunks - 1)]
+        replies.append(responses.stream_chunk(b"".join(out)))
+        if not req.stream_routed:
+            req.stream_routed = True
+            replies.insert(0, responses.route_headers(req.stream_model))
+        req.unanswered_chunks = 0
+        return replies
+
+    def _decide(self, req: _Request, raw: bytes) -> _Admitted | list[ProcessingResponse]:
+        """Parse, find the policy, plan and reserve: what to send upstream, or the refusal."""
+        assert req.call is not None
         if not self.table.loaded:
             return self._refuse(req, "", admission.Refusal(
                 503, "policies_not_loaded", "The gateway has not received its model policies yet.",
                 type_="service_unavailable", retry_after=1))
         try:
-            parsed = req.call.api.parse(req.call.model, req.headers, body.body)
+            parsed = req.call.api.parse(req.call.model, req.headers, raw)
         except ProtocolError as e:
             return self._refuse(req, "", admission.Refusal(400, "invalid_request", str(e), param=e.param))
         llm = parsed.request
@@ -127,7 +188,7 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
             return self._refuse(req, "", admission.Refusal(404, "model_not_found", _not_found(llm.model, policy),
                                                            param="model"))
         if not llm.admit:
-            return responses.admit(policy.name, None, parsed.rewrite(None, policy.backend_model))
+            return _Admitted(policy.name, None, parsed.rewrite(None, policy.backend_model))
         planned = admission.plan(llm, policy)
         if isinstance(planned, admission.Refusal):
             return self._refuse(req, llm.model, planned)
@@ -138,9 +199,9 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
             self.log.info("admission.refused", model=llm.model, request_id=req.headers.get("x-request-id"),
                           reserved=ledger.reserved, capacity=ledger.capacity, wanted=planned.nbytes)
             return self._refuse(req, llm.model, held)
-        req.reservation = held
+        req.reservations.append(held)
         self.decisions.record(llm.model, "admitted")
-        return responses.admit(policy.name, planned.max_tokens, parsed.rewrite(planned.max_tokens, policy.backend_model))
+        return _Admitted(policy.name, planned.max_tokens, parsed.rewrite(planned.max_tokens, policy.backend_model))
 
     def expire(self) -> int:
         """Run the TTL backstop; returns how many reservations it had to release."""

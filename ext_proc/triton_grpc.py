@@ -26,20 +26,29 @@ class CompressedMessage(ProtocolError):
     """A compressed gRPC message: we would have to decompress and recompress it to read max_tokens."""
 
 
-def deframe(body: bytes) -> list[bytes]:
+def split_frames(data: bytes) -> tuple[list[bytes], bytes]:
+    """The complete messages at the front of `data`, and the bytes of a frame still arriving."""
     messages, pos = [], 0
-    while pos < len(body):
-        if pos + _FRAME.size > len(body):
-            raise ProtocolError("truncated gRPC frame header")
-        compressed, length = _FRAME.unpack_from(body, pos)
-        pos += _FRAME.size
+    while len(data) - pos >= _FRAME.size:
+        compressed, length = _FRAME.unpack_from(data, pos)
         if compressed:
             raise CompressedMessage("compressed gRPC messages are not supported by the gateway; "
                                     "send them uncompressed")
-        if pos + length > len(body):
-            raise ProtocolError(f"truncated gRPC message: frame says {length} bytes, {len(body) - pos} arrived")
-        messages.append(body[pos:pos + length])
-        pos += length
+        if len(data) - pos - _FRAME.size < length:
+            break
+        messages.append(data[pos + _FRAME.size:pos + _FRAME.size + length])
+        pos += _FRAME.size + length
+    return messages, data[pos:]
+
+
+def deframe(body: bytes) -> list[bytes]:
+    """A whole body's messages; a frame cut short is the client's error."""
+    messages, rest = split_frames(body)
+    if len(rest) >= _FRAME.size:
+        (length,) = struct.unpack_from(">I", rest, 1)
+        raise ProtocolError(f"truncated gRPC message: frame says {length} bytes, {len(rest) - _FRAME.size} arrived")
+    if rest:
+        raise ProtocolError("truncated gRPC frame header")
     return messages
 
 
@@ -70,7 +79,9 @@ class InferRequest:
         msg.model_name = engine_model
         if max_tokens is not None:
             _set_max_tokens(msg, max_tokens, batch=len(self.request.prompt_bytes))
-        return None if msg == self.message else Rewrite(frame(msg.SerializeToString()))
+        if msg == self.message:
+            return None
+        return Rewrite(frame(msg.SerializeToString()))
 
 
 def _uses_raw(msg: service_pb2.ModelInferRequest) -> bool:
@@ -111,12 +122,25 @@ def _tensor_values(msg: service_pb2.ModelInferRequest, i: int) -> tuple[list[byt
 
 
 def parse_infer(model: str | None, headers: Mapping[str, str], body: bytes) -> InferRequest:
-    msg = _one_message(body, service_pb2.ModelInferRequest)
+    return _infer(_one_message(body, service_pb2.ModelInferRequest))
+
+
+def parse_stream_message(model: str | None, headers: Mapping[str, str], message: bytes) -> InferRequest:
+    """One message of a ModelStreamInfer stream, already cut out of its frame by the caller."""
+    try:
+        return _infer(service_pb2.ModelInferRequest.FromString(message))
+    except DecodeError as e:
+        raise ProtocolError(f"malformed ModelInferRequest: {e}") from None
+
+
+def _infer(msg: service_pb2.ModelInferRequest) -> InferRequest:
     if not msg.model_name:
         raise ProtocolError("model_name is required", "model_name")
     if _uses_raw(msg) and len(msg.raw_input_contents) != len(msg.inputs):
         raise ProtocolError(f"{len(msg.raw_input_contents)} raw_input_contents for {len(msg.inputs)} inputs")
     names = [t.name for t in msg.inputs]
+    if len(set(names)) != len(names):
+        raise ProtocolError("an input appears twice", "inputs")
     if TEXT_INPUT not in names:
         raise kserve.missing_text_input()
     texts, count = _tensor_values(msg, names.index(TEXT_INPUT))

@@ -13,7 +13,7 @@ import orjson
 
 from ext_proc import kserve
 from ext_proc.kserve import MAX_TOKENS, TEXT_INPUT
-from ext_proc.request import LLMRequest, ProtocolError, Rewrite, json_object, positive_int
+from ext_proc.request import LLMRequest, ProtocolError, Rewrite, is_int, json_object, positive_int
 
 BINARY_HEADER = "inference-header-content-length"
 
@@ -98,7 +98,7 @@ def _split_binary(headers: Mapping[str, str], raw: bytes) -> tuple[bytes, bytes 
     declared = headers.get(BINARY_HEADER)
     if declared is None:
         return raw, None
-    if not declared.isdigit() or int(declared) > len(raw):
+    if not (declared.isascii() and declared.isdigit()) or int(declared) > len(raw):
         raise ProtocolError(f"{BINARY_HEADER} {declared!r} does not fit a {len(raw)}-byte body")
     return raw[:int(declared)], raw[int(declared):]
 
@@ -108,14 +108,20 @@ def _tensors(inputs: list[Any], binary: bytes | None) -> dict[str, _Tensor]:
     for i, spec in enumerate(inputs):
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise ProtocolError(f"inputs[{i}] must be an object with a 'name'", "inputs")
-        size = (spec.get("parameters") or {}).get("binary_data_size")
+        name, params = spec["name"], spec.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise ProtocolError(f"input '{name}': 'parameters' must be an object", name)
+        if name in out:
+            raise ProtocolError(f"input '{name}' appears twice", name)
+        size = (params or {}).get("binary_data_size")
         data = None
         if size is not None:
+            if not is_int(size) or size < 0:
+                raise ProtocolError(f"input '{name}': binary_data_size must be a non-negative integer", name)
             if binary is None or pos + size > len(binary):
-                raise ProtocolError(f"input '{spec['name']}': binary_data_size {size} runs past the body",
-                                    spec["name"])
+                raise ProtocolError(f"input '{name}': binary_data_size {size} runs past the body", name)
             data, pos = binary[pos:pos + size], pos + size
-        out[spec["name"]] = _Tensor(i, spec, data)
+        out[name] = _Tensor(i, spec, data)
     if binary is not None and pos != len(binary):
         raise ProtocolError(f"{len(binary) - pos} bytes of binary data belong to no input")
     return out

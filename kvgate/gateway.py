@@ -22,11 +22,13 @@ from xds_server.settings import GatewaySettings
 ENVOY_NODE_CLUSTER = "kvgate-envoy"
 
 
-def sim_argv(model: Model, port: int, host: str = "127.0.0.1") -> list[str]:
+def sim_argv(model: Model, addr: Address) -> list[str]:
     """The simulated engine for one `sim` endpoint, sized by the model's KV budget."""
     s = model.sim
     blocks = model.kv.budget_per_endpoint // (model.kv_bytes_per_token * model.block_tokens)
-    return [sys.executable, "-m", "engines.sim", "--host", host, "--port", str(port), "--model", model.name,
+    protocol = ["--protocol", model.protocol] + (["--grpc-port", str(addr.grpc_port)] if addr.grpc_port else [])
+    return [sys.executable, "-m", "engines.sim", *protocol, "--host", addr.host, "--port", str(addr.port),
+            "--model", model.engine_model,
             "--kv-blocks", str(blocks), "--tokens-per-block", str(model.block_tokens),
             "--ttft-base-ms", str(s.ttft_base_ms), "--ttft-per-token-ms", str(s.ttft_per_token_ms),
             "--itl-ms", str(s.itl_ms), "--batch-slowdown", str(s.batch_slowdown),
@@ -43,6 +45,14 @@ def _http(method: str, url: str, body: dict | None = None, timeout_s: float = 2.
         return e.code, e.read()
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return 0, b""
+
+
+def probe(url: str, model: Model | None) -> tuple[str, dict]:
+    """One cheap request (one output token) in the model's own protocol."""
+    assert model is not None
+    if model.protocol == "triton":
+        return f"{url}/v2/models/{model.name}/generate", {"text_input": "kvgate probe", "max_tokens": 1}
+    return f"{url}/v1/completions", {"model": model.name, "prompt": "kvgate probe", "max_tokens": 1}
 
 
 class NotReady(RuntimeError):
@@ -103,9 +113,10 @@ class Gateway:
         py = sys.executable
         for model in self.catalog.models:
             for i, _ in enumerate(e for e in model.endpoints if e == SIM):
-                port = free_port()
-                self.supervisor.start(f"sim-{model.name.replace('/', '_')}-{i}", sim_argv(model, port))
-                self.sims.setdefault(model.name, []).append(Address(host="127.0.0.1", port=port))
+                addr = Address(host="127.0.0.1", port=free_port(),
+                               grpc_port=free_port() if model.protocol == "triton" else None)
+                self.supervisor.start(f"sim-{model.name.replace('/', '_')}-{i}", sim_argv(model, addr))
+                self.sims.setdefault(model.name, []).append(addr)
         self.catalog = self.catalog.with_endpoints(self.sims)
         catalog_path = self.run_dir / "catalog.yaml"
         catalog_path.write_text(self.catalog.to_yaml())
@@ -137,8 +148,7 @@ class Gateway:
                 status, body = _http("GET", f"{self.admin_url}/ready")
                 ok = status == 200 and body.strip() == b"LIVE"
             else:
-                status, _ = _http("POST", f"{self.url}/v1/completions",
-                                  {"model": pending[0], "prompt": "kvgate probe", "max_tokens": 1}, timeout_s=10)
+                status, _ = _http("POST", *probe(self.url, self.catalog.model(pending[0])), timeout_s=10)
                 ok = status == 200
             if ok:
                 pending.pop(0)

@@ -125,6 +125,9 @@ def ext_proc_filter(settings: GatewaySettings) -> dict[str, Any]:
             },
             # Lets ext_proc skip the body of requests it refuses at the headers.
             "allow_mode_override": True,
+            # For gRPC streams (GRPC body mode): the first message must reach ext_proc before it
+            # answers the headers, since that message names the model. No effect on BUFFERED bodies.
+            "send_body_without_waiting_for_header_response": True,
         },
     }
 
@@ -224,6 +227,24 @@ def triton_routes(catalog: Catalog, settings: GatewaySettings) -> list[dict[str,
     return health + [server_rpcs] + model_gets
 
 
+def stream_routes(catalog: Catalog) -> list[dict[str, Any]]:
+    """ModelStreamInfer is a bidi stream: a BUFFERED body never ends. Its first route switches
+    ext_proc to STREAMED body mode; with send_body_without_waiting_for_header_response the first
+    message reaches ext_proc before it answers the headers, so that message can name the model and
+    the route cache clear lands on the model's gRPC route. (Envoy 1.40 accepts GRPC body mode, but
+    holds the body until the headers are answered, so it cannot route by the first message.)"""
+    if not any(m.protocol == "triton" for m in catalog.models):
+        return []
+    grpc_mode = {EXT_PROC_FILTER: {
+        "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+        "overrides": {"processing_mode": {
+            "request_header_mode": "SEND", "request_body_mode": "STREAMED", "response_header_mode": "SKIP",
+            "response_body_mode": "NONE", "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}}}}
+    # Reached only when ext_proc routed nothing, which it never does without refusing.
+    return [{"name": "triton grpc stream", "match": {"path": TRITON_GRPC_SERVICE + "ModelStreamInfer"},
+             **_direct(404, NO_ROUTE_BODY, skip_ext_proc=False), "typed_per_filter_config": grpc_mode}]
+
+
 NO_ROUTE_BODY = orjson.dumps({"error": {
     "message": "no model route for this request", "type": "invalid_request_error",
     "param": None, "code": "not_found"}})
@@ -240,6 +261,7 @@ def route_configuration(catalog: Catalog, settings: GatewaySettings) -> dict[str
             "name": "kvgate",
             "domains": ["*"],
             "routes": [models_route, *triton_routes(catalog, settings),
-                       *(r for m in catalog.models for r in model_routes(m, settings)), fallback],
+                       *(r for m in catalog.models for r in model_routes(m, settings)),
+                       *stream_routes(catalog), fallback],
         }],
     }
