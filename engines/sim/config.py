@@ -6,13 +6,31 @@ import argparse
 from dataclasses import dataclass, field, fields, replace
 
 ON_FULL_CHOICES = ("queue", "fail")
+PROTOCOL_CHOICES = ("openai", "triton")
 
 
 @dataclass(frozen=True)
 class SimConfig:
+    protocol: str = field(
+        default="openai",
+        metadata={
+            "help": "API to serve: trtllm-serve's OpenAI API, or Triton's HTTP and gRPC APIs",
+            "choices": PROTOCOL_CHOICES,
+        },
+    )
     host: str = field(default="127.0.0.1", metadata={"help": "bind address"})
-    port: int = field(default=8000, metadata={"help": "bind port"})
-    model: str = field(default="sim-model", metadata={"help": "served model name"})
+    port: int = field(default=8000, metadata={"help": "bind port (HTTP)"})
+    grpc_port: int | None = field(
+        default=None,
+        metadata={
+            "help": "gRPC bind port, required with --protocol triton (0: any free port)",
+            "type": int,
+        },
+    )
+    model: str = field(
+        default="sim-model",
+        metadata={"help": "served model name (with triton: the model name, e.g. ensemble)"},
+    )
     kv_blocks: int = field(default=2048, metadata={"help": "KV cache capacity in blocks"})
     tokens_per_block: int = field(default=32, metadata={"help": "tokens held by one KV block"})
     ttft_base_ms: float = field(default=20.0, metadata={"help": "fixed time to first token"})
@@ -28,7 +46,10 @@ class SimConfig:
     max_batch: int = field(default=256, metadata={"help": "max concurrently running requests"})
     on_full: str = field(
         default="queue",
-        metadata={"help": "when a request cannot be scheduled: wait FIFO or answer 503"},
+        metadata={
+            "help": "when a request cannot be scheduled: wait FIFO or answer 503",
+            "choices": ON_FULL_CHOICES,
+        },
     )
     seed: int = field(default=0, metadata={"help": "seed of the generated text"})
     record_limit: int = field(
@@ -38,6 +59,14 @@ class SimConfig:
     def __post_init__(self) -> None:
         if self.on_full not in ON_FULL_CHOICES:
             raise ValueError(f"on_full must be one of {ON_FULL_CHOICES}, got {self.on_full!r}")
+        if self.protocol not in PROTOCOL_CHOICES:
+            raise ValueError(
+                f"protocol must be one of {PROTOCOL_CHOICES}, got {self.protocol!r}"
+            )
+        if self.protocol == "triton" and self.grpc_port is None:
+            raise ValueError("--grpc-port is required with --protocol triton")
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            raise ValueError("grpc_port must be in 0..65535")
         for name in ("kv_blocks", "tokens_per_block", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -61,10 +90,10 @@ class SimConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One --flag per SimConfig field, derived from the fields so the two cannot drift apart."""
     for f in fields(SimConfig):
-        extra = {"choices": ON_FULL_CHOICES} if f.name == "on_full" else {}
+        extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
-            type=type(f.default),
+            type=f.metadata.get("type", type(f.default)),
             default=f.default,
             help=f"{f.metadata['help']} (default: %(default)s)",
             **extra,

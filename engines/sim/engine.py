@@ -67,6 +67,7 @@ class SimEngine:
         self.stats = EngineStats()
         self._queue: deque[_Waiter] = deque()
         self._running = 0
+        self._in_context = 0
         self._ids = itertools.count()
 
     @property
@@ -76,6 +77,11 @@ class SimEngine:
     @property
     def waiting(self) -> int:
         return len(self._queue)
+
+    @property
+    def context(self) -> int:
+        """Scheduled requests still in their context (prefill) phase, before their first token."""
+        return self._in_context
 
     async def generate(self, request: GenRequest) -> AsyncIterator[Chunk]:
         """Schedules the request, then yields its text as it is decoded.
@@ -89,7 +95,11 @@ class SimEngine:
         request_id = next(self._ids)
         await self._admit(request_id, request.prompt_tokens + request.max_tokens)
         try:
-            await asyncio.sleep(self.latency.ttft(request.prompt_tokens))
+            self._in_context += 1
+            try:
+                await asyncio.sleep(self.latency.ttft(request.prompt_tokens))
+            finally:
+                self._in_context -= 1
             self.stats.prompt_tokens_total += request.prompt_tokens
             words = generate_words(self.config.seed, request.key)
             scanner = StopScanner(request.stop)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,20 +12,25 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from engines.sim import generation
 from engines.sim.config import SimConfig
 from engines.sim.engine import Chunk, EngineFull, GenRequest, RequestTooLarge, SimEngine
+from engines.sim.http_common import (
+    CONFIG,
+    ENGINE,
+    SseWriter,
+    json_response,
+    read_json_and_record,
+    setup_sim_app,
+)
 from engines.sim.metrics import SimMetrics
+from engines.sim.records import new_records
 from engines.sim.text import count_chat_tokens, count_prompt_tokens
 
 Json = dict[str, Any]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-CONFIG = web.AppKey("config", SimConfig)
-ENGINE = web.AppKey("engine", SimEngine)
 METRICS = web.AppKey("metrics", SimMetrics)
-RECORDS = web.AppKey("records", deque)
-
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
 class ApiError(Exception):
@@ -44,11 +47,7 @@ class ApiError(Exception):
         self.error = {"message": message, "type": type_, "param": param, "code": code}
 
     def response(self) -> web.Response:
-        return _json({"error": self.error}, status=self.status)
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+        return json_response({"error": self.error}, status=self.status)
 
 
 # --- request parsing -------------------------------------------------------------
@@ -235,64 +234,41 @@ def _parse_call(body: Any, dialect: Dialect, served_model: str) -> _Call:
 
 
 async def _complete(request: web.Request, dialect: Dialect) -> web.StreamResponse:
-    raw = await request.read()
-    try:
-        body, valid = orjson.loads(raw), True
-    except orjson.JSONDecodeError:
-        body, valid = raw.decode(errors="replace"), False
-    request.app[RECORDS].append(
-        {
-            "path": request.path,
-            "headers": {k.lower(): v for k, v in request.headers.items()},
-            "body": body,
-        }
-    )
+    body, valid = await read_json_and_record(request)
     if not valid:
         raise ApiError(400, "request body is not valid JSON")
     call = _parse_call(body, dialect, request.app[CONFIG].model)
-    # aclosing frees the KV blocks even when the client goes away mid-stream.
-    async with aclosing(request.app[ENGINE].generate(call.gen)) as chunks:
+    # run() frees the KV blocks even when the client goes away mid-stream.
+    async with generation.run(request.app[ENGINE], call.gen) as chunks:
         if call.stream:
             return await _stream(request, call, chunks)
-        text: list[str] = []
-        last: Chunk | None = None
-        async for last in chunks:
-            text.append(last.text)
-    assert last is not None and last.finish_reason is not None
-    choice = _choice(dialect.choice("".join(text)), last.finish_reason)
-    return _json(call.envelope(dialect.object, [choice], usage=call.usage(last.completion_tokens)))
+        done = await generation.collect(chunks)
+    choice = _choice(dialect.choice(done.text), done.finish_reason)
+    return json_response(
+        call.envelope(dialect.object, [choice], usage=call.usage(done.completion_tokens))
+    )
 
 
 async def _stream(
     request: web.Request, call: _Call, chunks: AsyncIterator[Chunk]
 ) -> web.StreamResponse:
     dialect = call.dialect
-    response = web.StreamResponse(headers=SSE_HEADERS)
-
-    async def send(data: Json | str) -> None:
-        payload = data.encode() if isinstance(data, str) else orjson.dumps(data)
-        await response.write(b"data: " + payload + b"\n\n")
-
+    sse = SseWriter(request)  # headers go out with the first token
     first, last = True, None
     async for last in chunks:
-        if first:
-            # Headers go out with the first token, so an admission error before
-            # it still becomes a proper HTTP status.
-            await response.prepare(request)
         if last.text or first:
             choice = _choice(dialect.delta(last.text, first), None)
-            await send(call.envelope(dialect.chunk_object, [choice]))
+            await sse.send(call.envelope(dialect.chunk_object, [choice]))
         first = False
     assert last is not None and last.finish_reason is not None
     closing = _choice(dialect.delta(None, False), last.finish_reason)
-    await send(call.envelope(dialect.chunk_object, [closing]))
+    await sse.send(call.envelope(dialect.chunk_object, [closing]))
     if call.include_usage:
-        await send(
+        await sse.send(
             call.envelope(dialect.chunk_object, [], usage=call.usage(last.completion_tokens))
         )
-    await send("[DONE]")
-    await response.write_eof()
-    return response
+    await sse.send("[DONE]")
+    return await sse.finish()
 
 
 def _endpoint(dialect: Dialect) -> Handler:
@@ -325,15 +301,15 @@ async def _models(request: web.Request) -> web.Response:
         "created": 0,
         "owned_by": "kvgate-sim",
     }
-    return _json({"object": "list", "data": [model]})
+    return json_response({"object": "list", "data": [model]})
 
 
 async def _version(request: web.Request) -> web.Response:
-    return _json({"version": "kvgate-sim"})
+    return json_response({"version": "kvgate-sim"})
 
 
 async def _iteration_stats(request: web.Request) -> web.Response:
-    return _json(request.app[METRICS].iteration_stats())
+    return json_response(request.app[METRICS].iteration_stats())
 
 
 async def _prometheus(request: web.Request) -> web.Response:
@@ -342,41 +318,13 @@ async def _prometheus(request: web.Request) -> web.Response:
     )
 
 
-# Simulator-only test hooks; trtllm-serve has no such routes.
-
-
-async def _get_records(request: web.Request) -> web.Response:
-    return _json(list(request.app[RECORDS]))
-
-
-async def _clear_records(request: web.Request) -> web.Response:
-    request.app[RECORDS].clear()
-    return web.Response(status=204)
-
-
-async def _state(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    return _json(
-        {
-            "kv_blocks_total": engine.kv.total_blocks,
-            "kv_blocks_used": engine.kv.used_blocks,
-            "running": engine.running,
-            "waiting": engine.waiting,
-            "kv_exhaustion_events": engine.stats.kv_exhaustion_events,
-            "completed": engine.stats.completed,
-        }
-    )
-
-
 def create_app(config: SimConfig) -> web.Application:
     """The simulator app. Serve it with handler_cancellation=True so a client that
     disconnects while its request waits in the queue gives its place back."""
     engine = SimEngine(config)
     app = web.Application(middlewares=[_errors])
-    app[CONFIG] = config
-    app[ENGINE] = engine
+    setup_sim_app(app, config, engine, new_records(config.record_limit))
     app[METRICS] = SimMetrics(engine)
-    app[RECORDS] = deque(maxlen=config.record_limit)
     app.router.add_post("/v1/chat/completions", _endpoint(CHAT))
     app.router.add_post("/v1/completions", _endpoint(COMPLETIONS))
     app.router.add_get("/health", _health)
@@ -384,7 +332,4 @@ def create_app(config: SimConfig) -> web.Application:
     app.router.add_get("/version", _version)
     app.router.add_get("/metrics", _iteration_stats)
     app.router.add_get("/prometheus/metrics", _prometheus)
-    app.router.add_get("/sim/requests", _get_records)
-    app.router.add_delete("/sim/requests", _clear_records)
-    app.router.add_get("/sim/state", _state)
     return app

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import openai
+import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestServer
 
 from engines.sim import SimConfig, create_app
 
 from .helpers import Sim, StartSim
+from .triton_helpers import TritonSim
 
 
 @pytest_asyncio.fixture
@@ -33,3 +35,17 @@ async def start_sim() -> AsyncIterator[StartSim]:
     for sim in sims:
         await sim.client.close()
         await sim.server.close()
+
+
+@pytest.fixture
+def start_triton() -> Iterator[Callable[..., TritonSim]]:
+    """Starts in-process Triton simulators (SimConfig overrides as kwargs); stops all after."""
+    sims: list[TritonSim] = []
+
+    def start(**overrides: object) -> TritonSim:
+        sims.append(TritonSim(**overrides))
+        return sims[-1]
+
+    yield start
+    for sim in sims:
+        sim.close()

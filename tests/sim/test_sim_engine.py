@@ -138,3 +138,16 @@ async def test_zero_latency_still_yields_to_the_loop() -> None:
     await run(eng, GenRequest(prompt_tokens=1, max_tokens=500))
     task.cancel()
     assert ticks >= 400
+
+
+@pytest.mark.asyncio
+async def test_context_counts_requests_still_prefilling() -> None:
+    eng = SimEngine(SimConfig(ttft_base_ms=10_000, itl_ms=0))
+    prefilling = asyncio.create_task(run(eng, GenRequest(prompt_tokens=4, max_tokens=4)))
+    await settle()
+    assert (eng.context, eng.running) == (1, 1)
+    prefilling.cancel()
+    await settle()
+    assert (eng.context, eng.running, eng.kv.used_blocks) == (0, 0, 0)
+    await run(eng := engine(), GenRequest(prompt_tokens=1, max_tokens=2))
+    assert eng.context == 0

@@ -124,3 +124,18 @@ def test_config_from_cli_args_and_validation() -> None:
         SimConfig(on_full="drop")
     with pytest.raises(ValueError):
         SimConfig(kv_blocks=0)
+
+
+def test_protocol_flags() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert from_args(parser.parse_args([])).protocol == "openai"
+    assert from_args(parser.parse_args([])).grpc_port is None
+    triton = from_args(parser.parse_args(["--protocol", "triton", "--grpc-port", "9001"]))
+    assert (triton.protocol, triton.grpc_port) == ("triton", 9001)
+    with pytest.raises(ValueError, match="--grpc-port is required"):
+        from_args(parser.parse_args(["--protocol", "triton"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--protocol", "kserve"])
+    with pytest.raises(ValueError):
+        SimConfig(grpc_port=70000)
