@@ -1,8 +1,9 @@
 """The ExternalProcessor gRPC service: one stream per HTTP request, held open until it ends.
 
-Flow per stream: request headers (which API?) -> request body (parse, plan, reserve) -> stream end
-(release). Envoy half-closes the stream when the downstream request finishes or is aborted
-(DESIGN.md §3), so the `finally` below is "the request is over", however it ended.
+Flow per stream: request headers (which API? apis.py) -> request body (parse, plan, reserve:
+_decide) -> stream end (release). Envoy half-closes the stream when the downstream request finishes
+or is aborted (DESIGN.md §3), so the `finally` below is "the request is over", however it ended.
+A gRPC bidi stream (ModelStreamInfer) arrives in STREAMED chunks, each message decided on its own.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from ext_proc import admission, apis, responses, triton_grpc
 from ext_proc.apis import Call, Convention
 from ext_proc.ledger import Ledgers, Reservation
 from ext_proc.metrics import Decisions
+from ext_proc.policy import Policy
 from ext_proc.request import ProtocolError, Rewrite
 from ext_proc.triton_http import BINARY_HEADER
-from ext_proc.policy import Policy
 
 
 @dataclass
@@ -51,7 +52,6 @@ class _Request:
     # A gRPC stream: the model its first message routed it to, the bytes of a frame still
     # arriving, and the chunks Envoy sent before that first message completed.
     stream_model: str | None = None
-    stream_routed: bool = False
     stream_rest: bytes = b""
     unanswered_chunks: int = 0
 
@@ -148,6 +148,7 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
                 raise ProtocolError("the stream ended inside a gRPC frame")
         except ProtocolError as e:
             return self._refuse(req, "", admission.Refusal(400, "invalid_request", str(e)))
+        routed = req.stream_model is not None
         out = []
         for message in messages:
             decided = self._decide(req, message)
@@ -162,11 +163,9 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
         req.unanswered_chunks += 1
         if req.stream_model is None:
             return []
-        replies = [responses.stream_chunk(b"") for _ in range(req.unanswered_chunks - 1)]
+        replies = [] if routed else [responses.route_headers(req.stream_model)]
+        replies += [responses.stream_chunk(b"") for _ in range(req.unanswered_chunks - 1)]
         replies.append(responses.stream_chunk(b"".join(out)))
-        if not req.stream_routed:
-            req.stream_routed = True
-            replies.insert(0, responses.route_headers(req.stream_model))
         req.unanswered_chunks = 0
         return replies
 

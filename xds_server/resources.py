@@ -159,11 +159,12 @@ def listener(settings: GatewaySettings) -> dict[str, Any]:
 # --- RDS -------------------------------------------------------------------------------------
 
 def models_list_body(catalog: Catalog) -> bytes:
-    """GET /v1/models, answered by Envoy itself; max_model_len is vLLM's field for the context."""
+    """GET /v1/models, answered by Envoy itself; max_model_len is vLLM's field for the context.
+    Only models the OpenAI API reaches are listed (Triton models answer Triton's own calls)."""
     return orjson.dumps({"object": "list", "data": [
         {"id": m.name, "object": "model", "created": 0, "owned_by": "kvgate",
          "max_model_len": m.max_context_tokens, "max_output_tokens": m.max_output_tokens}
-        for m in catalog.models]})
+        for m in catalog.models if m.protocol == "openai"]})
 
 
 _NO_EXT_PROC = {EXT_PROC_FILTER: {"@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",

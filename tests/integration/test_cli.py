@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import yaml
@@ -74,8 +75,13 @@ def test_up_with_no_catalog_serves_the_bundled_models_and_stops_on_ctrl_c(tmp_pa
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         bundled = yaml.safe_load(bundled_catalog_path().read_text())["models"]
-        assert {m.id for m in client.models.list().data} == {m["name"] for m in bundled}
+        openai_models = {m["name"] for m in bundled if m.get("protocol", "openai") == "openai"}
+        assert {m.id for m in client.models.list().data} == openai_models
         for m in bundled:
+            if m.get("protocol") == "triton":
+                resp = httpx.post(f"{url}/v2/models/{m['name']}/generate", json={"text_input": "Say hi", "max_tokens": 4})
+                assert len(resp.json()["text_output"].split()) == 4
+                continue
             stream = client.chat.completions.create(
                 model=m["name"], messages=[{"role": "user", "content": "Say hi"}], max_tokens=4, stream=True)
             assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).split()

@@ -71,18 +71,21 @@ def config_json_catalog(config_json: str, **kv: Any) -> dict[str, Any]:
 
 # --- the bundled catalog ---------------------------------------------------------------------
 
-def test_bundled_catalog_has_two_models_of_128_kib_per_token() -> None:
+def test_bundled_catalog_has_openai_and_triton_models_of_128_kib_per_token() -> None:
     cat = load_catalog(bundled_catalog_path())
-    assert [m.name for m in cat.models] == ["llama-3-8b", "mistral-7b"]
-    assert [m.kv_bytes_per_token for m in cat.models] == [131072, 131072]
+    assert [(m.name, m.protocol) for m in cat.models] == [
+        ("llama-3-8b", "openai"), ("mistral-7b", "openai"), ("llama-3-8b-triton", "triton")]
+    assert [m.kv_bytes_per_token for m in cat.models] == [131072] * 3
+    assert cat.models[2].engine_model == "ensemble"
 
 
 def test_bundled_catalog_limits_and_budgets() -> None:
     cat = load_catalog(bundled_catalog_path())
-    llama, mistral = cat.models
+    llama, mistral, triton = cat.models
     assert (llama.max_context_tokens, mistral.max_context_tokens) == (8192, 32768)
     assert (llama.kv.budget_per_endpoint, mistral.kv.budget_per_endpoint) == (20 * GiB, 21 * GiB)
-    assert llama.block_tokens == mistral.block_tokens == 32
+    assert triton.kv.budget_per_endpoint == llama.kv.budget_per_endpoint
+    assert llama.block_tokens == mistral.block_tokens == triton.block_tokens == 32
     assert all(m.endpoints == [SIM] for m in cat.models)
 
 

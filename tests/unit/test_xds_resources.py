@@ -245,6 +245,27 @@ def test_models_list_body_helper_matches_catalog() -> None:
     assert [d["id"] for d in body["data"]] == ["alpha", "beta"]
 
 
+TRITON = model("gamma", {"host": "10.0.0.9", "port": 8000, "grpc_port": 8001}, protocol="triton",
+               backend_model="ensemble")
+
+
+def test_models_list_leaves_out_triton_models() -> None:
+    body = orjson.loads(resources.models_list_body(catalog(None, TRITON)))
+    assert [d["id"] for d in body["data"]] == ["alpha", "beta"]
+
+
+def test_triton_model_gets_grpc_cluster_endpoints_and_renaming_routes() -> None:
+    snap = build_snapshot(catalog(None, TRITON), SETTINGS)
+    gamma = parse_catalog({"models": [TRITON]}).models[0]
+    assert gamma.grpc_cluster_name in snap.get(CLUSTER).items
+    cla = ClusterLoadAssignment.FromString(snap.get(ENDPOINT).items[gamma.grpc_cluster_name].value)
+    assert [e.endpoint.address.socket_address.port_value for e in cla.endpoints[0].lb_endpoints] == [8001]
+    grpc_route, http_route = [r for r in resources.model_routes(gamma, SETTINGS)]
+    assert grpc_route["route"]["cluster"] == gamma.grpc_cluster_name
+    assert {"name": "content-type", "string_match": {"prefix": "application/grpc"}} in grpc_route["match"]["headers"]
+    assert http_route["route"]["regex_rewrite"]["substitution"] == "/v2/models/ensemble\\1"
+
+
 # --- policies --------------------------------------------------------------------------------
 
 def test_policies_carry_kv_math_and_budgets() -> None:
@@ -270,8 +291,8 @@ def test_policy_per_model_with_protocol_and_estimate() -> None:
 def test_policy_for_bundled_shape_uses_config_json_bytes() -> None:
     cat = load_catalog(bundled_catalog_path())
     cat = cat.with_endpoints({m.name: [Address(host="127.0.0.1", port=18001 + i)] for i, m in enumerate(cat.models)})
-    assert [p.kv_bytes_per_token for p in policies.policies(cat)] == [131072, 131072]
-    assert [p.endpoints[0].kv_budget_bytes for p in policies.policies(cat)] == [20 * GiB, 21 * GiB]
+    assert [p.kv_bytes_per_token for p in policies.policies(cat)] == [131072] * 3
+    assert [p.endpoints[0].kv_budget_bytes for p in policies.policies(cat)] == [20 * GiB, 21 * GiB, 20 * GiB]
 
 
 # --- versions --------------------------------------------------------------------------------
