@@ -123,8 +123,6 @@ def ext_proc_filter(settings: GatewaySettings) -> dict[str, Any]:
                 "request_trailer_mode": "SKIP",
                 "response_trailer_mode": "SKIP",
             },
-            # Lets ext_proc skip the body of requests it refuses at the headers.
-            "allow_mode_override": True,
             # For gRPC streams (GRPC body mode): the first message must reach ext_proc before it
             # answers the headers, since that message names the model. No effect on BUFFERED bodies.
             "send_body_without_waiting_for_header_response": True,
