@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+from google.protobuf.duration_pb2 import Duration
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
@@ -46,6 +47,11 @@ def admit(model: str, max_tokens: int | None, rewrite: Rewrite | None) -> Proces
         common.body_mutation.CopyFrom(BodyMutation(body=rewrite.body))
     common.header_mutation.CopyFrom(HeaderMutation(set_headers=headers))
     return ProcessingResponse(request_body=BodyResponse(response=common))
+
+
+def wait_longer(seconds: float) -> ProcessingResponse:
+    """Extends Envoy's wait for the pending answer (bounded by the filter's max_message_timeout)."""
+    return ProcessingResponse(override_message_timeout=Duration(seconds=int(seconds)))
 
 
 def route_headers(model: str) -> ProcessingResponse:

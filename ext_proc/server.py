@@ -84,6 +84,8 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
     decisions: Decisions
     # Backstop for a stream end that never comes: above Envoy's upstream timeout.
     reservation_ttl_s: float = 900.0
+    # Envoy caps it with the filter's max_message_timeout (xds_server settings).
+    stream_first_message_timeout_s: float = 60.0
     clock: Callable[[], float] = time.monotonic
     log: structlog.typing.FilteringBoundLogger = field(
         default_factory=lambda: structlog.get_logger(component="ext_proc"))
@@ -127,8 +129,11 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
             return self._refuse(req, "", admission.Refusal(405, "method_not_allowed", f"{req.path} takes POST"))
         if headers.end_of_stream:
             return self._refuse(req, "", admission.Refusal(400, "invalid_request", "request body is empty"))
-        # A stream's route depends on its first message: the headers are answered once it arrives.
-        return [] if req.call.api.streaming else [responses.CONTINUE_HEADERS]
+        # A stream's route depends on its first message: the headers are answered once it arrives,
+        # and a client may open a stream well before it sends anything.
+        if req.call.api.streaming:
+            return [responses.wait_longer(self.stream_first_message_timeout_s)]
+        return [responses.CONTINUE_HEADERS]
 
     def _on_body(self, body: HttpBody, req: _Request) -> list[ProcessingResponse]:
         assert req.call is not None  # a refused call ends at its headers

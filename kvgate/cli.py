@@ -54,7 +54,8 @@ def up(catalog: CatalogOption = bundled_catalog_path(),
         gateway.start()
         typer.echo(f"kvgate ready: {gateway.url}  (OpenAI base_url {gateway.url}/v1; Ctrl-C stops)")
         for m in gateway.catalog.models:
-            typer.echo(f"  {m.name}: {', '.join(map(str, m.addresses()))}", err=True)
+            engines = ", ".join(f"{a} (gRPC {a.grpc_port})" if a.grpc_port else str(a) for a in m.addresses())
+            typer.echo(f"  {m.name} ({m.protocol}): {engines}", err=True)
         while True:  # watch the children: a gateway with a dead part must not look healthy
             gateway.supervisor.check()
             time.sleep(0.5)

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from kvgate import __version__
 from kvgate.catalog import Address, Catalog, Model
 from kvgate.headers import MAX_TOKENS_HEADER, MODEL_HEADER
 from xds_server.settings import GatewaySettings
@@ -113,6 +114,8 @@ def ext_proc_filter(settings: GatewaySettings) -> dict[str, Any]:
             # Fail closed: a request that was not admitted must never reach an engine.
             "failure_mode_allow": False,
             "message_timeout": _duration(settings.ext_proc_message_timeout_s),
+            # ext_proc may extend one wait up to this: a gRPC stream's headers wait for its first message.
+            "max_message_timeout": _duration(settings.stream_first_message_timeout_s),
             "processing_mode": {
                 "request_header_mode": "SEND",
                 # BUFFERED: the whole JSON body in one message, and the stream stays open until the
@@ -214,6 +217,9 @@ def triton_routes(catalog: Catalog, settings: GatewaySettings) -> list[dict[str,
         return []
     health = [{"name": f"triton {p}", "match": {"path": p, "headers": [_GET]}, **_direct(200, b"", skip_ext_proc=True)}
               for p in ("/v2/health/live", "/v2/health/ready")]
+    server_metadata = {"name": "triton server metadata", "match": {"path": "/v2", "headers": [_GET]},
+                       **_direct(200, orjson.dumps({"name": "kvgate", "version": __version__, "extensions": []}),
+                                 skip_ext_proc=True)}
     # Server-level gRPC calls (ServerLive, ServerReady, ServerMetadata) name no model: the first
     # Triton engine answers them.
     server_rpcs = {"name": "triton grpc server", "match": {"prefix": TRITON_GRPC_SERVICE + "Server"},
@@ -223,7 +229,7 @@ def triton_routes(catalog: Catalog, settings: GatewaySettings) -> list[dict[str,
                    "match": {"path_separated_prefix": f"/v2/models/{m.name}", "headers": [_GET]},
                    "route": _to_cluster(m.cluster_name, settings, m), "typed_per_filter_config": _NO_EXT_PROC}
                   for m in triton]
-    return health + [server_rpcs] + model_gets
+    return health + [server_metadata, server_rpcs] + model_gets
 
 
 def stream_routes(catalog: Catalog) -> list[dict[str, Any]]:

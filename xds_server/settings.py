@@ -16,6 +16,8 @@ class GatewaySettings:
     # ext_proc answers in well under a millisecond, but a GC pause must not become a 504
     # (Envoy's default is 200 ms).
     ext_proc_message_timeout_s: float = 2.0
+    # How long a gRPC stream may wait for its first message, which ext_proc needs to route it.
+    stream_first_message_timeout_s: float = 60.0
     # Whole-request upstream timeout: long generations stream for minutes.
     upstream_timeout_s: float = 600.0
     # Far above Envoy's default 1024: every in-flight LLM request holds one ext_proc stream.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -248,3 +249,16 @@ def test_message_over_budget_mid_stream_ends_the_stream(gateway: Gateway) -> Non
     holder.read()
     holder.close()
     wait_for(lambda: reserved(gateway, MODEL) == 0, what="every reservation released")
+
+
+def test_stream_may_wait_before_its_first_message(gateway: Gateway) -> None:
+    """ext_proc answers a stream's headers only once the first message names the model; it asks
+    Envoy to wait longer than the 2 s message timeout meanwhile."""
+    results: list = []
+    with tgrpc.InferenceServerClient(host(gateway)) as client:
+        client.start_stream(callback=lambda result, error: results.append(error or result))
+        time.sleep(3)
+        client.async_stream_infer(MODEL, tensors(tgrpc, "late", limit(3)))
+        wait_for(lambda: bool(results), what="the stream's result")
+        client.stop_stream()
+    assert len(words(results[0])) == 3

@@ -10,11 +10,13 @@ from prometheus_client import CollectorRegistry
 
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingRequest
+from ext_proc import triton_grpc
 from ext_proc.ledger import Ledgers
 from ext_proc.metrics import Decisions
 from ext_proc.policy import Policy
 from ext_proc.server import ExtProcServicer, PolicyTable
 from kvgate.headers import MAX_TOKENS_HEADER, MODEL_HEADER
+from tritonclient.grpc import service_pb2
 
 POLICY = Policy(name="m", protocol="openai", backend_model="m", max_context_tokens=1024, max_output_tokens=100, kv_bytes_per_token=10,
                 tokens_per_block=16, budget_bytes=10 * 16 * 40, estimate_bytes_per_token=1.0,
@@ -139,3 +141,66 @@ def test_ttl_backstop_releases_what_outlived_its_deadline() -> None:
     assert s.expire() == 0
     now[0] = s.reservation_ttl_s + 1
     assert s.expire() == 1 and ledger.reserved == 0
+
+
+# --- gRPC streams ---------------------------------------------------------------------------
+
+def stream_servicer() -> ExtProcServicer:
+    table = PolicyTable(Ledgers())
+    table.replace([Policy(name="t", protocol="triton", backend_model="ensemble", max_context_tokens=1024,
+                          max_output_tokens=100, kv_bytes_per_token=10, tokens_per_block=16,
+                          budget_bytes=10**6, estimate_bytes_per_token=1.0, estimate_per_message=0,
+                          estimate_per_request=0)])
+    return ExtProcServicer(table, Decisions(CollectorRegistry()), clock=lambda: 0.0)
+
+
+def infer_frame(text: bytes, max_tokens: int) -> bytes:
+    msg = service_pb2.ModelInferRequest(model_name="t")
+    msg.inputs.add(name="text_input", datatype="BYTES", shape=[1, 1]).contents.bytes_contents.append(text)
+    msg.inputs.add(name="max_tokens", datatype="INT32", shape=[1, 1]).contents.int_contents.append(max_tokens)
+    return triton_grpc.frame(msg.SerializeToString())
+
+
+def grpc_headers() -> ProcessingRequest:
+    hs = [HeaderValue(key=":path", raw_value=b"/inference.GRPCInferenceService/ModelStreamInfer"),
+          HeaderValue(key=":method", raw_value=b"POST"), HeaderValue(key="content-type", raw_value=b"application/grpc")]
+    return ProcessingRequest(request_headers=HttpHeaders(headers=HeaderMap(headers=hs)))
+
+
+def chunk(data: bytes) -> ProcessingRequest:
+    return ProcessingRequest(request_body=HttpBody(body=data))
+
+
+@pytest.mark.asyncio
+async def test_stream_is_routed_by_its_first_message_even_split_across_chunks() -> None:
+    s = stream_servicer()
+    first, second = infer_frame(b"hello", 5000), infer_frame(b"again", 7)
+    gen = s.Process(feed(grpc_headers(), chunk(first[:3]), chunk(first[3:] + second[:10]), chunk(second[10:])), None)
+    replies = [r async for r in gen]
+    kinds = [r.WhichOneof("response") or "override_message_timeout" for r in replies]
+    # wait longer; (first chunk held); headers routed; both held chunks answered; the last chunk.
+    assert kinds == ["override_message_timeout", "request_headers", "request_body", "request_body", "request_body"]
+    assert replies[0].override_message_timeout.seconds == 60
+    routed = replies[1].request_headers.response
+    assert routed.clear_route_cache
+    assert [(h.header.key, h.header.raw_value) for h in routed.header_mutation.set_headers] == [(MODEL_HEADER, b"t")]
+    bodies = [r.request_body.response.body_mutation for r in replies[2:]]
+    assert bodies[0].clear_body
+    sent = [service_pb2.ModelInferRequest.FromString(m) for b in bodies[1:] for m in triton_grpc.deframe(b.body)]
+    assert [(m.model_name, m.inputs[1].contents.int_contents[0]) for m in sent] == [("ensemble", 100), ("ensemble", 7)]
+    assert reserved_of(s, "t") == 0  # the stream ended: both reservations released
+
+
+@pytest.mark.asyncio
+async def test_stream_ending_inside_a_frame_is_invalid_argument() -> None:
+    s = stream_servicer()
+    frame = infer_frame(b"hello", 5)
+    last = ProcessingRequest(request_body=HttpBody(body=frame[:-2], end_of_stream=True))
+    replies = [r async for r in s.Process(feed(grpc_headers(), last), None)]
+    assert replies[-1].immediate_response.grpc_status.status == 3
+
+
+def reserved_of(s: ExtProcServicer, model: str) -> int:
+    ledger = s.table.ledgers.get(model)
+    assert ledger is not None
+    return ledger.reserved
