@@ -1,9 +1,10 @@
-"""An asyncio HTTP load generator (aiohttp, one keep-alive pool per phase).
+"""An asyncio load generator: open or closed loop over any client of bench/clients.py, one client
+(connection pool or channels) per phase.
 
 Open loop: requests leave at a fixed rate whatever the answers do, and latency counts from the time a
 request was due, so a stall shows up in the numbers instead of silently lowering the load.
 Closed loop: `concurrency` workers send back to back, which finds the highest sustained throughput.
-It measures one URL and knows nothing of Envoy or kvgate.
+It measures one listener and knows nothing of Envoy or kvgate.
 """
 
 from __future__ import annotations
@@ -14,13 +15,10 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-import aiohttp
+from bench.clients import Client, Send
 
-_HEADERS = {"content-type": "application/json"}
-# Far above any sane latency here; a request that takes this long counts as an error.
-REQUEST_TIMEOUT_S = 10.0
-# Open loop: connections the pool may open if answers fall behind the rate.
-_OPEN_LOOP_CONNECTIONS = 256
+# Open loop: connections the HTTP pool may open if answers fall behind the rate.
+_OPEN_LOOP_IN_FLIGHT = 256
 
 
 @dataclass(frozen=True)
@@ -38,6 +36,10 @@ class Load:
     def label(self) -> str:
         return f"{self.rate:g} req/s" if self.rate is not None else f"concurrency {self.concurrency}"
 
+    @property
+    def in_flight(self) -> int:
+        return self.concurrency or _OPEN_LOOP_IN_FLIGHT
+
 
 @dataclass(frozen=True)
 class _Sample:
@@ -50,11 +52,11 @@ class _Sample:
 class PhaseResult:
     """What one or more phases measured, warm-up excluded except from `requests` and `errors`."""
 
-    latencies_s: list[float] = field(default_factory=list)  # 200s that started in the window
-    completed: int = 0  # 200s that finished in the window
+    latencies_s: list[float] = field(default_factory=list)  # successes that started in the window
+    completed: int = 0  # successes that finished in the window
     window_s: float = 0.0
     requests: int = 0  # all sent, warm-up included: the denominator of CPU per request
-    errors: Counter[str] = field(default_factory=Counter)  # anything but a 200, warm-up included
+    errors: Counter[str] = field(default_factory=Counter)  # anything but a success, warm-up included
 
     @property
     def throughput_rps(self) -> float:
@@ -73,51 +75,42 @@ class PhaseResult:
                            self.errors + other.errors)
 
 
-async def _send(session: aiohttp.ClientSession, url: str, body: bytes, start: float,
-                samples: list[_Sample]) -> None:
-    try:
-        async with session.post(url, data=body, headers=_HEADERS) as resp:
-            await resp.read()
-            error = None if resp.status == 200 else f"HTTP {resp.status}"
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        error = type(e).__name__
+async def _timed(send: Send, start: float, samples: list[_Sample]) -> None:
+    error = await send()
     samples.append(_Sample(start, asyncio.get_running_loop().time(), error))
 
 
-async def _open_loop(session: aiohttp.ClientSession, url: str, body: bytes, rate: float, t0: float,
-                     until: float, samples: list[_Sample]) -> None:
+async def _open_loop(send: Send, rate: float, t0: float, until: float, samples: list[_Sample]) -> None:
     loop = asyncio.get_running_loop()
     tasks = []
     for i in range(math.ceil((until - t0) * rate)):
         due = t0 + i / rate
         if due > loop.time():
             await asyncio.sleep(due - loop.time())
-        tasks.append(asyncio.create_task(_send(session, url, body, due, samples)))
+        tasks.append(asyncio.create_task(_timed(send, due, samples)))
     await asyncio.gather(*tasks)
 
 
-async def _closed_loop(session: aiohttp.ClientSession, url: str, body: bytes, concurrency: int,
-                       until: float, samples: list[_Sample]) -> None:
+async def _closed_loop(send: Send, concurrency: int, until: float, samples: list[_Sample]) -> None:
     loop = asyncio.get_running_loop()
 
     async def worker() -> None:
         while (now := loop.time()) < until:
-            await _send(session, url, body, now, samples)
+            await _timed(send, now, samples)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def _phase(url: str, body: bytes, load: Load, duration_s: float, warmup_s: float) -> PhaseResult:
-    connector = aiohttp.TCPConnector(limit=load.concurrency or _OPEN_LOOP_CONNECTIONS)
+async def _phase(client: Client, listener: str, request: bytes, load: Load, duration_s: float,
+                 warmup_s: float) -> PhaseResult:
     samples: list[_Sample] = []
-    async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                     timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as session:
+    async with client(listener, request, load.in_flight) as send:
         t0 = asyncio.get_running_loop().time()
         window = (t0 + warmup_s, t0 + warmup_s + duration_s)
         if load.rate is not None:
-            await _open_loop(session, url, body, load.rate, t0, window[1], samples)
+            await _open_loop(send, load.rate, t0, window[1], samples)
         else:
-            await _closed_loop(session, url, body, load.concurrency or 0, window[1], samples)
+            await _closed_loop(send, load.in_flight, window[1], samples)
     ok = [s for s in samples if s.error is None]
     return PhaseResult(
         latencies_s=[s.end - s.start for s in ok if window[0] <= s.start < window[1]],
@@ -128,13 +121,24 @@ async def _phase(url: str, body: bytes, load: Load, duration_s: float, warmup_s:
     )
 
 
-def run_phase(url: str, body: bytes, load: Load, duration_s: float, warmup_s: float) -> PhaseResult:
-    """POST `body` to `url` under `load` for warmup_s + duration_s; blocks until every answer is in."""
+def run_phase(client: Client, listener: str, request: bytes, load: Load, duration_s: float,
+              warmup_s: float) -> PhaseResult:
+    """Send `request` to `listener` under `load` for warmup_s + duration_s; blocks until every answer is in."""
     # The client's own full collections stalled its loop for ~50 ms every few thousand requests, a
     # tail that belonged to neither set-up: collect between phases, never during one.
     gc.collect()
     gc.disable()
     try:
-        return asyncio.run(_phase(url, body, load, duration_s, warmup_s))
+        return asyncio.run(_phase(client, listener, request, load, duration_s, warmup_s))
     finally:
         gc.enable()
+
+
+def send_one(client: Client, listener: str, request: bytes) -> str | None:
+    """One request, outside any phase: None when it succeeded, else the error."""
+
+    async def once() -> str | None:
+        async with client(listener, request, 1) as send:
+            return await send()
+
+    return asyncio.run(once())

@@ -33,6 +33,7 @@ class Side:
 
 @dataclass(frozen=True)
 class Comparison:
+    protocol: str
     load: str
     rate: float | None
     concurrency: int | None
@@ -45,11 +46,11 @@ class Comparison:
     throughput_ratio: float
 
     @classmethod
-    def of(cls, load: Load, baseline: Side, gateway: Side) -> Comparison:
+    def of(cls, protocol: str, load: Load, baseline: Side, gateway: Side) -> Comparison:
         def ratio(g: float, b: float) -> float:
             return g / b if b else float("nan")
 
-        return cls(load=load.label, rate=load.rate, concurrency=load.concurrency, baseline=baseline,
+        return cls(protocol=protocol, load=load.label, rate=load.rate, concurrency=load.concurrency, baseline=baseline,
                    gateway=gateway, added_p50_ms=gateway.p50_ms - baseline.p50_ms,
                    added_p99_ms=gateway.p99_ms - baseline.p99_ms,
                    p50_ratio=ratio(gateway.p50_ms, baseline.p50_ms), p99_ratio=ratio(gateway.p99_ms, baseline.p99_ms),
@@ -61,7 +62,8 @@ class Settings:
     duration_s: float
     warmup_s: float
     rounds: int
-    body_bytes: int
+    requests: dict[str, str]  # protocol -> what one request is
+    request_bytes: dict[str, int]  # protocol -> bytes of the JSON body or the protobuf message
     max_tokens: int
     profile: bool
 
@@ -105,28 +107,28 @@ def _errors(c: Comparison) -> str:
 
 def _latency_table(cs: Sequence[Comparison]) -> str:
     return _table(
-        ["load", "baseline p50", "baseline p99", "gateway p50", "gateway p99", "added p50", "added p99",
+        ["protocol", "load", "baseline p50", "baseline p99", "gateway p50", "gateway p99", "added p50", "added p99",
          "ratio p50", "ratio p99", "done req/s b / g", "errors b / g"],
-        [[c.load, _ms(c.baseline.p50_ms), _ms(c.baseline.p99_ms), _ms(c.gateway.p50_ms), _ms(c.gateway.p99_ms),
-          _ms(c.added_p50_ms), _ms(c.added_p99_ms), _x(c.p50_ratio), _x(c.p99_ratio),
+        [[c.protocol, c.load, _ms(c.baseline.p50_ms), _ms(c.baseline.p99_ms), _ms(c.gateway.p50_ms),
+          _ms(c.gateway.p99_ms), _ms(c.added_p50_ms), _ms(c.added_p99_ms), _x(c.p50_ratio), _x(c.p99_ratio),
           f"{c.baseline.throughput_rps:.0f} / {c.gateway.throughput_rps:.0f}", _errors(c)] for c in cs])
 
 
 def _throughput_table(cs: Sequence[Comparison]) -> str:
     return _table(
-        ["load", "baseline req/s", "gateway req/s", "ratio", "baseline p50 / p99", "gateway p50 / p99",
+        ["protocol", "load", "baseline req/s", "gateway req/s", "ratio", "baseline p50 / p99", "gateway p50 / p99",
          "errors b / g"],
-        [[c.load, f"{c.baseline.throughput_rps:.0f}", f"{c.gateway.throughput_rps:.0f}", _x(c.throughput_ratio),
-          f"{_ms(c.baseline.p50_ms)} / {_ms(c.baseline.p99_ms)}", f"{_ms(c.gateway.p50_ms)} / {_ms(c.gateway.p99_ms)}",
-          _errors(c)] for c in cs])
+        [[c.protocol, c.load, f"{c.baseline.throughput_rps:.0f}", f"{c.gateway.throughput_rps:.0f}",
+          _x(c.throughput_ratio), f"{_ms(c.baseline.p50_ms)} / {_ms(c.baseline.p99_ms)}",
+          f"{_ms(c.gateway.p50_ms)} / {_ms(c.gateway.p99_ms)}", _errors(c)] for c in cs])
 
 
 def _cpu_table(cs: Sequence[Comparison]) -> str:
     roles = ["client", "envoy", "ext_proc", "sim", "total"]
-    rows = [[c.load, name, *(_ms(side.cpu_ms_per_request[r]) if r in side.cpu_ms_per_request else "-"
+    rows = [[c.protocol, c.load, name, *(_ms(side.cpu_ms_per_request[r]) if r in side.cpu_ms_per_request else "-"
                              for r in roles)]
             for c in cs for name, side in (("baseline", c.baseline), ("gateway", c.gateway))]
-    return _table(["load", "set-up", *roles], rows)
+    return _table(["protocol", "load", "set-up", *roles], rows)
 
 
 def render(report: Report) -> str:
@@ -135,10 +137,11 @@ def render(report: Report) -> str:
     closed_loop = [c for c in report.comparisons if c.concurrency is not None]
     parts = [
         "## Overhead: Envoy alone vs Envoy + kvgate ext_proc",
-        f"POST /v1/chat/completions, non-streaming, {s.body_bytes}-byte JSON body, max_tokens {s.max_tokens} "
-        f"(the model's limit, so ext_proc does not rewrite the body); zero-latency simulated engine shared by both. "
-        f"{s.rounds} round(s) of {s.warmup_s:g} s warm-up + {s.duration_s:g} s measured per set-up and load, "
-        "baseline and gateway alternating. Latencies in ms.",
+        f"Zero-latency simulated engines shared by both set-ups. max_tokens {s.max_tokens} is each model's limit and "
+        "each model name is its engine's, so ext_proc admits every request without rewriting it. "
+        f"{s.rounds} round(s) of {s.warmup_s:g} s warm-up + {s.duration_s:g} s measured per set-up, protocol and "
+        "load, baseline and gateway alternating. Latencies in ms.",
+        "\n".join(f"- {protocol}: {text}" for protocol, text in s.requests.items()),
     ]
     if open_loop:
         parts += ["### Latency at fixed request rates (open loop; latency counted from when each request was due)",
@@ -148,7 +151,7 @@ def render(report: Report) -> str:
     if s.profile:
         parts += ["### CPU ms per request, by process (warm-up included; client = this load generator)",
                   _cpu_table(report.comparisons)]
-    parts += [f"Errors (non-200 or failed requests): {report.errors}",
+    parts += [f"Errors (failed requests: not an HTTP 200, not gRPC OK): {report.errors}",
               "\n".join([f"command: {report.command}", f"date: {m.date}", f"nproc: {m.nproc}",
                          f"CPU: {m.cpu_model}", f"memory: {m.memory_gib} GiB", f"Python: {m.python}",
                          f"Envoy: {m.envoy}"])]
