@@ -12,7 +12,7 @@ from bench.machine import Machine
 
 @dataclass(frozen=True)
 class Side:
-    """One set-up under one load, all rounds together."""
+    """One set-up under one protocol and load, all rounds together."""
 
     requests: int
     errors: dict[str, int]
@@ -33,7 +33,7 @@ class Side:
 
 @dataclass(frozen=True)
 class Comparison:
-    protocol: str
+    protocol: str  # as --protocols names it
     load: str
     rate: float | None
     concurrency: int | None

@@ -54,14 +54,14 @@ class Target:
         return {**self.pids, "sim": self.engines[model]}
 
 
-def render_baseline(*, listen_port: int, admin_port: int, engine: Address, triton: Address,
+def render_baseline(*, listen_port: int, admin_port: int, openai: Address, triton: Address,
                     max_request_bytes: int = GatewaySettings.max_request_bytes) -> str:
     text = (ENVOY_CONFIG_DIR / "bench-baseline.yaml").read_text()
     return Template(text).substitute(
         listen_port=listen_port, admin_port=admin_port, max_request_bytes=max_request_bytes,
         # As xds_server/resources.py sizes the gateway's HTTP/2 stream window.
         http2_stream_window=max(65535, max_request_bytes),
-        engine_host=engine.host, engine_port=engine.port, triton_host=triton.host, triton_grpc_port=triton.grpc_port)
+        engine_host=openai.host, engine_port=openai.port, triton_host=triton.host, triton_grpc_port=triton.grpc_port)
 
 
 def _live(admin_url: str) -> bool:
@@ -98,7 +98,7 @@ def started(run_dir: Path, ready: Callable[[Target], bool]) -> Iterator[tuple[Ta
         listen_port, admin_port = free_port(), free_port()
         config = run_dir / "baseline" / "envoy.yaml"
         config.write_text(render_baseline(listen_port=listen_port, admin_port=admin_port,
-                                          engine=gateway.sims[OPENAI_MODEL][0], triton=gateway.sims[TRITON_MODEL][0]))
+                                          openai=gateway.sims[OPENAI_MODEL][0], triton=gateway.sims[TRITON_MODEL][0]))
         envoy = baseline.start("envoy-baseline", [envoy_binary(), "-c", str(config), "--log-level", "warn",
                                                   "--disable-hot-restart"])
         # The gateway names its engines sim-<model>-<index>.

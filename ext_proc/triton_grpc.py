@@ -74,6 +74,9 @@ class InferRequest:
     message: service_pb2.ModelInferRequest
 
     def rewrite(self, max_tokens: int | None, engine_model: str) -> Rewrite | None:
+        asked = self.request.requested_max_tokens
+        if engine_model == self.message.model_name and (max_tokens is None or (asked or max_tokens + 1) <= max_tokens):
+            return None  # the common case: nothing to change, so no copy of the message
         msg = service_pb2.ModelInferRequest()
         msg.CopyFrom(self.message)
         msg.model_name = engine_model
