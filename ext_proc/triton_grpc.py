@@ -75,7 +75,8 @@ class InferRequest:
 
     def rewrite(self, max_tokens: int | None, engine_model: str) -> Rewrite | None:
         asked = self.request.requested_max_tokens
-        if engine_model == self.message.model_name and (max_tokens is None or (asked or max_tokens + 1) <= max_tokens):
+        limit_kept = max_tokens is None or (asked is not None and asked <= max_tokens)
+        if engine_model == self.message.model_name and limit_kept:
             return None  # the common case: nothing to change, so no copy of the message
         msg = service_pb2.ModelInferRequest()
         msg.CopyFrom(self.message)
