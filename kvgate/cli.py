@@ -8,17 +8,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, NoReturn
+from collections.abc import Callable
+from typing import Annotated, NoReturn, TypeVar
 
 import typer
 import yaml
 from google.protobuf import json_format
 
+from kvgate import admin_client
 from kvgate.catalog import SIM, Address, Catalog, CatalogError, Model, bundled_catalog_path, load_catalog
 from kvgate.gateway import Gateway, NotReady
 from kvgate.processes import ProcessDied
 from xds_server.settings import GatewaySettings
 from xds_server.snapshot import PUSH_ORDER, build_snapshot
+
+T = TypeVar("T")
 
 app = typer.Typer(help="kvgate: an LLM gateway on Envoy that admits requests by the KV cache they can claim.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -42,17 +46,19 @@ def _raise_exit(signum: int, _frame: object) -> NoReturn:
 def up(catalog: CatalogOption = bundled_catalog_path(),
        port: Annotated[int, typer.Option(help="Gateway port")] = 8080,
        host: Annotated[str, typer.Option(help="Gateway address")] = "127.0.0.1",
+       xds_port: Annotated[int, typer.Option(help="Control-plane port (xDS and the admin API)")] = 18000,
        run_dir: Annotated[Path | None, typer.Option(help="Where logs and rendered files go")] = None) -> None:
     """Start engines (for `sim` endpoints), xds_server, ext_proc and Envoy; stop them all on Ctrl-C/SIGTERM."""
     cat = _load(catalog)
     workdir = run_dir or Path(tempfile.mkdtemp(prefix="kvgate-"))
     # SIGTERM unwinds like Ctrl-C, through the `finally` that stops every child.
     signal.signal(signal.SIGTERM, _raise_exit)
-    gateway = Gateway(cat, run_dir=workdir, host=host, port=port)
+    gateway = Gateway(cat, run_dir=workdir, host=host, port=port, xds_port=xds_port)
     typer.echo(f"starting kvgate ({len(cat.models)} models; logs in {workdir}) ...", err=True)
     try:
         gateway.start()
         typer.echo(f"kvgate ready: {gateway.url}  (OpenAI base_url {gateway.url}/v1; Ctrl-C stops)")
+        typer.echo(f"  control plane: 127.0.0.1:{xds_port} (kvgate status, kvgate models ...)", err=True)
         for m in gateway.catalog.models:
             engines = ", ".join(f"{a} (gRPC {a.grpc_port})" if a.grpc_port else str(a) for a in m.addresses())
             typer.echo(f"  {m.name} ({m.protocol}): {engines}", err=True)
@@ -93,6 +99,57 @@ def check(catalog: Annotated[Path, typer.Argument(help="Catalog file to validate
             for t in PUSH_ORDER]
     yaml.safe_dump_all(docs, sys.stdout, sort_keys=False, explicit_start=True)
     typer.echo(f"# catalog OK: {len(cat.models)} models; `sim` endpoints shown at placeholder ports", err=True)
+
+
+models = typer.Typer(help="Read and change the served catalog through the control plane's admin API.",
+                     no_args_is_help=True)
+app.add_typer(models, name="models")
+ServerOption = Annotated[str, typer.Option(help="Control plane (xds_server) address")]
+
+
+def _admin(call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except admin_client.AdminError as e:
+        typer.echo(f"refused: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+@models.command("list")
+def models_list(server: ServerOption = admin_client.DEFAULT_SERVER) -> None:
+    """Print the catalog being served (catalog YAML)."""
+    resp = _admin(lambda: admin_client.list_models(server))
+    typer.echo(f"# version {resp.version}\n{resp.catalog_yaml}", nl=False)
+
+
+@models.command("apply")
+def models_apply(file: Annotated[Path, typer.Argument(help="YAML: a list of models, or a catalog")],
+                 server: ServerOption = admin_client.DEFAULT_SERVER) -> None:
+    """Add or replace models; the whole resulting catalog is validated before anything changes."""
+    resp = _admin(lambda: admin_client.apply_models(server, file.read_text()))
+    typer.echo(f"{'applied' if resp.changed else 'unchanged'}: version {resp.version}")
+
+
+@models.command("remove")
+def models_remove(name: str, server: ServerOption = admin_client.DEFAULT_SERVER) -> None:
+    """Stop serving a model."""
+    resp = _admin(lambda: admin_client.remove_model(server, name))
+    typer.echo(f"removed {name}: version {resp.version}")
+
+
+@app.command()
+def status(server: ServerOption = admin_client.DEFAULT_SERVER) -> None:
+    """Every Envoy and ext_proc replica connected to the control plane, and what each has ACKed."""
+    resp = _admin(lambda: admin_client.status(server))
+    typer.echo(f"serving version {resp.version}; {len(resp.nodes)} nodes")
+    for n in resp.nodes:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(n.connected_since_unix))
+        typer.echo(f"- {n.id} (group {n.group}), connected since {since} UTC")
+        for type_url, version in sorted(n.acked_versions.items()):
+            typer.echo(f"    {type_url.rsplit('.', 1)[-1]}: ACKed {version}")
+        if n.HasField("last_nack"):
+            typer.echo(f"    last NACK: {n.last_nack.type_url.rsplit('.', 1)[-1]} {n.last_nack.version or '-'}: "
+                       f"{n.last_nack.error_detail}")
 
 
 if __name__ == "__main__":

@@ -85,6 +85,11 @@ class Gateway:
         return f"http://127.0.0.1:{self.admin_port}"
 
     @property
+    def admin_address(self) -> str:
+        """The control plane: ADS and the admin API share its port."""
+        return f"127.0.0.1:{self.xds_port}"
+
+    @property
     def ext_proc_metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.ext_proc_metrics_port}/metrics"
 

@@ -10,9 +10,12 @@ from pathlib import Path
 
 from kvgate import logs
 from kvgate.catalog import CatalogError, load_catalog, parse_endpoint
+from kvgate.v1 import admin_pb2_grpc
+from xds_server.admin import AdminServicer
+from xds_server.control import Controller, render
 from xds_server.server import XdsServer
 from xds_server.settings import GatewaySettings
-from xds_server.snapshot import build_snapshot
+from xds_server.watch import watch_catalog
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ext-proc", type=parse_endpoint, action="append",
                    help="ext_proc replica address (repeatable; default 127.0.0.1:9002)")
     p.add_argument("--max-request-bytes", type=int, default=GatewaySettings.max_request_bytes)
+    p.add_argument("--watch", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve the catalog file again whenever it changes")
     return p.parse_args(argv)
 
 
@@ -34,18 +39,23 @@ async def run(args: argparse.Namespace) -> int:
         catalog = load_catalog(args.catalog)
         settings = GatewaySettings(listen=args.listen, max_request_bytes=args.max_request_bytes,
                                    **({"ext_proc": tuple(args.ext_proc)} if args.ext_proc else {}))
-        snapshot = build_snapshot(catalog, settings)
+        snapshot = render(catalog, settings)
     except CatalogError as e:
         print(e, file=sys.stderr)
         return 2
     server = XdsServer(snapshot, log)
+    controller = Controller(server, catalog, settings)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(controller), server.grpc)
     port = await server.start(args.host, args.port)
     log.info("xds.serving", port=port, version=snapshot.version, models=[m.name for m in catalog.models])
+    watcher = asyncio.create_task(watch_catalog(args.catalog, controller, log)) if args.watch else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if watcher:
+        watcher.cancel()
     await server.stop()
     return 0
 

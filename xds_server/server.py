@@ -95,21 +95,22 @@ class XdsServer:
     def __init__(self, snapshot: Snapshot, log: structlog.typing.FilteringBoundLogger | None = None):
         self.cache = SnapshotCache(snapshot)
         self.servicer = AdsServicer(self.cache, **({"log": log} if log else {}))
-        self._server = grpc.aio.server(options=_KEEPALIVE)
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.servicer, self._server)
+        # Public so other services (the admin API) can share the port.
+        self.grpc = grpc.aio.server(options=_KEEPALIVE)
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.servicer, self.grpc)
 
     async def start(self, host: str, port: int) -> int:
-        bound = self._server.add_insecure_port(f"{host}:{port}")
+        bound = self.grpc.add_insecure_port(f"{host}:{port}")
         if not bound:
             raise OSError(f"cannot bind xDS server to {host}:{port}")
-        await self._server.start()
+        await self.grpc.start()
         return bound
 
     async def publish(self, snapshot: Snapshot) -> bool:
         return await self.cache.set(snapshot)
 
     async def stop(self, grace: float = 1.0) -> None:
-        await self._server.stop(grace)
+        await self.grpc.stop(grace)
 
     async def wait(self) -> None:
-        await self._server.wait_for_termination()
+        await self.grpc.wait_for_termination()

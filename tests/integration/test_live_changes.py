@@ -1,0 +1,123 @@
+"""Catalog changes through the admin API and the catalog file reach the real Envoy and ext_proc while
+the gateway serves; refused changes touch nothing; `kvgate status` shows the fleet."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import yaml
+
+from kvgate import admin_client
+from kvgate.catalog import parse_catalog
+from kvgate.gateway import Gateway
+from tests.integration.conftest import start_gateway
+
+ALPHA = {"name": "alpha", "endpoints": ["sim"], "max_context_tokens": 2048, "max_output_tokens": 64,
+         "kv": {"bytes_per_token": 4096, "budget_per_endpoint": "256MiB"},
+         "sim": {"ttft_base_ms": 0, "ttft_per_token_ms": 0, "itl_ms": 0, "batch_slowdown": 0}}
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = start_gateway(parse_catalog({"models": [ALPHA]}), tmp_path_factory.mktemp("live"))
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def pristine(gateway: Gateway) -> Iterator[str]:
+    """The served catalog as the test found it, restored afterwards."""
+    before = admin_client.list_models(gateway.admin_address).catalog_yaml
+    yield before
+    admin_client.apply_models(gateway.admin_address, before)
+    for m in yaml.safe_load(admin_client.list_models(gateway.admin_address).catalog_yaml)["models"]:
+        if m["name"] not in {x["name"] for x in yaml.safe_load(before)["models"]}:
+            admin_client.remove_model(gateway.admin_address, m["name"])
+
+
+def complete(gw: Gateway, model: str) -> httpx.Response:
+    return httpx.post(f"{gw.url}/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 1000})
+
+
+def eventually(check, what: str, timeout_s: float = 10.0) -> float:  # noqa: ANN001
+    """Seconds until `check()` held (the propagation time through the data path)."""
+    start = time.monotonic()
+    while not check():
+        assert time.monotonic() - start < timeout_s, f"never saw: {what}"
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def alpha_engine(gw: Gateway) -> str:
+    return str(gw.sims["alpha"][0])
+
+
+def test_a_model_added_through_the_api_is_served_then_removed(gateway: Gateway, pristine: str) -> None:
+    beta = {**ALPHA, "name": "beta", "backend_model": "alpha", "endpoints": [alpha_engine(gateway)]}
+    beta.pop("sim")
+    resp = admin_client.apply_models(gateway.admin_address, yaml.safe_dump([beta]))
+    assert resp.changed
+    eventually(lambda: complete(gateway, "beta").status_code == 200, "beta served through Envoy and ext_proc")
+    listed = httpx.get(f"{gateway.url}/v1/models").json()["data"]
+    assert {m["id"] for m in listed} == {"alpha", "beta"}
+
+    admin_client.remove_model(gateway.admin_address, "beta")
+    eventually(lambda: complete(gateway, "beta").status_code == 404, "beta gone")
+    assert complete(gateway, "alpha").status_code == 200
+
+
+def test_a_new_limit_is_the_new_clamp(gateway: Gateway, pristine: str) -> None:
+    changed = yaml.safe_load(pristine)["models"][0] | {"max_output_tokens": 8}
+    admin_client.apply_models(gateway.admin_address, yaml.safe_dump([changed]))
+    eventually(lambda: complete(gateway, "alpha").headers.get("x-kvgate-max-tokens") == "8", "the new clamp")
+    assert complete(gateway, "alpha").json()["usage"]["completion_tokens"] == 8
+
+
+def test_an_invalid_change_is_refused_and_nothing_changes(gateway: Gateway, pristine: str) -> None:
+    version = admin_client.list_models(gateway.admin_address).version
+    broken = yaml.safe_load(pristine)["models"][0] | {"kv": {"bytes_per_token": 4096, "budget_per_endpoint": "1KiB"}}
+    with pytest.raises(admin_client.AdminError) as e:
+        admin_client.apply_models(gateway.admin_address, yaml.safe_dump([broken]))
+    assert "INVALID_ARGUMENT" in str(e.value) and "model 'alpha'" in str(e.value) and "budget_per_endpoint" in str(e.value)
+    with pytest.raises(admin_client.AdminError, match="not in the catalog"):
+        admin_client.remove_model(gateway.admin_address, "nope")
+    assert admin_client.list_models(gateway.admin_address).version == version
+    assert complete(gateway, "alpha").headers["x-kvgate-max-tokens"] == "64"
+
+
+def test_the_catalog_file_is_watched_and_a_broken_save_is_refused(gateway: Gateway, pristine: str) -> None:
+    path = gateway.run_dir / "catalog.yaml"
+    original = path.read_text()
+    try:
+        data = yaml.safe_load(original)
+        data["models"][0]["max_output_tokens"] = 5
+        path.write_text(yaml.safe_dump(data))
+        eventually(lambda: complete(gateway, "alpha").headers.get("x-kvgate-max-tokens") == "5", "the file's clamp")
+        version = admin_client.list_models(gateway.admin_address).version
+        path.write_text("models: [ {name: alpha")  # a broken save
+        time.sleep(0.5)
+        assert admin_client.list_models(gateway.admin_address).version == version
+        assert complete(gateway, "alpha").headers["x-kvgate-max-tokens"] == "5"
+    finally:
+        path.write_text(original)
+    eventually(lambda: complete(gateway, "alpha").headers.get("x-kvgate-max-tokens") == "64", "the original clamp")
+
+
+def test_status_shows_every_node_and_what_it_acked(gateway: Gateway) -> None:
+    current = admin_client.status(gateway.admin_address)
+    groups = {n.id: n.group for n in current.nodes}
+    assert groups == {"envoy-0": "kvgate-envoy", "ext-proc-0": "kvgate-ext-proc"}
+    envoy = next(n for n in current.nodes if n.id == "envoy-0")
+    assert {t.rsplit(".", 1)[1] for t in envoy.acked_versions} == {
+        "Cluster", "ClusterLoadAssignment", "Listener", "RouteConfiguration"}
+    ext_proc = next(n for n in current.nodes if n.id == "ext-proc-0")
+    assert list(ext_proc.acked_versions) == ["type.googleapis.com/kvgate.v1.ModelPolicy"]
+    printed = subprocess.run([sys.executable, "-m", "kvgate.cli", "status", "--server", gateway.admin_address],
+                             capture_output=True, text=True, timeout=30)
+    assert printed.returncode == 0 and "envoy-0 (group kvgate-envoy)" in printed.stdout
+    assert "ModelPolicy: ACKed" in printed.stdout

@@ -1,0 +1,72 @@
+"""xds_server/control.py: catalog changes are validated whole, and a refused one changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from kvgate.catalog import CatalogError, parse_catalog
+from xds_server.control import Controller, models_from_yaml, render
+from xds_server.server import XdsServer
+from xds_server.settings import GatewaySettings
+from xds_server.snapshot import POLICY
+
+SETTINGS = GatewaySettings()
+
+
+def model(name: str, **overrides: object) -> dict:
+    return {"name": name, "endpoints": ["10.0.0.1:8000"], "max_context_tokens": 4096,
+            "kv": {"bytes_per_token": 1024, "budget_per_endpoint": "1GiB"}, **overrides}
+
+
+def controller() -> Controller:
+    catalog = parse_catalog({"models": [model("a")]})
+    return Controller(XdsServer(render(catalog, SETTINGS)), catalog, SETTINGS)
+
+
+def served_policies(c: Controller) -> list[str]:
+    return sorted(c.server.cache.snapshot.get(POLICY).items)
+
+
+@pytest.mark.asyncio
+async def test_apply_adds_and_replaces_by_name_and_publishes() -> None:
+    c = controller()
+    assert await c.apply(yaml.safe_dump([model("b")]))
+    assert served_policies(c) == ["a", "b"]
+    assert await c.apply(yaml.safe_dump({"models": [model("a", max_output_tokens=7)]}))
+    assert c.catalog.model("a").max_output_tokens == 7 and served_policies(c) == ["a", "b"]
+    assert not await c.apply(yaml.safe_dump([model("a", max_output_tokens=7)]))  # nothing new
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("change", [
+    yaml.safe_dump([model("a", max_context_tokens=-1)]),
+    yaml.safe_dump([model("c", endpoints=["sim"])]),  # nobody here can start an engine
+    "models: [",
+    "42",
+])
+async def test_a_refused_change_leaves_catalog_and_snapshot_alone(change: str) -> None:
+    c = controller()
+    before_catalog, before_version = c.catalog, c.server.cache.snapshot.version
+    with pytest.raises(CatalogError):
+        await c.apply(change)
+    assert c.catalog is before_catalog and c.server.cache.snapshot.version == before_version
+
+
+@pytest.mark.asyncio
+async def test_remove() -> None:
+    c = controller()
+    await c.apply(yaml.safe_dump([model("b")]))
+    assert await c.remove("b")
+    assert served_policies(c) == ["a"]
+    with pytest.raises(CatalogError, match="not in the catalog"):
+        await c.remove("b")
+    with pytest.raises(CatalogError):
+        await c.remove("a")  # a catalog needs at least one model
+
+
+def test_models_from_yaml_takes_a_list_or_a_catalog() -> None:
+    assert models_from_yaml("- {name: x}") == [{"name": "x"}]
+    assert models_from_yaml("models: [{name: y}]") == [{"name": "y"}]
+    with pytest.raises(CatalogError):
+        models_from_yaml("models: []")

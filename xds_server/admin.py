@@ -1,0 +1,57 @@
+"""The admin API (proto/kvgate/v1/admin.proto): catalog changes through the Controller, and the
+fleet as the ADS server sees it."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+import grpc
+
+from kvgate.catalog import CatalogError
+from kvgate.v1 import admin_pb2, admin_pb2_grpc
+from xds_server.control import Controller
+from xds_server.server import Client
+
+
+def node_status(client: Client, last_nack: admin_pb2.Nack | None) -> admin_pb2.NodeStatus:
+    return admin_pb2.NodeStatus(
+        id=client.node_id, group=client.cluster, connected_since_unix=client.connected_at,
+        acked_versions={t: s.acked_version for t, s in client.stream.types.items() if s.acked_version},
+        last_nack=last_nack)
+
+
+@dataclass
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    controller: Controller
+
+    async def ListModels(self, request: admin_pb2.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> admin_pb2.ListModelsResponse:
+        return admin_pb2.ListModelsResponse(catalog_yaml=self.controller.catalog.to_yaml(), version=self._version())
+
+    async def ApplyModels(self, request: admin_pb2.ApplyModelsRequest,
+                          context: grpc.aio.ServicerContext) -> admin_pb2.ChangeResponse:
+        return await self._change(self.controller.apply(request.models_yaml), context)
+
+    async def RemoveModel(self, request: admin_pb2.RemoveModelRequest,
+                          context: grpc.aio.ServicerContext) -> admin_pb2.ChangeResponse:
+        return await self._change(self.controller.remove(request.name), context)
+
+    async def GetStatus(self, request: admin_pb2.GetStatusRequest,
+                        context: grpc.aio.ServicerContext) -> admin_pb2.GetStatusResponse:
+        ads = self.controller.server.servicer
+        last_nacks = {node: admin_pb2.Nack(type_url=n.type_url, version=n.version, error_detail=n.message)
+                      for node, n in ads.nacks}  # later entries win: the last NACK per node
+        nodes = sorted((node_status(c, last_nacks.get(c.node_id)) for c in ads.clients.values()),
+                       key=lambda n: (n.group, n.id))
+        return admin_pb2.GetStatusResponse(version=self._version(), nodes=nodes)
+
+    async def _change(self, change: Awaitable[bool], context: grpc.aio.ServicerContext) -> admin_pb2.ChangeResponse:
+        try:
+            changed = await change
+        except CatalogError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return admin_pb2.ChangeResponse(version=self._version(), changed=changed)
+
+    def _version(self) -> str:
+        return self.controller.server.cache.snapshot.version

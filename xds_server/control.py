@@ -1,0 +1,72 @@
+"""Changes to the served catalog, from the file watcher or the admin API: each one is validated as a
+whole catalog and rendered before anything is published, so a refused change touches nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from kvgate.catalog import Catalog, CatalogError, parse_catalog
+from xds_server.server import XdsServer
+from xds_server.settings import GatewaySettings
+from xds_server.snapshot import Snapshot, build_snapshot
+
+
+def render(catalog: Catalog, settings: GatewaySettings) -> Snapshot:
+    """The snapshot for a catalog; rendering errors (e.g. an unstarted `sim`) refuse the catalog."""
+    try:
+        return build_snapshot(catalog, settings)
+    except CatalogError:
+        raise
+    except ValueError as e:
+        raise CatalogError([str(e)]) from None
+
+
+def models_from_yaml(text: str) -> list[dict[str, Any]]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise CatalogError([f"not YAML: {e}"]) from None
+    models = data.get("models") if isinstance(data, dict) else data
+    if not isinstance(models, list) or not models or not all(isinstance(m, dict) for m in models):
+        raise CatalogError(["expected a list of models, or a mapping with `models:`"])
+    return models
+
+
+@dataclass
+class Controller:
+    server: XdsServer
+    catalog: Catalog
+    settings: GatewaySettings
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def replace(self, catalog: Catalog) -> bool:
+        """Serve `catalog` instead; False when it renders to what is already served."""
+        async with self._lock:
+            return await self._serve(catalog)
+
+    async def apply(self, models_yaml: str) -> bool:
+        """Add or replace models by name."""
+        incoming = models_from_yaml(models_yaml)
+        names = {m.get("name") for m in incoming}
+        async with self._lock:
+            kept = [m for m in self._dump()["models"] if m["name"] not in names]
+            return await self._serve(parse_catalog({"models": kept + incoming}))
+
+    async def remove(self, name: str) -> bool:
+        async with self._lock:
+            if self.catalog.model(name) is None:
+                raise CatalogError([f"model {name!r} is not in the catalog"])
+            kept = [m for m in self._dump()["models"] if m["name"] != name]
+            return await self._serve(parse_catalog({"models": kept}))
+
+    async def _serve(self, catalog: Catalog) -> bool:
+        snapshot = render(catalog, self.settings)  # raises before anything changes
+        self.catalog = catalog
+        return await self.server.publish(snapshot)
+
+    def _dump(self) -> dict[str, Any]:
+        return yaml.safe_load(self.catalog.to_yaml())
