@@ -43,6 +43,8 @@ class Child:
     name: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    argv: list[str]
+    env: dict[str, str] | None = None
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -61,9 +63,17 @@ class Supervisor:
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env={**os.environ, **(env or {})}, preexec_fn=_die_with_parent)
-        child = Child(name, proc, log_path)
+        child = Child(name, proc, log_path, argv, env)
         self.children.append(child)
         return child
+
+    def restart(self, name: str, *, kill: bool = False) -> Child:
+        """Stop a child (SIGKILL if `kill`: a crash) and start it again with the same command."""
+        (old,) = [c for c in self.children if c.name == name]
+        old.proc.kill() if kill else old.proc.terminate()
+        old.proc.wait()
+        self.children.remove(old)
+        return self.start(name, old.argv, old.env)
 
     def check(self) -> None:
         """Raise if any child has exited: a gateway with a dead part must not look healthy."""

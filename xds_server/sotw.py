@@ -42,7 +42,8 @@ class SotwStream:
     def on_request(self, req: DiscoveryRequest) -> tuple[list[DiscoveryResponse], Nack | None]:
         """Handle one client request; also returns the NACK it carried, for the caller to log."""
         state = self.types.setdefault(req.type_url, TypeState())
-        if req.response_nonce and req.response_nonce != state.sent_nonce:
+        first = state.sent_version is None
+        if not first and req.response_nonce and req.response_nonce != state.sent_nonce:
             return [], None  # answers a response we have since superseded
         nack = None
         if req.HasField("error_detail"):
@@ -57,7 +58,11 @@ class SotwStream:
         version = self.snapshot.get(req.type_url).version
         # Behind, unless what it lacks is the version it rejected: that is held until the config changes.
         behind = req.version_info != version and state.nacked_version != version
-        if names_changed or behind or state.sent_version is None:
+        if first and req.version_info and not behind:
+            # A client back after a control-plane restart already has this version: nothing to send.
+            state.sent_version = state.acked_version = version
+            return [], nack
+        if first or names_changed or behind:
             return [self._respond(req.type_url)], nack
         return [], nack
 

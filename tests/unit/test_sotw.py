@@ -122,13 +122,6 @@ def test_unknown_nonce_is_ignored() -> None:
     assert out == []
 
 
-def test_reconnect_with_current_version_still_gets_a_response() -> None:
-    """A new stream owes the client a response even when it already has this version."""
-    stream = SotwStream(snap())
-    (resp,), _ = stream.on_request(req(CLUSTER, version=snap().get(CLUSTER).version))
-    assert resp.version_info == snap().get(CLUSTER).version
-
-
 # --- NACK ------------------------------------------------------------------------------------
 
 def test_nack_recorded_and_not_answered() -> None:
@@ -277,3 +270,31 @@ def test_wildcard_type_with_names_returns_only_those() -> None:
     """grpc-python's xDS client asks for named LDS/CDS resources."""
     (resp,), _ = SotwStream(snap(("alpha", "beta"))).on_request(req(CLUSTER, ALPHA))
     assert resource_count(resp) == 1
+
+
+# --- a client reconnecting after a control-plane restart --------------------------------------
+
+def test_a_client_that_already_has_the_version_is_not_sent_it_again() -> None:
+    snap = build_snapshot(CATALOG_FOR_RECONNECT, GatewaySettings())
+    stream = SotwStream(snap)
+    version = snap.get(CLUSTER).version
+    # What Envoy sends on a new stream: its current version, and a nonce of the old server's.
+    out, _ = stream.on_request(DiscoveryRequest(type_url=CLUSTER, version_info=version, response_nonce="17"))
+    assert out == []
+    assert stream.types[CLUSTER].acked_version == version
+    # Later changes are pushed as usual.
+    changed = build_snapshot(parse_catalog({"models": [{**MODEL_FOR_RECONNECT, "name": "other"}]}), GatewaySettings())
+    (pushed,) = [r for r in stream.on_snapshot(changed) if r.type_url == CLUSTER]
+    assert pushed.version_info == changed.get(CLUSTER).version
+
+
+def test_a_client_behind_after_a_restart_gets_the_new_version() -> None:
+    snap = build_snapshot(CATALOG_FOR_RECONNECT, GatewaySettings())
+    stream = SotwStream(snap)
+    out, _ = stream.on_request(DiscoveryRequest(type_url=CLUSTER, version_info="old", response_nonce="17"))
+    assert [r.version_info for r in out] == [snap.get(CLUSTER).version]
+
+
+MODEL_FOR_RECONNECT = {"name": "m", "endpoints": ["10.0.0.1:8000"], "max_context_tokens": 4096,
+                       "kv": {"bytes_per_token": 1024, "budget_per_endpoint": "1GiB"}}
+CATALOG_FOR_RECONNECT = parse_catalog({"models": [MODEL_FOR_RECONNECT]})
