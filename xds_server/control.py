@@ -12,7 +12,7 @@ import yaml
 from kvgate.catalog import Catalog, CatalogError, parse_catalog
 from xds_server.server import XdsServer
 from xds_server.settings import GatewaySettings
-from xds_server.snapshot import Snapshot, build_snapshot
+from xds_server.snapshot import ROUTE, Snapshot, build_snapshot
 
 
 def render(catalog: Catalog, settings: GatewaySettings) -> Snapshot:
@@ -41,6 +41,8 @@ class Controller:
     server: XdsServer
     catalog: Catalog
     settings: GatewaySettings
+    # How long a cluster removal waits for every Envoy to ACK routes that no longer use it.
+    bridge_timeout_s: float = 5.0
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def replace(self, catalog: Catalog) -> bool:
@@ -66,7 +68,16 @@ class Controller:
     async def _serve(self, catalog: Catalog) -> bool:
         snapshot = render(catalog, self.settings)  # raises before anything changes
         self.catalog = catalog
-        return await self.server.publish(snapshot)
+        served = self.server.cache.snapshot
+        changed = snapshot.version != served.version
+        if snapshot.stale_clusters(served):
+            # Break after make: routes stop using the old clusters before the clusters go, or
+            # Envoy would black-hole requests still matching a route to a cluster it dropped.
+            bridge = snapshot.keeping_clusters_of(served)
+            await self.server.publish(bridge)
+            await self.server.wait_acked(ROUTE, bridge.get(ROUTE).version, timeout_s=self.bridge_timeout_s)
+        await self.server.publish(snapshot)
+        return changed
 
     def _dump(self) -> dict[str, Any]:
         return yaml.safe_load(self.catalog.to_yaml())

@@ -109,6 +109,20 @@ class XdsServer:
     async def publish(self, snapshot: Snapshot) -> bool:
         return await self.cache.set(snapshot)
 
+    async def wait_acked(self, type_url: str, version: str, timeout_s: float) -> bool:
+        """Wait until every client subscribed to `type_url` ACKed `version` (or NACKed it: it will
+        not take it, waiting longer helps nobody). False on timeout."""
+        def settled() -> bool:
+            states = [c.stream.types[type_url] for c in self.servicer.clients.values() if type_url in c.stream.types]
+            return all(s.acked_version == version or s.nacked_version == version for s in states)
+
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not settled():
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
     async def stop(self, grace: float = 1.0) -> None:
         await self.grpc.stop(grace)
 

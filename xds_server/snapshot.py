@@ -47,15 +47,20 @@ class Resources:
 
     @classmethod
     def of(cls, named: dict[str, message.Message]) -> Resources:
-        items = {}
-        for name, msg in sorted(named.items()):
-            packed = any_pb2.Any()
-            packed.Pack(msg, deterministic=True)
-            items[name] = packed
+        packed = {}
+        for name, msg in named.items():
+            packed[name] = any_pb2.Any()
+            packed[name].Pack(msg, deterministic=True)
+        return cls.packed(packed)
+
+    @classmethod
+    def packed(cls, items: dict[str, any_pb2.Any]) -> Resources:
+        """From resources already packed; the version is a hash of names and contents."""
+        ordered = dict(sorted(items.items()))
         digest = hashlib.sha256()
-        for name, packed in items.items():
-            digest.update(name.encode() + b"\0" + packed.value + b"\0")
-        return cls(version=digest.hexdigest()[:16], items=items)
+        for name, any_msg in ordered.items():
+            digest.update(name.encode() + b"\0" + any_msg.value + b"\0")
+        return cls(version=digest.hexdigest()[:16], items=ordered)
 
     def select(self, names: frozenset[str] | None) -> list[any_pb2.Any]:
         """The resources a subscription asked for (None: all); names not here yet are left out."""
@@ -70,6 +75,16 @@ class Snapshot:
 
     def get(self, type_url: str) -> Resources:
         return self.by_type.get(type_url) or Resources(version="")
+
+    def keeping_clusters_of(self, old: Snapshot) -> Snapshot:
+        """This snapshot, plus the clusters (and their endpoints) of `old` that it drops: served
+        until every Envoy has routes that no longer use them (make before break)."""
+        def merged(type_url: str) -> Resources:
+            return Resources.packed({**old.get(type_url).items, **self.get(type_url).items})
+        return Snapshot(by_type={**self.by_type, CLUSTER: merged(CLUSTER), ENDPOINT: merged(ENDPOINT)})
+
+    def stale_clusters(self, old: Snapshot) -> set[str]:
+        return set(old.get(CLUSTER).items) - set(self.get(CLUSTER).items)
 
     @property
     def version(self) -> str:

@@ -165,3 +165,34 @@ def test_a_control_plane_crash_and_restart_drops_nothing_and_repushes_nothing(ga
     assert admin_client.status(gateway.admin_address).version == version
     # Same catalog, same versions: the reconnected Envoy was sent nothing it already had.
     assert envoy_stat(gateway, "cluster_manager.cds.update_success") == cds_updates
+
+
+def test_removing_a_model_under_load_never_black_holes_a_request(gateway: Gateway, pristine: str) -> None:
+    """A removed model's requests are served, then refused as unknown (404), never dropped by Envoy
+    for a missing cluster (503). Two guards: ext_proc refuses the model as soon as its policy goes,
+    and routes stop using the cluster before the cluster goes (make before break, unit-tested in
+    test_control.py); this test sees the sum of both."""
+    for attempt in range(2):
+        beta = {**ALPHA, "name": "beta", "backend_model": "alpha", "endpoints": [alpha_engine(gateway)]}
+        beta.pop("sim")
+        admin_client.apply_models(gateway.admin_address, yaml.safe_dump([beta]))
+        eventually(lambda: complete(gateway, "beta").status_code == 200, "beta served")
+        seen: list[int] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(timeout=10) as http:
+                while not stop.is_set():
+                    seen.append(http.post(f"{gateway.url}/v1/completions",
+                                          json={"model": "beta", "prompt": "hi", "max_tokens": 1}).status_code)
+
+        workers = [threading.Thread(target=load) for _ in range(4)]
+        for w in workers:
+            w.start()
+        time.sleep(0.2)
+        admin_client.remove_model(gateway.admin_address, "beta")
+        eventually(lambda: bool(seen) and seen[-1] == 404, "beta refused")
+        stop.set()
+        for w in workers:
+            w.join()
+        assert set(seen) <= {200, 404}, f"attempt {attempt}: {sorted(set(seen))}"

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from kvgate.catalog import CatalogError, parse_catalog
 from xds_server.control import Controller, models_from_yaml, render
 from xds_server.server import XdsServer
 from xds_server.settings import GatewaySettings
-from xds_server.snapshot import POLICY
+from xds_server.snapshot import CLUSTER, ENDPOINT, POLICY, ROUTE, Snapshot
 
 SETTINGS = GatewaySettings()
 
@@ -70,3 +71,43 @@ def test_models_from_yaml_takes_a_list_or_a_catalog() -> None:
     assert models_from_yaml("models: [{name: y}]") == [{"name": "y"}]
     with pytest.raises(CatalogError):
         models_from_yaml("models: []")
+
+
+def spy_on_publish(c: Controller) -> list[Snapshot]:
+    published: list[Snapshot] = []
+    real_publish = c.server.publish
+
+    async def spy(snapshot: Snapshot) -> bool:
+        published.append(snapshot)
+        return await real_publish(snapshot)
+
+    c.server.publish = spy  # type: ignore[method-assign]
+    return published
+
+
+def route_names(snapshot: Snapshot) -> set[str]:
+    config = RouteConfiguration.FromString(snapshot.get(ROUTE).items["kvgate_routes"].value)
+    return {r.name for vh in config.virtual_hosts for r in vh.routes}
+
+
+@pytest.mark.asyncio
+async def test_removing_a_model_keeps_its_cluster_until_routes_no_longer_use_it() -> None:
+    c = controller()
+    await c.apply(yaml.safe_dump([model("b")]))
+    published = spy_on_publish(c)
+    assert await c.remove("b")
+    bridge, final = published
+    b_cluster = c.catalog.model("a").cluster_name.replace("/a", "/b")
+    assert b_cluster in bridge.get(CLUSTER).items and b_cluster in bridge.get(ENDPOINT).items
+    assert route_names(bridge) == route_names(final) == {"a", "models_list", "no_model"}
+    assert bridge.get(ROUTE).version == final.get(ROUTE).version
+    assert b_cluster not in final.get(CLUSTER).items and b_cluster not in final.get(ENDPOINT).items
+    assert c.server.cache.snapshot is final
+
+
+@pytest.mark.asyncio
+async def test_adding_a_model_is_one_publish() -> None:
+    c = controller()
+    published = spy_on_publish(c)
+    await c.apply(yaml.safe_dump([model("b")]))
+    assert len(published) == 1
