@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Annotated, NoReturn, TypeVar
 
 import typer
+import watchfiles
 import yaml
 from google.protobuf import json_format
 
@@ -20,7 +21,8 @@ from kvgate.catalog import SIM, Address, Catalog, CatalogError, Model, bundled_c
 from kvgate.gateway import Gateway, NotReady
 from kvgate.processes import ProcessDied
 from xds_server.settings import GatewaySettings
-from xds_server.snapshot import PUSH_ORDER, build_snapshot
+from xds_server.control import render
+from xds_server.snapshot import PUSH_ORDER, Snapshot
 
 T = TypeVar("T")
 
@@ -62,9 +64,7 @@ def up(catalog: CatalogOption = bundled_catalog_path(),
         for m in gateway.catalog.models:
             engines = ", ".join(f"{a} (gRPC {a.grpc_port})" if a.grpc_port else str(a) for a in m.addresses())
             typer.echo(f"  {m.name} ({m.protocol}): {engines}", err=True)
-        while True:  # watch the children: a gateway with a dead part must not look healthy
-            gateway.supervisor.check()
-            time.sleep(0.5)
+        _serve_changes(catalog, gateway)
     except (NotReady, ProcessDied) as e:
         typer.echo(f"kvgate failed: {e}", err=True)
         raise typer.Exit(1) from None
@@ -73,6 +73,30 @@ def up(catalog: CatalogOption = bundled_catalog_path(),
     finally:
         gateway.stop()
         typer.echo("kvgate stopped", err=True)
+
+
+def _serve_changes(path: Path, gateway: Gateway) -> None:
+    """Until interrupted: watch the children (a gateway with a dead part must not look healthy) and
+    serve every valid save of the catalog file; an invalid one is refused and changes nothing."""
+    path = path.resolve()
+    for changes in watchfiles.watch(path.parent, watch_filter=lambda _c, p: Path(p) == path,
+                                    debounce=50, rust_timeout=500, yield_on_timeout=True):
+        gateway.supervisor.check()
+        if not changes:
+            continue
+        try:
+            cat = load_catalog(path)
+            _render(cat)
+        except CatalogError as e:
+            typer.echo(f"catalog change refused (still serving the previous one):\n{e}", err=True)
+            continue
+        gateway.reload(cat)
+        typer.echo(f"catalog reloaded: {', '.join(m.name for m in cat.models)}", err=True)
+
+
+def _render(cat: Catalog, port: int = 8080) -> Snapshot:
+    """Everything the control plane would serve for `cat`; raises CatalogError if it can't."""
+    return render(_placeholders(cat), GatewaySettings(listen=Address(host="127.0.0.1", port=port)))
 
 
 def _placeholders(cat: Catalog) -> Catalog:
@@ -90,9 +114,12 @@ def _placeholders(cat: Catalog) -> Catalog:
 def check(catalog: Annotated[Path, typer.Argument(help="Catalog file to validate")],
           port: Annotated[int, typer.Option(help="Gateway port to render")] = 8080) -> None:
     """Validate a catalog and print every resource the control plane would serve (a dry run)."""
-    cat = _placeholders(_load(catalog))
-    settings = GatewaySettings(listen=Address(host="127.0.0.1", port=port))
-    snapshot = build_snapshot(cat, settings)
+    cat = _load(catalog)
+    try:
+        snapshot = _render(cat, port)
+    except CatalogError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
     docs = [{"type_url": t, "version_info": snapshot.get(t).version,
              "resources": [json.loads(json_format.MessageToJson(r, preserving_proto_field_name=True))
                            for r in snapshot.get(t).items.values()]}

@@ -47,6 +47,11 @@ def _http(method: str, url: str, body: dict | None = None, timeout_s: float = 2.
         return 0, b""
 
 
+def health_url(model: Model, addr: Address) -> str:
+    """The engine's own readiness endpoint (trtllm-serve's or Triton's)."""
+    return f"http://{addr}/v2/health/ready" if model.protocol == "triton" else f"http://{addr}/health"
+
+
 def probe(url: str, model: Model | None) -> tuple[str, dict]:
     """One cheap request (one output token) in the model's own protocol."""
     assert model is not None
@@ -71,6 +76,7 @@ class Gateway:
     ext_proc_metrics_port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
     sims: dict[str, list[Address]] = field(default_factory=dict)
+    _sim_addresses: dict[str, Address] = field(default_factory=dict)  # by engine process name
 
     def __post_init__(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -114,16 +120,51 @@ class Gateway:
     def __exit__(self, *_: object) -> None:
         self.stop()
 
+    def reload(self, catalog: Catalog) -> None:
+        """Serve another catalog: engines for new `sim` endpoints are started (changed ones restarted
+        on the same ports), and xds_server, which watches the resolved copy, publishes it."""
+        self.catalog = self._ensure_sims(catalog)
+        self.catalog_path.write_text(self.catalog.to_yaml())
+
+    @property
+    def catalog_path(self) -> Path:
+        """The catalog xds_server serves: the given one with every `sim` resolved to its engine."""
+        return self.run_dir / "catalog.yaml"
+
+    def _ensure_sims(self, catalog: Catalog, timeout_s: float = 30.0) -> Catalog:
+        """Start (or restart, when its settings changed) the engine of every `sim` endpoint, and wait
+        until the ones started answer their health check: a route to an engine still booting is a 503."""
+        sims: dict[str, list[Address]] = {}
+        started: list[str] = []
+        for model in catalog.models:
+            for i, _ in enumerate(e for e in model.endpoints if e == SIM):
+                name = f"sim-{model.name.replace('/', '_')}-{i}"
+                addr = self._sim_addresses.get(name) or Address(
+                    host="127.0.0.1", port=free_port(), grpc_port=free_port() if model.protocol == "triton" else None)
+                self._sim_addresses[name] = addr
+                argv = sim_argv(model, addr)
+                running = self.supervisor.get(name)
+                if running is None:
+                    self.supervisor.start(name, argv)
+                elif running.argv != argv:
+                    self.supervisor.restart(name, argv=argv)
+                if running is None or running.argv != argv:
+                    started.append(health_url(model, addr))
+                sims.setdefault(model.name, []).append(addr)
+        deadline = time.monotonic() + timeout_s
+        for url in started:
+            while _http("GET", url)[0] != 200:
+                self.supervisor.check()
+                if time.monotonic() > deadline:
+                    raise NotReady(f"simulated engine never answered {url}")
+                time.sleep(0.02)
+        self.sims = sims
+        return catalog.with_endpoints(sims)
+
     def _start_all(self) -> None:
         py = sys.executable
-        for model in self.catalog.models:
-            for i, _ in enumerate(e for e in model.endpoints if e == SIM):
-                addr = Address(host="127.0.0.1", port=free_port(),
-                               grpc_port=free_port() if model.protocol == "triton" else None)
-                self.supervisor.start(f"sim-{model.name.replace('/', '_')}-{i}", sim_argv(model, addr))
-                self.sims.setdefault(model.name, []).append(addr)
-        self.catalog = self.catalog.with_endpoints(self.sims)
-        catalog_path = self.run_dir / "catalog.yaml"
+        self.catalog = self._ensure_sims(self.catalog)
+        catalog_path = self.catalog_path
         catalog_path.write_text(self.catalog.to_yaml())
         self.supervisor.start("xds_server", [
             py, "-m", "xds_server", "--catalog", str(catalog_path), "--port", str(self.xds_port),

@@ -67,13 +67,17 @@ class Supervisor:
         self.children.append(child)
         return child
 
-    def restart(self, name: str, *, kill: bool = False) -> Child:
-        """Stop a child (SIGKILL if `kill`: a crash) and start it again with the same command."""
-        (old,) = [c for c in self.children if c.name == name]
+    def get(self, name: str) -> Child | None:
+        return next((c for c in self.children if c.name == name), None)
+
+    def restart(self, name: str, *, argv: list[str] | None = None, kill: bool = False) -> Child:
+        """Stop a child (SIGKILL if `kill`: a crash) and start it again, with the same command or `argv`."""
+        old = self.get(name)
+        assert old is not None, f"no child named {name}"
         old.proc.kill() if kill else old.proc.terminate()
         old.proc.wait()
         self.children.remove(old)
-        return self.start(name, old.argv, old.env)
+        return self.start(name, argv or old.argv, old.env)
 
     def check(self) -> None:
         """Raise if any child has exited: a gateway with a dead part must not look healthy."""

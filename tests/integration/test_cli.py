@@ -107,6 +107,42 @@ def test_up_serves_another_catalog_and_stops_on_sigterm(tmp_path: Path) -> None:
         proc.kill()
 
 
+def test_up_serves_each_save_of_its_catalog_and_refuses_a_broken_one(tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog.yaml"
+    solo = {"name": "solo", "endpoints": ["sim"], "max_context_tokens": 2048, "max_output_tokens": 64,
+            "kv": {"bytes_per_token": 65536, "budget_per_endpoint": "1GiB"}}
+    catalog.write_text(yaml.safe_dump({"models": [solo]}))
+    proc, url = start_up(["--catalog", str(catalog), "--port", str(free_port()), "--xds-port", str(free_port())],
+                         tmp_path)
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+
+        def serves(model: str, clamp: str) -> bool:
+            try:
+                raw = client.completions.with_raw_response.create(model=model, prompt="hi", max_tokens=500)
+            except openai.NotFoundError:
+                return False
+            return raw.headers["x-kvgate-max-tokens"] == clamp
+
+        catalog.write_text(yaml.safe_dump({"models": [solo, {**solo, "name": "duo", "max_output_tokens": 32}]}))
+        wait_until(lambda: serves("duo", "32"), "a model added to the file, on a new engine")
+        catalog.write_text("models: [ {name: solo")
+        time.sleep(1)
+        catalog.write_text(yaml.safe_dump({"models": [{**solo, "max_output_tokens": 16}]}))
+        wait_until(lambda: serves("solo", "16") and not serves("duo", "32"), "the next valid save")
+        stop_and_check_no_orphans(proc, signal.SIGTERM)
+        assert "catalog change refused" in (proc.stderr.read() if proc.stderr else "")
+    finally:
+        proc.kill()
+
+
+def wait_until(check, what: str, timeout_s: float = 30) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"never saw: {what}"
+        time.sleep(0.1)
+
+
 def test_up_refuses_an_invalid_catalog_naming_model_and_field(tmp_path: Path) -> None:
     catalog = tmp_path / "bad.yaml"
     catalog.write_text(yaml.safe_dump({"models": [{"name": "m1", "endpoints": ["nowhere"],
