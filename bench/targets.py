@@ -105,8 +105,8 @@ def started(run_dir: Path, ready: Callable[[Target], bool]) -> Iterator[tuple[Ta
         engines = {m: _pid(gateway.supervisor, f"sim-{m}-") for m in (OPENAI_MODEL, TRITON_MODEL)}
         targets = (Target("baseline", f"127.0.0.1:{listen_port}", {"client": SELF, "envoy": envoy.proc.pid}, engines),
                    Target("gateway", f"{gateway.host}:{gateway.port}",
-                          {"client": SELF, "envoy": _pid(gateway.supervisor, "envoy"),
-                           "ext_proc": _pid(gateway.supervisor, "ext_proc")}, engines))
+                          {"client": SELF, "envoy": _pid(gateway.supervisor, "envoy-0"),
+                           "ext_proc": _pid(gateway.supervisor, "ext_proc-0")}, engines))
         _wait_ready(baseline, f"http://127.0.0.1:{admin_port}", targets[0], ready)
         _wait_ready(gateway.supervisor, gateway.admin_url, targets[1], ready)
         yield targets

@@ -52,9 +52,8 @@ def health_url(model: Model, addr: Address) -> str:
     return f"http://{addr}/v2/health/ready" if model.protocol == "triton" else f"http://{addr}/health"
 
 
-def probe(url: str, model: Model | None) -> tuple[str, dict]:
+def probe(url: str, model: Model) -> tuple[str, dict]:
     """One cheap request (one output token) in the model's own protocol."""
-    assert model is not None
     if model.protocol == "triton":
         return f"{url}/v2/models/{model.name}/generate", {"text_input": "kvgate probe", "max_tokens": 1}
     return f"{url}/v1/completions", {"model": model.name, "prompt": "kvgate probe", "max_tokens": 1}
@@ -62,6 +61,23 @@ def probe(url: str, model: Model | None) -> tuple[str, dict]:
 
 class NotReady(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class EnvoyNode:
+    node_id: str
+    group: str  # node.cluster: its own group gives it its own listener address
+    host: str
+    port: int
+    admin_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
 
 
 @dataclass
@@ -75,12 +91,21 @@ class Gateway:
     ext_proc_port: int = field(default_factory=free_port)
     ext_proc_metrics_port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
+    # A fleet on one host: more Envoys (each its own listener port) and ext_proc replicas.
+    extra_envoys: int = 0
+    extra_ext_procs: int = 0
     sims: dict[str, list[Address]] = field(default_factory=dict)
     _sim_addresses: dict[str, Address] = field(default_factory=dict)  # by engine process name
 
     def __post_init__(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.supervisor = Supervisor(self.run_dir)
+        self.envoys = [EnvoyNode("envoy-0", ENVOY_NODE_CLUSTER, self.host, self.port, self.admin_port)] + [
+            EnvoyNode(f"envoy-{i}", f"{ENVOY_NODE_CLUSTER}-{i}", self.host, free_port(), free_port())
+            for i in range(1, self.extra_envoys + 1)]
+        # (gRPC port, metrics port) of each ext_proc replica.
+        self.ext_procs = [(self.ext_proc_port, self.ext_proc_metrics_port)] + [
+            (free_port(), free_port()) for _ in range(self.extra_ext_procs)]
 
     @property
     def url(self) -> str:
@@ -164,39 +189,43 @@ class Gateway:
     def _start_all(self) -> None:
         py = sys.executable
         self.catalog = self._ensure_sims(self.catalog)
-        catalog_path = self.catalog_path
-        catalog_path.write_text(self.catalog.to_yaml())
+        self.catalog_path.write_text(self.catalog.to_yaml())
+        fleet = self.envoys[1:]  # each extra Envoy is its own node group with its own listener
         self.supervisor.start("xds_server", [
-            py, "-m", "xds_server", "--catalog", str(catalog_path), "--port", str(self.xds_port),
-            "--listen", f"{self.host}:{self.port}", "--ext-proc", f"127.0.0.1:{self.ext_proc_port}",
-            "--max-request-bytes", str(self.max_request_bytes)])
-        self.supervisor.start("ext_proc", [
-            py, "-m", "ext_proc", "--port", str(self.ext_proc_port), "--xds", f"127.0.0.1:{self.xds_port}",
-            "--metrics-port", str(self.ext_proc_metrics_port),
-            # gRPC must take any body Envoy buffered, plus the message's own framing.
-            "--max-message-bytes", str(self.max_request_bytes + 64 * 1024)])
-        bootstrap = self.run_dir / "envoy.yaml"
-        bootstrap.write_text(render_bootstrap(node_id="envoy-0", node_cluster=ENVOY_NODE_CLUSTER,
-                                              admin_port=self.admin_port,
-                                              xds=Address(host="127.0.0.1", port=self.xds_port)))
-        self.supervisor.start("envoy", [envoy_binary(), "-c", str(bootstrap), "--log-level", "warn",
-                                        "--disable-hot-restart"])
+            py, "-m", "xds_server", "--catalog", str(self.catalog_path), "--port", str(self.xds_port),
+            "--listen", f"{self.host}:{self.port}", "--max-request-bytes", str(self.max_request_bytes),
+            *(a for port, _ in self.ext_procs for a in ("--ext-proc", f"127.0.0.1:{port}")),
+            *(a for e in fleet for a in ("--group-listen", f"{e.group}={self.host}:{e.port}"))])
+        for i, (port, metrics_port) in enumerate(self.ext_procs):
+            self.supervisor.start(f"ext_proc-{i}", [
+                py, "-m", "ext_proc", "--port", str(port), "--xds", self.admin_address, "--node-id", f"ext-proc-{i}",
+                "--metrics-port", str(metrics_port),
+                # gRPC must take any body Envoy buffered, plus the message's own framing.
+                "--max-message-bytes", str(self.max_request_bytes + 64 * 1024)])
+        xds = Address(host="127.0.0.1", port=self.xds_port)
+        for e in self.envoys:
+            bootstrap = self.run_dir / f"{e.node_id}.yaml"
+            bootstrap.write_text(render_bootstrap(node_id=e.node_id, node_cluster=e.group, admin_port=e.admin_port,
+                                                  xds=xds))
+            self.supervisor.start(e.node_id, [envoy_binary(), "-c", str(bootstrap), "--log-level", "warn",
+                                              "--disable-hot-restart"])
 
     def _wait_ready(self, deadline: float) -> None:
-        """Envoy LIVE means it applied (ACKed) its first config; then one request per model must
-        pass ext_proc (policies loaded) and reach an engine."""
-        pending = ["envoy"] + [m.name for m in self.catalog.models]
-        while pending:
+        """Every Envoy LIVE (it applied, so ACKed, its first config); then one request per model
+        through every Envoy must pass ext_proc (policies loaded) and reach an engine."""
+        def live(e: EnvoyNode) -> bool:
+            status, body = _http("GET", f"{e.admin_url}/ready")
+            return status == 200 and body.strip() == b"LIVE"
+
+        checks = [(f"{e.node_id} LIVE", lambda e=e: live(e)) for e in self.envoys]
+        checks += [(f"{m.name} via {e.node_id}", lambda e=e, m=m: _http("POST", *probe(e.url, m), timeout_s=10)[0] == 200)
+                   for e in self.envoys for m in self.catalog.models]
+        while checks:
             self.supervisor.check()
             if time.monotonic() > deadline:
-                raise NotReady(f"gateway not ready; still waiting for: {', '.join(pending)} (logs in {self.run_dir})")
-            if pending[0] == "envoy":
-                status, body = _http("GET", f"{self.admin_url}/ready")
-                ok = status == 200 and body.strip() == b"LIVE"
-            else:
-                status, _ = _http("POST", *probe(self.url, self.catalog.model(pending[0])), timeout_s=10)
-                ok = status == 200
-            if ok:
-                pending.pop(0)
+                raise NotReady(f"gateway not ready; still waiting for: {', '.join(c for c, _ in checks)} "
+                               f"(logs in {self.run_dir})")
+            if checks[0][1]():
+                checks.pop(0)
             else:
                 time.sleep(0.05)

@@ -9,13 +9,20 @@ import sys
 from pathlib import Path
 
 from kvgate import logs
-from kvgate.catalog import CatalogError, load_catalog, parse_endpoint
+from kvgate.catalog import Address, CatalogError, load_catalog, parse_endpoint
 from kvgate.v1 import admin_pb2_grpc
 from xds_server.admin import AdminServicer
 from xds_server.control import Controller, render
 from xds_server.server import XdsServer
 from xds_server.settings import GatewaySettings
 from xds_server.watch import watch_catalog
+
+
+def _group_listen(value: str) -> tuple[str, Address]:
+    group, sep, addr = value.partition("=")
+    if not sep or not group:
+        raise argparse.ArgumentTypeError(f"{value!r} is not GROUP=HOST:PORT")
+    return group, parse_endpoint(addr)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="address Envoy's listener binds (host:port)")
     p.add_argument("--ext-proc", type=parse_endpoint, action="append",
                    help="ext_proc replica address (repeatable; default 127.0.0.1:9002)")
+    p.add_argument("--group-listen", type=_group_listen, action="append", default=[], metavar="GROUP=HOST:PORT",
+                   help="Envoys whose node.cluster is GROUP bind their listener here (repeatable)")
     p.add_argument("--max-request-bytes", type=int, default=GatewaySettings.max_request_bytes)
     p.add_argument("--watch", action=argparse.BooleanOptionalAction, default=True,
                    help="serve the catalog file again whenever it changes")
@@ -38,6 +47,7 @@ async def run(args: argparse.Namespace) -> int:
     try:
         catalog = load_catalog(args.catalog)
         settings = GatewaySettings(listen=args.listen, max_request_bytes=args.max_request_bytes,
+                                   group_listen=tuple(args.group_listen),
                                    **({"ext_proc": tuple(args.ext_proc)} if args.ext_proc else {}))
         snapshot = render(catalog, settings)
     except CatalogError as e:

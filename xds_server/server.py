@@ -47,10 +47,20 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     async def StreamAggregatedResources(
         self, request_iterator: AsyncIterator[DiscoveryRequest], context: grpc.aio.ServicerContext
     ) -> None:
-        stream = SotwStream(self.cache.snapshot)
+        requests = aiter(request_iterator)
+        try:
+            first = await anext(requests)
+        except StopAsyncIteration:
+            return
+        # The node comes with the first request only; its group picks the snapshot variant.
+        group = first.node.cluster
+        stream = SotwStream(self.cache.snapshot.for_group(group))
+        client = self.clients[id(stream)] = Client(first.node.id, group, time.time(), stream)
+        self.log.info("xds.connected", node=client.node_id, cluster=group)
         outbox: asyncio.Queue[DiscoveryResponse | None] = asyncio.Queue()
-        tasks = [asyncio.create_task(self._read(request_iterator, stream, outbox)),
-                 asyncio.create_task(self._watch(stream, outbox))]
+        self._handle(first, client, outbox)
+        tasks = [asyncio.create_task(self._read(requests, client, outbox)),
+                 asyncio.create_task(self._watch(client, outbox))]
         try:
             while (response := await outbox.get()) is not None:
                 await context.write(response)
@@ -60,32 +70,31 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         finally:
             for t in tasks:
                 t.cancel()
-            client = self.clients.pop(id(stream), None)
-            if client:
-                self.log.info("xds.disconnected", node=client.node_id, cluster=client.cluster)
+            self.clients.pop(id(stream), None)
+            self.log.info("xds.disconnected", node=client.node_id, cluster=group)
 
-    async def _read(self, requests: AsyncIterator[DiscoveryRequest], stream: SotwStream,
+    def _handle(self, req: DiscoveryRequest, client: Client, outbox: asyncio.Queue[DiscoveryResponse | None]) -> None:
+        responses, nack = client.stream.on_request(req)
+        if nack:
+            self.nacks.append((client.node_id, nack))
+            self.log.warning("xds.nack", node=client.node_id, type_url=nack.type_url,
+                             version=nack.version, error_detail=nack.message)
+        for r in responses:
+            outbox.put_nowait(r)
+
+    async def _read(self, requests: AsyncIterator[DiscoveryRequest], client: Client,
                     outbox: asyncio.Queue[DiscoveryResponse | None]) -> None:
         try:
             async for req in requests:
-                if id(stream) not in self.clients and req.node.id:
-                    self.clients[id(stream)] = Client(req.node.id, req.node.cluster, time.time(), stream)
-                    self.log.info("xds.connected", node=req.node.id, cluster=req.node.cluster)
-                responses, nack = stream.on_request(req)
-                if nack:
-                    node = self.clients[id(stream)].node_id if id(stream) in self.clients else "?"
-                    self.nacks.append((node, nack))
-                    self.log.warning("xds.nack", node=node, type_url=nack.type_url,
-                                     version=nack.version, error_detail=nack.message)
-                for r in responses:
-                    outbox.put_nowait(r)
+                self._handle(req, client, outbox)
         finally:
             outbox.put_nowait(None)
 
-    async def _watch(self, stream: SotwStream, outbox: asyncio.Queue[DiscoveryResponse | None]) -> None:
+    async def _watch(self, client: Client, outbox: asyncio.Queue[DiscoveryResponse | None]) -> None:
+        seen = self.cache.snapshot
         while True:
-            snapshot = await self.cache.wait_newer(stream.snapshot)
-            for r in stream.on_snapshot(snapshot):
+            seen = await self.cache.wait_newer(seen)
+            for r in client.stream.on_snapshot(seen.for_group(client.cluster)):
                 outbox.put_nowait(r)
 
 

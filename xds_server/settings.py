@@ -11,6 +11,8 @@ from kvgate.catalog import Address
 class GatewaySettings:
     listen: Address = field(default_factory=lambda: Address(host="127.0.0.1", port=8080))
     ext_proc: tuple[Address, ...] = (Address(host="127.0.0.1", port=9002),)
+    # (node group, listen address): Envoys whose node.cluster is the group bind there instead.
+    group_listen: tuple[tuple[str, Address], ...] = ()
     # Largest request body Envoy buffers for ext_proc; bigger bodies get Envoy's own 413.
     max_request_bytes: int = 4 * 2**20
     # ext_proc answers in well under a millisecond, but a GC pause must not become a 504

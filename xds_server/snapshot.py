@@ -7,7 +7,7 @@ gives the same versions, so reconnecting clients see no churn.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from google.protobuf import any_pb2, json_format, message
@@ -21,7 +21,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
-from kvgate.catalog import Catalog
+from kvgate.catalog import Address, Catalog
 from xds_server import policies, resources
 from xds_server.settings import GatewaySettings
 
@@ -72,23 +72,31 @@ class Resources:
 @dataclass(frozen=True)
 class Snapshot:
     by_type: dict[str, Resources]
+    # Node groups (node.cluster) served a variant of this snapshot, e.g. another listener address.
+    groups: dict[str, Snapshot] = field(default_factory=dict)
 
     def get(self, type_url: str) -> Resources:
         return self.by_type.get(type_url) or Resources(version="")
+
+    def for_group(self, group: str) -> Snapshot:
+        return self.groups.get(group, self)
 
     def keeping_clusters_of(self, old: Snapshot) -> Snapshot:
         """This snapshot, plus the clusters (and their endpoints) of `old` that it drops: served
         until every Envoy has routes that no longer use them (make before break)."""
         def merged(type_url: str) -> Resources:
             return Resources.packed({**old.get(type_url).items, **self.get(type_url).items})
-        return Snapshot(by_type={**self.by_type, CLUSTER: merged(CLUSTER), ENDPOINT: merged(ENDPOINT)})
+        kept = {CLUSTER: merged(CLUSTER), ENDPOINT: merged(ENDPOINT)}
+        return Snapshot(by_type={**self.by_type, **kept},
+                        groups={g: Snapshot({**v.by_type, **kept}) for g, v in self.groups.items()})
 
     def stale_clusters(self, old: Snapshot) -> set[str]:
         return set(old.get(CLUSTER).items) - set(self.get(CLUSTER).items)
 
     @property
     def version(self) -> str:
-        return hashlib.sha256("".join(r.version for r in self.by_type.values()).encode()).hexdigest()[:16]
+        parts = [r.version for r in self.by_type.values()] + [f"{g}={v.version}" for g, v in sorted(self.groups.items())]
+        return hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
 
 
 def _parse(cls: type[message.Message], data: dict[str, Any]) -> message.Message:
@@ -99,12 +107,19 @@ def build_snapshot(catalog: Catalog, settings: GatewaySettings) -> Snapshot:
     """Render the whole catalog; raises if any rendered resource fails to parse as its type."""
     cluster_list = [_parse(cluster_pb2.Cluster, c) for c in resources.clusters(catalog, settings)]
     endpoint_list = [_parse(endpoint_pb2.ClusterLoadAssignment, e) for e in resources.endpoints(catalog)]
-    listener_msg = _parse(listener_pb2.Listener, resources.listener(settings))
     route_msg = _parse(route_pb2.RouteConfiguration, resources.route_configuration(catalog, settings))
-    return Snapshot(by_type={
+    by_type = {
         CLUSTER: Resources.of({c.name: c for c in cluster_list}),
         ENDPOINT: Resources.of({e.cluster_name: e for e in endpoint_list}),
-        LISTENER: Resources.of({listener_msg.name: listener_msg}),
+        LISTENER: _listeners(settings, settings.listen),
         ROUTE: Resources.of({route_msg.name: route_msg}),
         POLICY: Resources.of({p.name: p for p in policies.policies(catalog)}),
-    })
+    }
+    # Envoy fleets that differ only in where their listener binds (several Envoys on one host).
+    groups = {group: Snapshot({**by_type, LISTENER: _listeners(settings, addr)}) for group, addr in settings.group_listen}
+    return Snapshot(by_type=by_type, groups=groups)
+
+
+def _listeners(settings: GatewaySettings, listen: Address) -> Resources:
+    msg = _parse(listener_pb2.Listener, resources.listener(replace(settings, listen=listen)))
+    return Resources.of({msg.name: msg})
