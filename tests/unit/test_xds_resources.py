@@ -347,3 +347,16 @@ def test_select_leaves_out_unknown_names() -> None:
 def test_unknown_type_has_empty_resources() -> None:
     res = snapshot().get("type.googleapis.com/nope")
     assert res.version == "" and res.items == {}
+
+
+def test_node_groups_get_their_own_listener_and_share_everything_else() -> None:
+    other = Address(host="127.0.0.1", port=9191)
+    snap = build_snapshot(catalog(), GatewaySettings(group_listen=(("edge-b", other),)))
+    variant = snap.for_group("edge-b")
+    assert snap.for_group("anyone-else") is snap
+    (listener,) = [Listener.FromString(a.value) for a in variant.get(LISTENER).items.values()]
+    assert listener.address.socket_address.port_value == 9191
+    assert variant.get(LISTENER).version != snap.get(LISTENER).version
+    for t in (CLUSTER, ENDPOINT, ROUTE, POLICY):
+        assert variant.get(t).version == snap.get(t).version
+    assert snap.version != build_snapshot(catalog(), SETTINGS).version  # the group is part of the version
