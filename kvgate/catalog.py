@@ -231,12 +231,16 @@ class Catalog(_Strict):
             return m.model_copy(update={"endpoints": [next(started, e) if e == SIM else e for e in m.endpoints]})
         return self.model_copy(update={"models": [resolve(m) for m in self.models]})
 
-    def to_yaml(self) -> str:
+    def to_data(self) -> dict[str, Any]:
+        """Plain data in the catalog's own schema: parse_catalog(c.to_data()) == c."""
         data = self.model_dump(mode="json", exclude_defaults=True)
         for m in data["models"]:
             m["endpoints"] = [e if e == SIM or "grpc_port" in e else f"{e['host']}:{e['port']}"
                               for e in m["endpoints"]]
-        return yaml.safe_dump(data, sort_keys=False)
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_data(), sort_keys=False)
 
 
 def _describe(loc: tuple[Any, ...], raw: Any) -> str:

@@ -25,9 +25,13 @@ def render(catalog: Catalog, settings: GatewaySettings) -> Snapshot:
         raise CatalogError([str(e)]) from None
 
 
+# libyaml's loader when PyYAML has it: the admin call is on every API change's path.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def models_from_yaml(text: str) -> list[dict[str, Any]]:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_LOADER)
     except yaml.YAMLError as e:
         raise CatalogError([f"not YAML: {e}"]) from None
     models = data.get("models") if isinstance(data, dict) else data
@@ -55,14 +59,14 @@ class Controller:
         incoming = models_from_yaml(models_yaml)
         names = {m.get("name") for m in incoming}
         async with self._lock:
-            kept = [m for m in self._dump()["models"] if m["name"] not in names]
+            kept = [m for m in self.catalog.to_data()["models"] if m["name"] not in names]
             return await self._serve(parse_catalog({"models": kept + incoming}))
 
     async def remove(self, name: str) -> bool:
         async with self._lock:
             if self.catalog.model(name) is None:
                 raise CatalogError([f"model {name!r} is not in the catalog"])
-            kept = [m for m in self._dump()["models"] if m["name"] != name]
+            kept = [m for m in self.catalog.to_data()["models"] if m["name"] != name]
             return await self._serve(parse_catalog({"models": kept}))
 
     async def _serve(self, catalog: Catalog) -> bool:
@@ -78,6 +82,3 @@ class Controller:
             await self.server.wait_acked(ROUTE, bridge.get(ROUTE).version, timeout_s=self.bridge_timeout_s)
         await self.server.publish(snapshot)
         return changed
-
-    def _dump(self) -> dict[str, Any]:
-        return yaml.safe_load(self.catalog.to_yaml())
