@@ -109,11 +109,13 @@ class Gateway:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """The gateway: the first Envoy's listener."""
+        return self.envoys[0].url
 
     @property
     def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
+        """The first Envoy's admin interface."""
+        return self.envoys[0].admin_url
 
     @property
     def admin_address(self) -> str:
