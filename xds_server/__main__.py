@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ext_proc replica address (repeatable; default 127.0.0.1:9002)")
     p.add_argument("--group-listen", type=_group_listen, action="append", default=[], metavar="GROUP=HOST:PORT",
                    help="Envoys whose node.cluster is GROUP bind their listener here (repeatable)")
+    p.add_argument("--proxyless-group", default=None, metavar="GROUP",
+                   help="node group of proxyless gRPC clients (xds:///<triton model>), served API listeners")
     p.add_argument("--max-request-bytes", type=int, default=GatewaySettings.max_request_bytes)
     p.add_argument("--watch", action=argparse.BooleanOptionalAction, default=True,
                    help="serve the catalog file again whenever it changes")
@@ -47,7 +49,7 @@ async def run(args: argparse.Namespace) -> int:
     try:
         catalog = load_catalog(args.catalog)
         settings = GatewaySettings(listen=args.listen, max_request_bytes=args.max_request_bytes,
-                                   group_listen=tuple(args.group_listen),
+                                   group_listen=tuple(args.group_listen), proxyless_group=args.proxyless_group,
                                    **({"ext_proc": tuple(args.ext_proc)} if args.ext_proc else {}))
         snapshot = render(catalog, settings)
     except CatalogError as e:

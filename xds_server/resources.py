@@ -34,8 +34,8 @@ def _socket(addr: Address) -> dict[str, Any]:
 
 
 def _lb_endpoints(addrs: list[Address] | tuple[Address, ...]) -> list[dict[str, Any]]:
-    # grpc-python's xDS client requires a locality on every endpoint group.
-    return [{"locality": {"region": "local"},
+    # grpc's xDS client ignores endpoint groups without a locality and a locality weight.
+    return [{"locality": {"region": "local"}, "load_balancing_weight": 1,
              "lb_endpoints": [{"endpoint": {"address": _socket(a)}} for a in addrs]}]
 
 
@@ -64,13 +64,25 @@ def _http2() -> dict[str, Any]:
         "explicit_http_config": {"http2_protocol_options": {}}}}
 
 
+def _lb_policy(name: str, message: str) -> dict[str, Any]:
+    return {"typed_extension_config": {"name": f"envoy.load_balancing_policies.{name}",
+                                       "typed_config": {"@type": _T + message}}}
+
+
+# Least-request, or round-robin for clients without it (grpc's xDS client refuses lb_policy
+# LEAST_REQUEST): each client takes the first policy of the list it supports.
+_MODEL_LB = {"policies": [
+    _lb_policy("least_request", "envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest"),
+    _lb_policy("round_robin", "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin")]}
+
+
 def _eds_cluster(name: str, settings: GatewaySettings, *, http2: bool = False) -> dict[str, Any]:
     cluster = {
         "name": name,
         "type": "EDS",
         "eds_cluster_config": {"eds_config": _ADS},
         "connect_timeout": "2s",
-        "lb_policy": "LEAST_REQUEST",
+        "load_balancing_policy": _MODEL_LB,
         # Admission, not Envoy's queue, protects the engine: don't let the breaker refuse first.
         "circuit_breakers": _circuit_breakers(settings.ext_proc_max_requests),
     }
@@ -133,19 +145,22 @@ def ext_proc_filter(settings: GatewaySettings) -> dict[str, Any]:
     }
 
 
+def _hcm(stat_prefix: str, route_config_name: str, filters: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"@type": _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": stat_prefix, "rds": {"route_config_name": route_config_name, "config_source": _ADS},
+            "http_filters": [*filters, _ROUTER]}
+
+
+_ROUTER = {"name": "envoy.filters.http.router",
+           "typed_config": {"@type": _T + "envoy.extensions.filters.http.router.v3.Router"}}
+
+
 def listener(settings: GatewaySettings) -> dict[str, Any]:
     hcm = {
-        "@type": _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "kvgate",
+        **_hcm("kvgate", ROUTE_CONFIG_NAME, [ext_proc_filter(settings)]),
         "codec_type": "AUTO",  # HTTP/1.1 and HTTP/2 (h2c) on one port
         # HTTP/2 buffers per stream up to its window: the same cap as HTTP/1.1's buffer limit.
         "http2_protocol_options": {"initial_stream_window_size": max(65535, settings.max_request_bytes)},
-        "rds": {"route_config_name": ROUTE_CONFIG_NAME, "config_source": _ADS},
-        "http_filters": [
-            ext_proc_filter(settings),
-            {"name": "envoy.filters.http.router",
-             "typed_config": {"@type": _T + "envoy.extensions.filters.http.router.v3.Router"}},
-        ],
     }
     return {
         "name": LISTENER_NAME,
@@ -155,6 +170,18 @@ def listener(settings: GatewaySettings) -> dict[str, Any]:
         "filter_chains": [{"filters": [
             {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }
+
+
+def proxyless_listeners(catalog: Catalog) -> list[dict[str, Any]]:
+    """What grpc's xds:///<model> resolver asks for: an API listener named after the model."""
+    return [{"name": m.name, "api_listener": {"api_listener": _hcm(m.name, f"proxyless/{m.name}", [])}}
+            for m in catalog.models if m.protocol == "triton"]
+
+
+def proxyless_routes(catalog: Catalog) -> list[dict[str, Any]]:
+    return [{"name": f"proxyless/{m.name}", "virtual_hosts": [{
+        "name": m.name, "domains": ["*"], "routes": [{"match": {"prefix": ""}, "route": {"cluster": m.grpc_cluster_name}}]}]}
+        for m in catalog.models if m.protocol == "triton"]
 
 
 # --- RDS -------------------------------------------------------------------------------------

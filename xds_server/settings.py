@@ -13,6 +13,9 @@ class GatewaySettings:
     ext_proc: tuple[Address, ...] = (Address(host="127.0.0.1", port=9002),)
     # (node group, listen address): Envoys whose node.cluster is the group bind there instead.
     group_listen: tuple[tuple[str, Address], ...] = ()
+    # Node group of proxyless gRPC clients (grpc's xds:/// resolver): served an API listener per
+    # Triton model, named after it, routing straight to its engines' gRPC ports (no admission).
+    proxyless_group: str | None = None
     # Largest request body Envoy buffers for ext_proc; bigger bodies get Envoy's own 413.
     max_request_bytes: int = 4 * 2**20
     # ext_proc answers in well under a millisecond, but a GC pause must not become a 504

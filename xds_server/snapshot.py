@@ -20,6 +20,8 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
+from envoy.extensions.load_balancing_policies.least_request.v3 import least_request_pb2  # noqa: F401
+from envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from kvgate.catalog import Address, Catalog
 from xds_server import policies, resources
@@ -107,16 +109,22 @@ def build_snapshot(catalog: Catalog, settings: GatewaySettings) -> Snapshot:
     """Render the whole catalog; raises if any rendered resource fails to parse as its type."""
     cluster_list = [_parse(cluster_pb2.Cluster, c) for c in resources.clusters(catalog, settings)]
     endpoint_list = [_parse(endpoint_pb2.ClusterLoadAssignment, e) for e in resources.endpoints(catalog)]
-    route_msg = _parse(route_pb2.RouteConfiguration, resources.route_configuration(catalog, settings))
+    route_dicts = [resources.route_configuration(catalog, settings)]
+    if settings.proxyless_group:
+        route_dicts += resources.proxyless_routes(catalog)
+    route_list = [_parse(route_pb2.RouteConfiguration, r) for r in route_dicts]
     by_type = {
         CLUSTER: Resources.of({c.name: c for c in cluster_list}),
         ENDPOINT: Resources.of({e.cluster_name: e for e in endpoint_list}),
         LISTENER: _listeners(settings, settings.listen),
-        ROUTE: Resources.of({route_msg.name: route_msg}),
+        ROUTE: Resources.of({r.name: r for r in route_list}),
         POLICY: Resources.of({p.name: p for p in policies.policies(catalog)}),
     }
     # Envoy fleets that differ only in where their listener binds (several Envoys on one host).
     groups = {group: Snapshot({**by_type, LISTENER: _listeners(settings, addr)}) for group, addr in settings.group_listen}
+    if settings.proxyless_group:
+        api = [_parse(listener_pb2.Listener, ls) for ls in resources.proxyless_listeners(catalog)]
+        groups[settings.proxyless_group] = Snapshot({**by_type, LISTENER: Resources.of({ls.name: ls for ls in api})})
     return Snapshot(by_type=by_type, groups=groups)
 
 

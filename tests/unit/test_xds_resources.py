@@ -360,3 +360,24 @@ def test_node_groups_get_their_own_listener_and_share_everything_else() -> None:
     for t in (CLUSTER, ENDPOINT, ROUTE, POLICY):
         assert variant.get(t).version == snap.get(t).version
     assert snap.version != build_snapshot(catalog(), SETTINGS).version  # the group is part of the version
+
+
+def test_model_clusters_offer_least_request_then_round_robin_and_weighted_localities() -> None:
+    snap = build_snapshot(catalog(None, TRITON), SETTINGS)
+    for name, packed in snap.get(CLUSTER).items.items():
+        if name == resources.EXT_PROC_CLUSTER:
+            continue
+        cluster = Cluster.FromString(packed.value)
+        assert [p.typed_extension_config.name.rsplit(".", 1)[1] for p in cluster.load_balancing_policy.policies] == [
+            "least_request", "round_robin"]
+    for packed in snap.get(ENDPOINT).items.values():
+        cla = ClusterLoadAssignment.FromString(packed.value)
+        assert all(g.load_balancing_weight.value == 1 and g.locality.region for g in cla.endpoints)
+
+
+def test_proxyless_group_gets_api_listeners_named_after_triton_models() -> None:
+    snap = build_snapshot(catalog(None, TRITON), GatewaySettings(proxyless_group="grpc-clients"))
+    (api,) = [Listener.FromString(a.value) for a in snap.for_group("grpc-clients").get(LISTENER).items.values()]
+    assert api.name == "gamma" and api.HasField("api_listener")
+    assert "proxyless/gamma" in snap.get(ROUTE).items
+    assert "proxyless/gamma" not in build_snapshot(catalog(None, TRITON), SETTINGS).get(ROUTE).items
