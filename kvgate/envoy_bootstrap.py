@@ -18,7 +18,8 @@ def envoy_binary() -> str:
 
 
 def render_bootstrap(*, node_id: str, node_cluster: str, admin_port: int, xds: Address,
-                     template: str = "bootstrap.yaml") -> str:
+                     delta: bool = False, template: str = "bootstrap.yaml") -> str:
     text = (ENVOY_CONFIG_DIR / template).read_text()
     return Template(text).substitute(node_id=node_id, node_cluster=node_cluster, admin_port=admin_port,
-                                     xds_host=xds.host, xds_port=xds.port)
+                                     xds_host=xds.host, xds_port=xds.port,
+                                     ads_api_type="DELTA_GRPC" if delta else "GRPC")

@@ -94,6 +94,8 @@ class Gateway:
     # A fleet on one host: more Envoys (each its own listener port) and ext_proc replicas.
     extra_envoys: int = 0
     extra_ext_procs: int = 0
+    # Envoys speak incremental (Delta) ADS instead of state of the world.
+    delta_xds: bool = False
     sims: dict[str, list[Address]] = field(default_factory=dict)
     _sim_addresses: dict[str, Address] = field(default_factory=dict)  # by engine process name
 
@@ -208,7 +210,7 @@ class Gateway:
         for e in self.envoys:
             bootstrap = self.run_dir / f"{e.node_id}.yaml"
             bootstrap.write_text(render_bootstrap(node_id=e.node_id, node_cluster=e.group, admin_port=e.admin_port,
-                                                  xds=xds))
+                                                  xds=xds, delta=self.delta_xds))
             self.supervisor.start(e.node_id, [envoy_binary(), "-c", str(bootstrap), "--log-level", "warn",
                                               "--disable-hot-restart"])
 

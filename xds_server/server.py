@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import structlog
 
 from envoy.service.discovery.v3 import ads_pb2_grpc
-from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
+from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 from xds_server.cache import SnapshotCache
+from xds_server.delta import DeltaStream
 from xds_server.snapshot import Snapshot
 from xds_server.sotw import Nack, SotwStream
 
@@ -25,6 +27,10 @@ _KEEPALIVE = [
 ]
 
 
+# Either protocol's stream state: the same on_request/on_snapshot/types interface.
+Stream = SotwStream | DeltaStream
+
+
 @dataclass
 class Client:
     """A connected xDS client, as `kvgate status` will show it."""
@@ -32,7 +38,7 @@ class Client:
     node_id: str
     cluster: str
     connected_at: float
-    stream: SotwStream
+    stream: Stream
 
 
 @dataclass
@@ -47,6 +53,16 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     async def StreamAggregatedResources(
         self, request_iterator: AsyncIterator[DiscoveryRequest], context: grpc.aio.ServicerContext
     ) -> None:
+        await self._serve(request_iterator, context, SotwStream)
+
+    async def DeltaAggregatedResources(
+        self, request_iterator: AsyncIterator[DeltaDiscoveryRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        await self._serve(request_iterator, context, DeltaStream)
+
+    async def _serve(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext,
+                     make_stream: Callable[[Snapshot], Stream]) -> None:
+        """One client's stream, either protocol: requests in, snapshot changes in, responses out."""
         requests = aiter(request_iterator)
         try:
             first = await anext(requests)
@@ -54,10 +70,10 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             return
         # The node comes with the first request only; its group picks the snapshot variant.
         group = first.node.cluster
-        stream = SotwStream(self.cache.snapshot.for_group(group))
+        stream = make_stream(self.cache.snapshot.for_group(group))
         client = self.clients[id(stream)] = Client(first.node.id, group, time.time(), stream)
         self.log.info("xds.connected", node=client.node_id, cluster=group)
-        outbox: asyncio.Queue[DiscoveryResponse | None] = asyncio.Queue()
+        outbox: asyncio.Queue[Any] = asyncio.Queue()
         self._handle(first, client, outbox)
         tasks = [asyncio.create_task(self._read(requests, client, outbox)),
                  asyncio.create_task(self._watch(client, outbox))]
@@ -65,15 +81,15 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             while (response := await outbox.get()) is not None:
                 await context.write(response)
                 self.responses_sent[response.type_url] += 1
-                self.log.debug("xds.push", type_url=response.type_url, version=response.version_info,
-                               nonce=response.nonce, resources=len(response.resources))
+                self.log.debug("xds.push", type_url=response.type_url, nonce=response.nonce,
+                               resources=len(response.resources))
         finally:
             for t in tasks:
                 t.cancel()
             self.clients.pop(id(stream), None)
             self.log.info("xds.disconnected", node=client.node_id, cluster=group)
 
-    def _handle(self, req: DiscoveryRequest, client: Client, outbox: asyncio.Queue[DiscoveryResponse | None]) -> None:
+    def _handle(self, req: Any, client: Client, outbox: asyncio.Queue[Any]) -> None:
         responses, nack = client.stream.on_request(req)
         if nack:
             self.nacks.append((client.node_id, nack))
@@ -82,15 +98,14 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         for r in responses:
             outbox.put_nowait(r)
 
-    async def _read(self, requests: AsyncIterator[DiscoveryRequest], client: Client,
-                    outbox: asyncio.Queue[DiscoveryResponse | None]) -> None:
+    async def _read(self, requests: AsyncIterator[Any], client: Client, outbox: asyncio.Queue[Any]) -> None:
         try:
             async for req in requests:
                 self._handle(req, client, outbox)
         finally:
             outbox.put_nowait(None)
 
-    async def _watch(self, client: Client, outbox: asyncio.Queue[DiscoveryResponse | None]) -> None:
+    async def _watch(self, client: Client, outbox: asyncio.Queue[Any]) -> None:
         seen = self.cache.snapshot
         while True:
             seen = await self.cache.wait_newer(seen)
