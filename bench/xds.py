@@ -1,9 +1,8 @@
 """`python -m bench.xds`: the control plane's speed and cost.
 
 (a) Propagation: from an admin API change (a model added or removed, a max_output_tokens clamp
-changed) to the real Envoy and ext_proc of one gateway serving it, seen by probing the data path
-(bench/xds_propagation.py). One Envoy only: several Envoys on one machine would need a listener port
-per node, which the product does not have yet.
+changed) until every one of N real Envoys (each its own node group and listener) and ext_proc of one
+gateway serve it, seen by probing each Envoy's data path (bench/xds_propagation.py).
 (b) ADS fan-out: from one admin API change until N ModelPolicy subscribers (like ext_proc replicas)
 have all ACKed it, with xds_server's CPU and memory (bench/xds_fanout.py, bench/xds_fleet.py).
 
@@ -26,8 +25,9 @@ from bench.xds_report import Settings, XdsReport, render, to_json
 from kvgate.envoy_bootstrap import envoy_binary
 
 # Default run ~2 minutes on 2 cores.
-DEFAULTS = {"changes": 100, "fanout_changes": 10, "clients": [100, 1000], "per_channel": 50, "poll_ms": 2.0}
-QUICK = {"changes": 10, "fanout_changes": 3, "clients": [100]}
+DEFAULTS = {"changes": 100, "envoys": 10, "fanout_changes": 10, "clients": [100, 1000], "per_channel": 50,
+            "poll_ms": 2.0}
+QUICK = {"changes": 10, "envoys": 3, "fanout_changes": 3, "clients": [100]}
 
 
 def _counts(text: str) -> list[int]:
@@ -45,6 +45,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--changes", type=int, help="propagation: add/remove changes, alternating, each followed by "
                                                "a clamp change (default: %(default)s; 0: skip)")
+    p.add_argument("--envoys", type=int, help="propagation: Envoys, each probed until it shows every change "
+                                              "(default: %(default)s)")
     p.add_argument("--clients", type=_counts, help="fan-out: subscriber counts, comma-separated; '' to skip "
                                                    "(default: %(default)s)")
     p.add_argument("--fanout-changes", type=int, help="fan-out: changes per subscriber count (default: %(default)s)")
@@ -57,8 +59,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if p.parse_args(argv).quick:
         p.set_defaults(**QUICK)
     args = p.parse_args(argv)
-    if args.changes < 0 or args.fanout_changes < 1 or args.per_channel < 1 or args.poll_ms < 0:
-        p.error("--changes must be >= 0, --fanout-changes and --per-channel >= 1, --poll-ms >= 0")
+    if args.changes < 0 or min(args.envoys, args.fanout_changes, args.per_channel) < 1 or args.poll_ms < 0:
+        p.error("--changes must be >= 0, --envoys, --fanout-changes and --per-channel >= 1, --poll-ms >= 0")
     if not args.changes and not args.clients:
         p.error("nothing to measure: give --changes or --clients")
     return args
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> XdsReport:
     machine = describe(envoy_binary())
     run_dir = Path(tempfile.mkdtemp(prefix="kvgate-bench-xds-"))
     try:
-        propagation = (xds_propagation.run(run_dir / "gateway", args.changes, args.poll_ms / 1000,
+        propagation = (xds_propagation.run(run_dir / "gateway", args.changes, args.poll_ms / 1000, args.envoys,
                                            progress=_progress) if args.changes else None)
         fanout = [xds_fanout.run(n, args.fanout_changes, args.per_channel, run_dir / f"fanout-{n}",
                                  progress=_progress) for n in args.clients]
@@ -84,8 +86,9 @@ def main(argv: list[str] | None = None) -> XdsReport:
         raise
     report = XdsReport(command=shlex.join([sys.executable, "-m", "bench.xds", *argv]), machine=machine,
                        load_before=load_before,
-                       settings=Settings(changes=args.changes, fanout_changes=args.fanout_changes,
-                                         clients=args.clients, per_channel=args.per_channel, poll_ms=args.poll_ms),
+                       settings=Settings(changes=args.changes, envoys=args.envoys,
+                                         fanout_changes=args.fanout_changes, clients=args.clients,
+                                         per_channel=args.per_channel, poll_ms=args.poll_ms),
                        propagation=propagation, fanout=fanout)
     if report.errors:
         print(f"process logs kept in {run_dir}", file=sys.stderr)

@@ -1,9 +1,11 @@
 """Propagation: how long a catalog change made through the admin API takes to show in the data path of
-one real gateway (Envoy + xds_server + ext_proc + a simulated engine).
+every Envoy of one real gateway (N Envoys, each its own node group and listener, + xds_server +
+ext_proc + a simulated engine).
 
-While the admin call runs (in a thread), a probe loop sends one tiny completion at a time through
-Envoy, starting one at most every `poll_s`, until the answer shows the change and then `confirm` more
-answers do too. Three kinds of change, interleaved (add, clamp, remove, clamp, ...):
+While the admin call runs (in a thread), one probe thread per Envoy sends one tiny completion at a time
+through its Envoy, starting one at most every `poll_s`, until the answer shows the change and then
+`confirm` more answers do too. The change is seen when the last Envoy shows it. Three kinds of change,
+interleaved (add, clamp, remove, clamp, ...):
 
 - add: a second model `beta` (pointing at `alpha`'s engine, `backend_model: alpha`): old state 404,
   new 200. Needs Envoy's new cluster and route AND ext_proc's new policy.
@@ -18,8 +20,8 @@ import http.client
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,7 +81,8 @@ class Prober:
 @dataclass
 class Sample:
     kind: str
-    observed_s: float = float("nan")
+    observed_s: float = float("nan")  # the last Envoy to show the change
+    envoy0_s: float = float("nan")  # the first Envoy (the gateway's own listener)
     before_s: float = 0.0
     admin_s: float = float("nan")
     other: Counter[str] = field(default_factory=Counter)
@@ -93,12 +96,12 @@ class Probing:
     rtts_s: list[float] = field(default_factory=list)
 
 
-def measure_change(kind: str, change: Callable[[], Any], probe: Callable[[], tuple[int, str | None]],
+def measure_change(kind: str, change: Callable[[], Any], model: str, probes: Sequence[Prober],
                    state: Callable[[int, str | None], str], poll_s: float, confirm: int, probing: Probing,
                    pool: ThreadPoolExecutor) -> Sample:
-    """`state` names an answer "old", "new" or anything else (counted, and not the new state)."""
-    sample = Sample(kind)
-
+    """Run `change` while every Envoy is probed in its own thread; the change is seen when the last
+    Envoy shows it. `state` names an answer "old", "new" or anything else (counted, not the new state).
+    `pool` needs a worker for the admin call and one per probe."""
     def timed() -> float:
         start = time.monotonic()
         change()
@@ -106,6 +109,19 @@ def measure_change(kind: str, change: Callable[[], Any], probe: Callable[[], tup
 
     t0 = time.monotonic()
     admin = pool.submit(timed)
+    per_envoy = list(pool.map(lambda p: _watch(kind, lambda: p(model), state, t0, admin, poll_s, confirm, probing),
+                              probes))
+    first = per_envoy[0]
+    return Sample(kind, observed_s=max(s.observed_s for s in per_envoy), envoy0_s=first.observed_s,
+                  before_s=max(s.before_s for s in per_envoy), admin_s=first.admin_s,
+                  other=sum((s.other for s in per_envoy), Counter()), flaps=sum(s.flaps for s in per_envoy),
+                  error=next((f"envoy-{i}: {s.error}" for i, s in enumerate(per_envoy) if s.error), None))
+
+
+def _watch(kind: str, probe: Callable[[], tuple[int, str | None]], state: Callable[[int, str | None], str],
+           t0: float, admin: Future[float], poll_s: float, confirm: int, probing: Probing) -> Sample:
+    """Probe one Envoy from `t0` until it shows the new state and `confirm` more answers agree."""
+    sample = Sample(kind)
     first_new, seen_new, last_send = None, 0, None
     while True:
         sent = time.monotonic()
@@ -154,11 +170,11 @@ def _clamp_state(new: int, old: int) -> Callable[[int, str | None], str]:
     return state
 
 
-def run(run_dir: Path, changes: int, poll_s: float, confirm: int = 5,
+def run(run_dir: Path, changes: int, poll_s: float, envoys: int = 1, confirm: int = 5,
         progress: Callable[[str], None] = lambda _: None) -> Propagation:
-    gw = Gateway(parse_catalog({"models": [BASE_MODEL]}), run_dir=run_dir, port=free_port())
+    gw = Gateway(parse_catalog({"models": [BASE_MODEL]}), run_dir=run_dir, port=free_port(), extra_envoys=envoys - 1)
     gw.start()
-    probe = Prober(gw.host, gw.port)
+    probes = [Prober(e.host, e.port) for e in gw.envoys]
     samples: list[Sample] = []
     probing = Probing()
     try:
@@ -167,33 +183,34 @@ def run(run_dir: Path, changes: int, poll_s: float, confirm: int = 5,
                     if m["name"] == BASE)
         added = {**{k: v for k, v in base.items() if k != "sim"}, "name": ADDED, "backend_model": BASE}
         clamp = CLAMPS[0]
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(1 + len(probes)) as pool:
             for i in range(changes):
                 if i % 2 == 0:
                     s = measure_change("add", lambda: admin_client.apply_models(server, yaml.safe_dump([added])),
-                                       lambda: probe(ADDED), _http_state(200, 404), poll_s, confirm, probing, pool)
+                                       ADDED, probes, _http_state(200, 404), poll_s, confirm, probing, pool)
                 else:
                     s = measure_change("remove", lambda: admin_client.remove_model(server, ADDED),
-                                       lambda: probe(ADDED), _http_state(404, 200), poll_s, confirm, probing, pool)
+                                       ADDED, probes, _http_state(404, 200), poll_s, confirm, probing, pool)
                 samples.append(s)
                 time.sleep(PAUSE_S)
                 old, clamp = clamp, CLAMPS[1] if clamp == CLAMPS[0] else CLAMPS[0]
                 changed = {**base, "max_output_tokens": clamp}
                 samples.append(measure_change(
                     "clamp", lambda: admin_client.apply_models(server, yaml.safe_dump([changed])),
-                    lambda: probe(BASE), _clamp_state(clamp, old), poll_s, confirm, probing, pool))
+                    BASE, probes, _clamp_state(clamp, old), poll_s, confirm, probing, pool))
                 time.sleep(PAUSE_S)
                 progress(f"propagation {i + 1}/{changes}: {s.kind} {1000 * s.observed_s:.1f} ms, "
                          f"clamp {1000 * samples[-1].observed_s:.1f} ms")
                 if s.error or samples[-1].error:
                     break  # the gateway is in an unknown state: stop here, report what was measured
     finally:
-        probe.close()
+        for probe in probes:
+            probe.close()
         gw.stop()
-    return summarize(samples, poll_s, probing)
+    return summarize(samples, poll_s, len(probes), probing)
 
 
-def summarize(samples: list[Sample], poll_s: float, probing: Probing) -> Propagation:
+def summarize(samples: list[Sample], poll_s: float, envoys: int, probing: Probing) -> Propagation:
     kinds = []
     for kind in ("add", "remove", "clamp"):
         of_kind = [s for s in samples if s.kind == kind]
@@ -201,10 +218,12 @@ def summarize(samples: list[Sample], poll_s: float, probing: Probing) -> Propaga
         other: Counter[str] = sum((s.other for s in of_kind), Counter())
         kinds.append(ChangeKind(kind=kind, description=DESCRIPTIONS[kind],
                                 observed=Stats.of([s.observed_s for s in ok]),
+                                envoy0=Stats.of([s.envoy0_s for s in ok]),
                                 before=Stats.of([s.before_s for s in ok]),
                                 admin=Stats.of([s.admin_s for s in ok]),
                                 after_admin=Stats.of([s.observed_s - s.admin_s for s in ok]), other_answers=dict(other),
                                 flaps=sum(s.flaps for s in of_kind), errors=sum(s.error is not None for s in of_kind)))
-    return Propagation(poll_ms=1000 * poll_s, probe_gap=Stats.of(probing.gaps_s), probe_rtt=Stats.of(probing.rtts_s),
+    return Propagation(envoys=envoys, poll_ms=1000 * poll_s, probe_gap=Stats.of(probing.gaps_s),
+                       probe_rtt=Stats.of(probing.rtts_s),
                        kinds=kinds, all_changes=Stats.of([s.observed_s for s in samples if s.error is None]),
                        errors=[s.error for s in samples if s.error])

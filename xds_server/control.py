@@ -12,7 +12,7 @@ import yaml
 from kvgate.catalog import Catalog, CatalogError, parse_catalog
 from xds_server.server import XdsServer
 from xds_server.settings import GatewaySettings
-from xds_server.snapshot import ROUTE, Snapshot, build_snapshot
+from xds_server.snapshot import CLUSTER, ENDPOINT, ROUTE, Snapshot, build_snapshot
 
 
 def render(catalog: Catalog, settings: GatewaySettings) -> Snapshot:
@@ -74,9 +74,16 @@ class Controller:
         self.catalog = catalog
         served = self.server.cache.snapshot
         changed = snapshot.version != served.version
-        if snapshot.stale_clusters(served):
-            # Break after make: routes stop using the old clusters before the clusters go, or
-            # Envoy would black-hole requests still matching a route to a cluster it dropped.
+        # Make before break: Envoy routes to a cluster it has not warmed with a 503, and drops
+        # requests still routed to a cluster it was told to remove. So new clusters (and their
+        # endpoints) go out first, under the routes being served; then the new routes, with the
+        # old clusters kept; the old clusters go last. Each step waits for every client's ACK.
+        if served.stale_clusters(snapshot):  # clusters the new snapshot adds
+            make = served.keeping_clusters_of(snapshot)
+            await self.server.publish(make)
+            for type_url in (CLUSTER, ENDPOINT):
+                await self.server.wait_acked(type_url, make.get(type_url).version, timeout_s=self.bridge_timeout_s)
+        if snapshot.stale_clusters(served):  # clusters it drops
             bridge = snapshot.keeping_clusters_of(served)
             await self.server.publish(bridge)
             await self.server.wait_acked(ROUTE, bridge.get(ROUTE).version, timeout_s=self.bridge_timeout_s)

@@ -93,6 +93,7 @@ class Snapshot:
                         groups={g: Snapshot({**v.by_type, **kept}) for g, v in self.groups.items()})
 
     def stale_clusters(self, old: Snapshot) -> set[str]:
+        """Clusters of `old` that this snapshot no longer has."""
         return set(old.get(CLUSTER).items) - set(self.get(CLUSTER).items)
 
     @property

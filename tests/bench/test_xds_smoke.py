@@ -14,17 +14,19 @@ from bench.xds_fleet import Fleet
 
 
 def test_xds_benchmark_measures_propagation_and_fanout(capsys: pytest.CaptureFixture[str]) -> None:
-    report = main(["--changes", "4", "--clients", "10", "--fanout-changes", "2", "--per-channel", "4", "--json"])
+    report = main(["--changes", "4", "--envoys", "2", "--clients", "10", "--fanout-changes", "2", "--per-channel", "4",
+                   "--json"])
 
     assert report.errors == 0
     p = report.propagation
-    assert p is not None and p.errors == []
+    assert p is not None and p.errors == [] and p.envoys == 2
     assert {k.kind: k.observed.n for k in p.kinds} == {"add": 2, "remove": 2, "clamp": 4}
     for k in p.kinds:
         assert k.errors == 0
-        for stats in (k.observed, k.before, k.admin):
+        for stats in (k.observed, k.envoy0, k.before, k.admin):
             assert not math.isnan(stats.p50_ms) and not math.isnan(stats.max_ms)
         assert k.before.max_ms <= k.observed.max_ms  # the lower bound is below the upper one
+        assert k.envoy0.max_ms <= k.observed.max_ms  # one Envoy is no later than the last of them
     assert p.all_changes.n == 8 and p.probe_rtt.n > 0 and p.probe_gap.n > 0
 
     (f,) = report.fanout
@@ -37,7 +39,7 @@ def test_xds_benchmark_measures_propagation_and_fanout(capsys: pytest.CaptureFix
 
     printed = json.loads(capsys.readouterr().out)
     assert printed["errors"] == 0
-    assert printed["command"].endswith("-m bench.xds --changes 4 --clients 10 --fanout-changes 2 "
+    assert printed["command"].endswith("-m bench.xds --changes 4 --envoys 2 --clients 10 --fanout-changes 2 "
                                        "--per-channel 4 --json")
     assert printed["machine"]["nproc"] >= 1 and printed["load_before"]
 
@@ -58,8 +60,8 @@ def test_the_fleet_reports_a_version_once_every_stream_acked_it(capsys: pytest.C
 
 
 def test_quick_only_changes_the_defaults() -> None:
-    assert parse_args([]).clients == [100, 1000]
-    assert parse_args(["--quick"]).clients == [100]
+    assert (parse_args([]).clients, parse_args([]).envoys) == ([100, 1000], 10)
+    assert (parse_args(["--quick"]).clients, parse_args(["--quick"]).envoys) == ([100], 3)
     assert parse_args(["--quick", "--clients", "10,20"]).clients == [10, 20]
     with pytest.raises(SystemExit):
         parse_args(["--changes", "0", "--clients", ""])

@@ -106,8 +106,22 @@ async def test_removing_a_model_keeps_its_cluster_until_routes_no_longer_use_it(
 
 
 @pytest.mark.asyncio
-async def test_adding_a_model_is_one_publish() -> None:
+async def test_adding_a_model_sends_its_cluster_before_the_routes_that_use_it() -> None:
     c = controller()
+    before = c.server.cache.snapshot
     published = spy_on_publish(c)
     await c.apply(yaml.safe_dump([model("b")]))
+    make, final = published
+    b_cluster = "kvgate_model/b"
+    assert b_cluster in make.get(CLUSTER).items and b_cluster in make.get(ENDPOINT).items
+    assert route_names(make) == route_names(before) == {"a", "models_list", "no_model"}
+    assert make.get(POLICY).version == before.get(POLICY).version  # ext_proc admits b only with the routes
+    assert route_names(final) == {"a", "b", "models_list", "no_model"}
+
+
+@pytest.mark.asyncio
+async def test_a_change_without_cluster_changes_is_one_publish() -> None:
+    c = controller()
+    published = spy_on_publish(c)
+    await c.apply(yaml.safe_dump([model("a", max_output_tokens=9)]))
     assert len(published) == 1
