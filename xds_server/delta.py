@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource
 from xds_server.snapshot import CLUSTER, ENDPOINT, PUSH_ORDER, WILDCARD_TYPES, Snapshot
-from xds_server.sotw import CONTROL_PLANE_ID, Nack
+from xds_server.sotw import CONTROL_PLANE_ID, AckState, Nack
 
 
 def resource_version(packed_value: bytes) -> str:
@@ -22,14 +22,10 @@ def resource_version(packed_value: bytes) -> str:
 
 
 @dataclass
-class DeltaTypeState:
+class DeltaTypeState(AckState):  # its versions are the system versions of our responses
     wildcard: bool = False
     names: set[str] = field(default_factory=set)
     known: dict[str, str] = field(default_factory=dict)  # name -> version the client has (or refused)
-    sent_nonce: str = ""
-    sent_version: str | None = None  # system version of the last response
-    acked_version: str = ""
-    nacked_version: str | None = None
 
 
 @dataclass
@@ -44,12 +40,10 @@ class DeltaStream:
         state = self.types.setdefault(req.type_url, DeltaTypeState())
         nack = None
         if req.response_nonce and req.response_nonce == state.sent_nonce:
-            if req.HasField("error_detail"):
-                nack = Nack(req.type_url, state.sent_version or "", req.error_detail.message)
-                state.nacked_version = state.sent_version
+            nack = state.reply(req.type_url, req.error_detail if req.HasField("error_detail") else None,
+                               state.sent_version or "")
+            if nack:
                 self.nacks.append(nack)
-            else:
-                state.acked_version = state.sent_version or ""
         if first:
             state.known = dict(req.initial_resource_versions)
             # Legacy wildcard: a first request for a wildcard type that names nothing.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
+from google.rpc.status_pb2 import Status
 from xds_server.snapshot import CLUSTER, ENDPOINT, PUSH_ORDER, WILDCARD_TYPES, Snapshot
 
 CONTROL_PLANE_ID = "kvgate-xds"
@@ -24,12 +25,26 @@ class Nack:
 
 
 @dataclass
-class TypeState:
-    names: frozenset[str] | None = None  # None: wildcard
+class AckState:
+    """What one client has done with our responses of one type; shared by SotW and Delta streams."""
+
     sent_version: str | None = None
     sent_nonce: str = ""
     acked_version: str = ""
     nacked_version: str | None = None
+
+    def reply(self, type_url: str, error_detail: Status | None, acked_version: str) -> Nack | None:
+        """Record the client's answer to our last response: a NACK (returned) or an ACK."""
+        if error_detail is not None:
+            self.nacked_version = self.sent_version
+            return Nack(type_url, self.sent_version or "", error_detail.message)
+        self.acked_version = acked_version
+        return None
+
+
+@dataclass
+class TypeState(AckState):
+    names: frozenset[str] | None = None  # None: wildcard
 
 
 @dataclass
@@ -46,12 +61,11 @@ class SotwStream:
         if not first and req.response_nonce and req.response_nonce != state.sent_nonce:
             return [], None  # answers a response we have since superseded
         nack = None
-        if req.HasField("error_detail"):
-            nack = Nack(req.type_url, state.sent_version or "", req.error_detail.message)
-            state.nacked_version = state.sent_version
-            self.nacks.append(nack)
-        elif req.response_nonce:
-            state.acked_version = req.version_info
+        if req.HasField("error_detail") or req.response_nonce:
+            nack = state.reply(req.type_url, req.error_detail if req.HasField("error_detail") else None,
+                               req.version_info)
+            if nack:
+                self.nacks.append(nack)
         names = self._requested_names(req)
         names_changed = names != state.names
         state.names = names
