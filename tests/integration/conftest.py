@@ -52,7 +52,7 @@ def ledger_metrics(gw: Gateway) -> dict[tuple[str, str], float]:
             for f in text_string_to_metric_families(text) for s in f.samples}
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
+def wait_for(predicate: Callable[[], bool], what: str = "condition", timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
@@ -71,3 +71,21 @@ def sim_url(gw: Gateway, model: str) -> str:
 
 def sim_requests(gw: Gateway, model: str) -> list[dict]:
     return httpx.get(f"{sim_url(gw, model)}/sim/requests").json()
+
+
+# A one-engine model for the control-plane tests, with an engine that answers at once.
+ALPHA = {"name": "alpha", "endpoints": ["sim"], "max_context_tokens": 2048, "max_output_tokens": 64,
+         "kv": {"bytes_per_token": 4096, "budget_per_endpoint": "256MiB"},
+         "sim": {"ttft_base_ms": 0, "ttft_per_token_ms": 0, "itl_ms": 0, "batch_slowdown": 0}}
+
+
+def alias_of_alpha(gw: Gateway, name: str, **overrides: object) -> dict:
+    """Another model on alpha's engine (which knows only `alpha`, hence backend_model)."""
+    model = {**ALPHA, "name": name, "backend_model": "alpha", "endpoints": [str(gw.sims["alpha"][0])], **overrides}
+    model.pop("sim")
+    return model
+
+
+def envoy_stat(gw: Gateway, name: str) -> int:
+    text = httpx.get(f"{gw.admin_url}/stats", params={"filter": f"^{name}$"}).text
+    return int(text.split(":")[1]) if ":" in text else 0

@@ -17,6 +17,7 @@ import yaml
 
 from kvgate.catalog import bundled_catalog_path
 from kvgate.processes import free_port
+from tests.integration.conftest import wait_for
 
 KVGATE = [sys.executable, "-m", "kvgate.cli"]
 
@@ -125,22 +126,16 @@ def test_up_serves_each_save_of_its_catalog_and_refuses_a_broken_one(tmp_path: P
             return raw.headers["x-kvgate-max-tokens"] == clamp
 
         catalog.write_text(yaml.safe_dump({"models": [solo, {**solo, "name": "duo", "max_output_tokens": 32}]}))
-        wait_until(lambda: serves("duo", "32"), "a model added to the file, on a new engine")
+        wait_for(lambda: serves("duo", "32"), "a model added to the file, on a new engine", timeout_s=30)
         catalog.write_text("models: [ {name: solo")
         time.sleep(1)
         catalog.write_text(yaml.safe_dump({"models": [{**solo, "max_output_tokens": 16}]}))
-        wait_until(lambda: serves("solo", "16") and not serves("duo", "32"), "the next valid save")
+        wait_for(lambda: serves("solo", "16") and not serves("duo", "32"), "the next valid save", timeout_s=30)
         stop_and_check_no_orphans(proc, signal.SIGTERM)
         assert "catalog change refused" in (proc.stderr.read() if proc.stderr else "")
     finally:
         proc.kill()
 
-
-def wait_until(check, what: str, timeout_s: float = 30) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"never saw: {what}"
-        time.sleep(0.1)
 
 
 def test_up_refuses_an_invalid_catalog_naming_model_and_field(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@ plane: every change reaches every one of them."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -13,11 +12,8 @@ import yaml
 from kvgate import admin_client
 from kvgate.catalog import parse_catalog
 from kvgate.gateway import Gateway
-from tests.integration.conftest import start_gateway
+from tests.integration.conftest import ALPHA, alias_of_alpha, start_gateway, wait_for
 
-ALPHA = {"name": "alpha", "endpoints": ["sim"], "max_context_tokens": 2048, "max_output_tokens": 64,
-         "kv": {"bytes_per_token": 4096, "budget_per_endpoint": "256MiB"},
-         "sim": {"ttft_base_ms": 0, "ttft_per_token_ms": 0, "itl_ms": 0, "batch_slowdown": 0}}
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +34,6 @@ def clamp_everywhere(gw: Gateway, model: str) -> set[str | int]:
     return out
 
 
-def eventually(check, what: str, timeout_s: float = 10.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"never saw: {what}"
-        time.sleep(0.02)
-
 
 def test_three_envoys_and_two_ext_procs_are_connected(fleet: Gateway) -> None:
     nodes = {n.id: n.group for n in admin_client.status(fleet.admin_address).nodes}
@@ -54,14 +44,13 @@ def test_three_envoys_and_two_ext_procs_are_connected(fleet: Gateway) -> None:
 
 
 def test_add_change_and_remove_reach_every_envoy_and_ext_proc(fleet: Gateway) -> None:
-    beta = {**ALPHA, "name": "beta", "backend_model": "alpha", "endpoints": [str(fleet.sims["alpha"][0])]}
-    beta.pop("sim")
+    beta = alias_of_alpha(fleet, "beta")
     admin_client.apply_models(fleet.admin_address, yaml.safe_dump([beta]))
-    eventually(lambda: clamp_everywhere(fleet, "beta") == {"64"}, "beta served by every Envoy")
+    wait_for(lambda: clamp_everywhere(fleet, "beta") == {"64"}, "beta served by every Envoy")
     admin_client.apply_models(fleet.admin_address, yaml.safe_dump([{**beta, "max_output_tokens": 9}]))
-    eventually(lambda: clamp_everywhere(fleet, "beta") == {"9"}, "the new clamp everywhere")
+    wait_for(lambda: clamp_everywhere(fleet, "beta") == {"9"}, "the new clamp everywhere")
     admin_client.remove_model(fleet.admin_address, "beta")
-    eventually(lambda: clamp_everywhere(fleet, "beta") == {404}, "beta gone everywhere")
+    wait_for(lambda: clamp_everywhere(fleet, "beta") == {404}, "beta gone everywhere")
     assert clamp_everywhere(fleet, "alpha") == {"64"}
 
 

@@ -16,11 +16,8 @@ import yaml
 from kvgate import admin_client
 from kvgate.catalog import parse_catalog
 from kvgate.gateway import Gateway
-from tests.integration.conftest import start_gateway
+from tests.integration.conftest import ALPHA, alias_of_alpha, envoy_stat, start_gateway, wait_for
 
-ALPHA = {"name": "alpha", "endpoints": ["sim"], "max_context_tokens": 2048, "max_output_tokens": 64,
-         "kv": {"bytes_per_token": 4096, "budget_per_endpoint": "256MiB"},
-         "sim": {"ttft_base_ms": 0, "ttft_per_token_ms": 0, "itl_ms": 0, "batch_slowdown": 0}}
 
 
 @pytest.fixture(scope="module")
@@ -45,37 +42,25 @@ def complete(gw: Gateway, model: str) -> httpx.Response:
     return httpx.post(f"{gw.url}/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 1000})
 
 
-def eventually(check, what: str, timeout_s: float = 10.0) -> float:  # noqa: ANN001
-    """Seconds until `check()` held (the propagation time through the data path)."""
-    start = time.monotonic()
-    while not check():
-        assert time.monotonic() - start < timeout_s, f"never saw: {what}"
-        time.sleep(0.01)
-    return time.monotonic() - start
-
-
-def alpha_engine(gw: Gateway) -> str:
-    return str(gw.sims["alpha"][0])
 
 
 def test_a_model_added_through_the_api_is_served_then_removed(gateway: Gateway, pristine: str) -> None:
-    beta = {**ALPHA, "name": "beta", "backend_model": "alpha", "endpoints": [alpha_engine(gateway)]}
-    beta.pop("sim")
+    beta = alias_of_alpha(gateway, "beta")
     resp = admin_client.apply_models(gateway.admin_address, yaml.safe_dump([beta]))
     assert resp.changed
-    eventually(lambda: complete(gateway, "beta").status_code == 200, "beta served through Envoy and ext_proc")
+    wait_for(lambda: complete(gateway, "beta").status_code == 200, "beta served through Envoy and ext_proc")
     listed = httpx.get(f"{gateway.url}/v1/models").json()["data"]
     assert {m["id"] for m in listed} == {"alpha", "beta"}
 
     admin_client.remove_model(gateway.admin_address, "beta")
-    eventually(lambda: complete(gateway, "beta").status_code == 404, "beta gone")
+    wait_for(lambda: complete(gateway, "beta").status_code == 404, "beta gone")
     assert complete(gateway, "alpha").status_code == 200
 
 
 def test_a_new_limit_is_the_new_clamp(gateway: Gateway, pristine: str) -> None:
     changed = yaml.safe_load(pristine)["models"][0] | {"max_output_tokens": 8}
     admin_client.apply_models(gateway.admin_address, yaml.safe_dump([changed]))
-    eventually(lambda: complete(gateway, "alpha").headers.get("x-kvgate-max-tokens") == "8", "the new clamp")
+    wait_for(lambda: complete(gateway, "alpha").headers.get("x-kvgate-max-tokens") == "8", "the new clamp")
     assert complete(gateway, "alpha").json()["usage"]["completion_tokens"] == 8
 
 
@@ -98,7 +83,7 @@ def test_the_catalog_file_is_watched_and_a_broken_save_is_refused(gateway: Gatew
         data = yaml.safe_load(original)
         data["models"][0]["max_output_tokens"] = 5
         path.write_text(yaml.safe_dump(data))
-        eventually(lambda: complete(gateway, "alpha").headers.get("x-kvgate-max-tokens") == "5", "the file's clamp")
+        wait_for(lambda: complete(gateway, "alpha").headers.get("x-kvgate-max-tokens") == "5", "the file's clamp")
         version = admin_client.list_models(gateway.admin_address).version
         path.write_text("models: [ {name: alpha")  # a broken save
         time.sleep(0.5)
@@ -106,7 +91,7 @@ def test_the_catalog_file_is_watched_and_a_broken_save_is_refused(gateway: Gatew
         assert complete(gateway, "alpha").headers["x-kvgate-max-tokens"] == "5"
     finally:
         path.write_text(original)
-    eventually(lambda: complete(gateway, "alpha").headers.get("x-kvgate-max-tokens") == "64", "the original clamp")
+    wait_for(lambda: complete(gateway, "alpha").headers.get("x-kvgate-max-tokens") == "64", "the original clamp")
 
 
 def test_status_shows_every_node_and_what_it_acked(gateway: Gateway) -> None:
@@ -123,10 +108,6 @@ def test_status_shows_every_node_and_what_it_acked(gateway: Gateway) -> None:
     assert printed.returncode == 0 and "envoy-0 (group kvgate-envoy)" in printed.stdout
     assert "ModelPolicy: ACKed" in printed.stdout
 
-
-def envoy_stat(gw: Gateway, name: str) -> int:
-    text = httpx.get(f"{gw.admin_url}/stats", params={"filter": f"^{name}$"}).text
-    return int(text.split(":")[1]) if ":" in text else 0
 
 
 def test_a_control_plane_crash_and_restart_drops_nothing_and_repushes_nothing(gateway: Gateway) -> None:
@@ -156,7 +137,7 @@ def test_a_control_plane_crash_and_restart_drops_nothing_and_repushes_nothing(ga
                 return False
             return {n.id for n in nodes} == {"envoy-0", "ext-proc-0"}
 
-        eventually(both_back, "Envoy and ext_proc reconnected", timeout_s=30)
+        wait_for(both_back, "Envoy and ext_proc reconnected", timeout_s=30)
         time.sleep(0.3)
     finally:
         stop.set()
@@ -173,10 +154,9 @@ def test_removing_a_model_under_load_never_black_holes_a_request(gateway: Gatewa
     and routes stop using the cluster before the cluster goes (make before break, unit-tested in
     test_control.py); this test sees the sum of both."""
     for attempt in range(2):
-        beta = {**ALPHA, "name": "beta", "backend_model": "alpha", "endpoints": [alpha_engine(gateway)]}
-        beta.pop("sim")
+        beta = alias_of_alpha(gateway, "beta")
         admin_client.apply_models(gateway.admin_address, yaml.safe_dump([beta]))
-        eventually(lambda: complete(gateway, "beta").status_code == 200, "beta served")
+        wait_for(lambda: complete(gateway, "beta").status_code == 200, "beta served")
         seen: list[int] = []
         stop = threading.Event()
 
@@ -191,7 +171,7 @@ def test_removing_a_model_under_load_never_black_holes_a_request(gateway: Gatewa
             w.start()
         time.sleep(0.2)
         admin_client.remove_model(gateway.admin_address, "beta")
-        eventually(lambda: bool(seen) and seen[-1] == 404, "beta refused")
+        wait_for(lambda: bool(seen) and seen[-1] == 404, "beta refused")
         stop.set()
         for w in workers:
             w.join()
