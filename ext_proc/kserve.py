@@ -9,7 +9,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from ext_proc.request import ProtocolError, is_int
+from ext_proc.request import LLMRequest, ProtocolError, is_int
 
 TEXT_INPUT = "text_input"
 MAX_TOKENS = "max_tokens"
@@ -36,6 +36,21 @@ def decode_raw_bytes(raw: bytes, name: str) -> list[bytes]:
         out.append(raw[pos:pos + n])
         pos += n
     return out
+
+
+def text(raw: bytes) -> str:
+    """A BYTES element as the text its tokens are counted from. Invalid UTF-8 is not refused (Triton
+    passes the bytes on), it becomes U+FFFD: Python replaces each invalid run of 1-3 bytes with that
+    one 3-byte character, so the text's UTF-8 size, the upper bound's input, never drops below the
+    bytes sent. The bound then holds whether the engine tokenizes the raw bytes (byte-level BPE: at
+    most one token per byte) or the replaced text; an exact count is of the replaced text."""
+    return raw.decode("utf-8", errors="replace")
+
+
+def text_request(model: str, texts: Sequence[str], limits: Sequence[int] | None) -> LLMRequest:
+    """The request of a text_input batch (one prompt per element) and its max_tokens elements."""
+    return LLMRequest(model=model, prompts=tuple((t,) for t in texts), prompt_param=TEXT_INPUT,
+                      requested_max_tokens=max(limits) if limits else None)
 
 
 def int_format(datatype: str) -> str:

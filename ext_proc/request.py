@@ -24,8 +24,11 @@ class ProtocolError(ValueError):
 @dataclass(frozen=True)
 class LLMRequest:
     model: str
-    # UTF-8 bytes of each prompt's text (one entry per prompt of a batch).
-    prompt_bytes: tuple[int, ...] = ()
+    # One entry per prompt of a batch: the text pieces its tokens come from. A chat's are its
+    # messages' contents (plus the tool schemas it renders); a completion's, its one prompt string.
+    # Counted piece by piece so that pieces repeated across requests (system prompts, earlier turns)
+    # hit the token counter's cache; what the chat template adds around them is policy overhead.
+    prompts: tuple[tuple[str, ...], ...] = ()
     # Prompts sent as token ids: exact counts, no estimate needed.
     exact_prompt_tokens: tuple[int, ...] = ()
     prompt_param: str = "prompt"  # the field holding the prompt, named in context errors
@@ -34,6 +37,13 @@ class LLMRequest:
     requested_max_tokens: int | None = None
     # False for calls that only name a model (Triton's ModelReady): routed, not admitted.
     admit: bool = True
+
+    @property
+    def prompt_bytes(self) -> tuple[int, ...]:
+        """UTF-8 bytes of each prompt's pieces: what the upper bound is taken from. Text that arrived as
+        invalid UTF-8 was decoded with U+FFFD (3 bytes) for each invalid run of 1-3 bytes, so this is
+        never below the bytes the client sent (kserve.text)."""
+        return tuple(sum(len(piece.encode()) for piece in pieces) for pieces in self.prompts)
 
 
 @dataclass(frozen=True)

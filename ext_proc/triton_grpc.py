@@ -82,7 +82,7 @@ class InferRequest:
         msg.CopyFrom(self.message)
         msg.model_name = engine_model
         if max_tokens is not None:
-            _set_max_tokens(msg, max_tokens, batch=len(self.request.prompt_bytes))
+            _set_max_tokens(msg, max_tokens, batch=len(self.request.prompts))
         if msg == self.message:
             return None
         return Rewrite(frame(msg.SerializeToString()))
@@ -154,9 +154,7 @@ def _infer(msg: service_pb2.ModelInferRequest) -> InferRequest:
     if MAX_TOKENS in names:
         values, count = _tensor_values(msg, names.index(MAX_TOKENS))
         limits = kserve.check_max_tokens(values, count)
-    request = LLMRequest(model=msg.model_name, prompt_bytes=tuple(len(t) for t in texts), prompt_param=TEXT_INPUT,
-                         requested_max_tokens=max(limits) if limits else None)
-    return InferRequest(request, msg)
+    return InferRequest(kserve.text_request(msg.model_name, [kserve.text(t) for t in texts], limits), msg)
 
 
 # --- calls that only name a model -------------------------------------------------------------

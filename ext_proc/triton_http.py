@@ -37,9 +37,8 @@ def parse_generate(model: str | None, headers: Mapping[str, str], raw: bytes) ->
     if not isinstance(text, str):
         raise kserve.missing_text_input() if text is None else ProtocolError(
             f"'{TEXT_INPUT}' must be a string", TEXT_INPUT)
-    request = LLMRequest(model=model or "", prompt_bytes=(len(text.encode()),), prompt_param=TEXT_INPUT,
-                         requested_max_tokens=positive_int(body.get(MAX_TOKENS), MAX_TOKENS))
-    return GenerateRequest(request, body)
+    limit = positive_int(body.get(MAX_TOKENS), MAX_TOKENS)
+    return GenerateRequest(kserve.text_request(model or "", [text], None if limit is None else [limit]), body)
 
 
 # --- infer: KServe v2 JSON tensors, optionally with binary data after the JSON header ---------
@@ -65,7 +64,7 @@ class InferRequest:
         header, replaced = self.header, {}
         limit = self.tensors.get(MAX_TOKENS)
         if limit is None:
-            batch = len(self.request.prompt_bytes)
+            batch = len(self.request.prompts)
             header = {**header, "inputs": [*header["inputs"], {
                 "name": MAX_TOKENS, "datatype": "INT32", "shape": [batch, 1], "data": [max_tokens] * batch}]}
         elif limit.binary is not None:
@@ -127,14 +126,14 @@ def _tensors(inputs: list[Any], binary: bytes | None) -> dict[str, _Tensor]:
     return out
 
 
-def _text_elements(t: _Tensor) -> list[bytes]:
+def _text_elements(t: _Tensor) -> list[str]:
     if t.spec.get("datatype") != "BYTES":
         raise ProtocolError(f"input '{TEXT_INPUT}' must be BYTES, got {t.spec.get('datatype')}", TEXT_INPUT)
     if t.binary is not None:
-        items = kserve.decode_raw_bytes(t.binary, TEXT_INPUT)
+        items = [kserve.text(v) for v in kserve.decode_raw_bytes(t.binary, TEXT_INPUT)]
     else:
-        items = [v.encode() if isinstance(v, str) else v for v in _flat(t.spec.get("data"))]
-        if not all(isinstance(v, bytes) for v in items):
+        items = _flat(t.spec.get("data"))
+        if not all(isinstance(v, str) for v in items):
             raise ProtocolError(f"input '{TEXT_INPUT}' must hold strings", TEXT_INPUT)
     if len(items) != kserve.elements(t.spec.get("shape"), TEXT_INPUT) or not items:
         raise ProtocolError(f"input '{TEXT_INPUT}' has {len(items)} elements, its shape says otherwise", TEXT_INPUT)
@@ -159,6 +158,5 @@ def parse_infer(model: str | None, headers: Mapping[str, str], raw: bytes) -> In
         raise kserve.missing_text_input()
     texts = _text_elements(tensors[TEXT_INPUT])
     limits = _limits(tensors[MAX_TOKENS]) if MAX_TOKENS in tensors else None
-    request = LLMRequest(model=model or "", prompt_bytes=tuple(len(t) for t in texts), prompt_param=TEXT_INPUT,
-                         requested_max_tokens=max(limits) if limits else None)
+    request = kserve.text_request(model or "", texts, limits)
     return InferRequest(request, json_part, header, tensors, binary is not None)

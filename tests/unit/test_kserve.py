@@ -153,3 +153,33 @@ def test_missing_text_input_names_the_input() -> None:
     assert isinstance(e, ProtocolError)
     assert e.param == TEXT_INPUT
     assert TEXT_INPUT in str(e) and "BYTES" in str(e)
+
+
+# --- text and text_request: what token counting sees -------------------------------------------
+
+def test_text_decodes_utf8() -> None:
+    assert kserve.text("héllo 你好 🚀".encode()) == "héllo 你好 🚀"
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (b"\xff", "\ufffd"),                 # never starts UTF-8
+    (b"\xe4\xbd", "\ufffd"),             # a 3-byte character cut short: one replacement
+    (b"\xed\xa0\x80", "\ufffd" * 3),     # an encoded surrogate
+    (b"a\x80b", "a\ufffdb"),             # a stray continuation byte
+])
+def test_text_replaces_invalid_utf8(raw: bytes, expected: str) -> None:
+    assert kserve.text(raw) == expected
+
+
+def test_text_never_has_fewer_utf8_bytes_than_were_sent() -> None:
+    """What the upper bound relies on: every invalid run of 1-3 bytes becomes the 3-byte U+FFFD."""
+    blobs = [bytes([a, b, c]) for a in range(0x80, 0x100, 3) for b in range(0, 0x100, 5) for c in (0x41, 0x80, 0xbf)]
+    blobs += [b"ok" + b[:n] for b in blobs[::50] for n in (1, 2)]
+    assert all(len(kserve.text(b).encode()) >= len(b) for b in blobs)
+
+
+def test_text_request_one_prompt_per_element() -> None:
+    req = kserve.text_request("m", ["a", "bc"], [10, 30])
+    assert (req.model, req.prompts, req.prompt_param) == ("m", (("a",), ("bc",)), TEXT_INPUT)
+    assert req.requested_max_tokens == 30  # the largest: the rewrite clamps each element
+    assert kserve.text_request("m", ["a"], None).requested_max_tokens is None

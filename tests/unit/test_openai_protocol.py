@@ -56,6 +56,7 @@ def test_chat_parses_model_messages_and_param() -> None:
     req = chat(USER, {"role": "assistant", "content": "hi"})
     assert req.request.model == "m"
     assert req.request.messages == 2
+    assert req.request.prompts == (("hello", "hi"),)  # one prompt: the contents, in order
     assert req.request.prompt_param == "messages"
     assert req.request.exact_prompt_tokens == ()
     assert req.request.sequences_per_prompt == 1
@@ -82,6 +83,31 @@ def test_chat_counts_content_parts() -> None:
     assert parts.request.prompt_bytes[0] - plain.request.prompt_bytes[0] >= 20
 
 
+def test_chat_pieces_are_contents_and_what_templates_render() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    req = chat({"role": "system", "content": "be brief"},
+               {"role": "user", "content": [{"type": "text", "text": "look:"},
+                                            {"type": "image_url", "image_url": {"url": "data:x"}}]},
+               {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "content": "42", "tool_call_id": "c1"},
+               {"role": "narrator", "content": "", "name": "bob"},
+               response_format={"type": "json_object"})
+    assert req.request.prompts == ((
+        "be brief",
+        "look:", '{"type":"image_url","image_url":{"url":"data:x"}}',  # non-text parts as JSON
+        orjson.dumps({"tool_calls": [call]}).decode(),
+        "42", '{"tool_call_id":"c1"}',
+        "narrator", "", '{"name":"bob"}',  # a role no template knows is rendered as text
+        '{"type":"json_object"}',
+    ),)
+    assert req.request.messages == 5
+
+
+def test_chat_bytes_are_the_pieces_bytes() -> None:
+    req = chat({"role": "user", "content": "héllo"}, {"role": "custom", "content": "x"})
+    assert req.request.prompt_bytes == (len("héllo".encode()) + len("custom") + 1,)
+
+
 TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                          "parameters": {"type": "object"}}}
 
@@ -89,6 +115,7 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "description": "
 def test_chat_counts_tools() -> None:
     without = chat()
     with_tools = chat(tools=[TOOL])
+    assert with_tools.request.prompts == (("hello", orjson.dumps([TOOL]).decode()),)
     assert with_tools.request.prompt_bytes[0] - without.request.prompt_bytes[0] >= len("get_weather") + len("Weather in a city")
 
 
@@ -125,6 +152,7 @@ def test_chat_n() -> None:
 
 def test_completion_string_prompt() -> None:
     req = completion("héllo")
+    assert req.request.prompts == (("héllo",),)
     assert req.request.prompt_bytes == (6,)
     assert req.request.exact_prompt_tokens == ()
     assert req.request.prompt_param == "prompt"
@@ -132,13 +160,15 @@ def test_completion_string_prompt() -> None:
 
 
 def test_completion_list_of_prompts() -> None:
-    assert completion(["a", "你", "abc"]).request.prompt_bytes == (1, 3, 3)
+    req = completion(["a", "你", "abc"]).request
+    assert req.prompts == (("a",), ("你",), ("abc",))
+    assert req.prompt_bytes == (1, 3, 3)
 
 
 def test_completion_token_ids() -> None:
     req = completion([1, 2, 3, 4])
     assert req.request.exact_prompt_tokens == (4,)
-    assert req.request.prompt_bytes == ()
+    assert req.request.prompts == ()
 
 
 def test_completion_list_of_token_id_lists() -> None:

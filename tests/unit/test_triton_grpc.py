@@ -152,6 +152,7 @@ def test_compressed_message_is_a_protocol_error() -> None:
 def test_parse_reads_model_prompt_and_max_tokens(build) -> None:  # noqa: ANN001
     req = parse(build(["héllo".encode()], [5000])).request
     assert req.model == MODEL
+    assert req.prompts == (("héllo",),)
     assert req.prompt_bytes == (6,)
     assert req.prompt_param == TEXT_INPUT
     assert req.requested_max_tokens == 5000
@@ -161,8 +162,18 @@ def test_parse_reads_model_prompt_and_max_tokens(build) -> None:  # noqa: ANN001
 @pytest.mark.parametrize("build", [contents_request, raw_request])
 def test_parse_batch(build) -> None:  # noqa: ANN001
     req = parse(build([b"a", b"bcd"], [10, 30])).request
+    assert req.prompts == (("a",), ("bcd",))
     assert req.prompt_bytes == (1, 3)
     assert req.requested_max_tokens == 30
+
+
+@pytest.mark.parametrize("build", [contents_request, raw_request])
+def test_parse_invalid_utf8_is_replaced_and_never_counts_fewer_bytes(build) -> None:  # noqa: ANN001
+    raw = b"\xf0\x9f\x98 \xc0"  # an emoji cut short, then a byte that never starts UTF-8
+    req = parse(build([raw])).request
+    assert req.prompts == (("\ufffd \ufffd",),)
+    assert req.prompt_bytes == (7,)
+    assert req.prompt_bytes[0] >= len(raw)
 
 
 @pytest.mark.parametrize("build", [contents_request, raw_request])

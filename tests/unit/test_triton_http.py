@@ -110,9 +110,10 @@ def split_tail(body: bytes, json_size: int) -> tuple[dict[str, Any], bytes]:
 
 # --- generate / generate_stream ----------------------------------------------------------------
 
-def test_generate_reads_prompt_bytes_and_max_tokens() -> None:
+def test_generate_reads_prompt_and_max_tokens() -> None:
     req = generate(text_input="héllo", max_tokens=20).request
     assert req.model == MODEL
+    assert req.prompts == (("héllo",),)
     assert req.prompt_bytes == (len("héllo".encode()),)
     assert req.prompt_param == TEXT_INPUT
     assert req.requested_max_tokens == 20
@@ -193,6 +194,7 @@ def test_infer_json_flat_data() -> None:
 
 def test_infer_json_batch_of_two_prompts() -> None:
     req = json_infer(text("a", "bcd"), limit(10, 20)).request
+    assert req.prompts == (("a",), ("bcd",))
     assert req.prompt_bytes == (1, 3)
     assert req.requested_max_tokens == 20
 
@@ -304,6 +306,7 @@ def test_infer_json_rewrite_adds_max_tokens_with_batch_shape() -> None:
 def test_binary_prompt_bytes_read_from_raw_bytes() -> None:
     req, _, _ = parse_binary(bin_text(b"hello", "wörld".encode()))
     assert req.binary
+    assert req.request.prompts == (("hello",), ("wörld",))
     assert req.request.prompt_bytes == (5, 6)
     assert req.request.requested_max_tokens is None
 
@@ -486,6 +489,23 @@ def test_input_parameters_not_an_object_is_protocol_error(params: Any) -> None:
 def test_binary_header_non_ascii_digit_is_protocol_error() -> None:
     body, _, _ = binary_body(bin_text(b"hi"))
     infer_error(body, {BINARY_HEADER: "²"})  # str.isdigit() is True for it; int() is not
+
+
+def test_binary_invalid_utf8_is_replaced_and_never_counts_fewer_bytes() -> None:
+    """Invalid UTF-8 is the engine's business, not a parse error; its text has U+FFFD for each
+    invalid run, whose 3 bytes keep the bound at or above what was sent (a lone byte counts 3)."""
+    raw = b"ok \xff\xe4\xbd"  # a stray byte, then a CJK character cut short
+    req, _, _ = parse_binary(bin_text(raw, b"fine"))
+    assert req.request.prompts == (("ok \ufffd\ufffd",), ("fine",))
+    assert req.request.prompt_bytes == (3 + 3 + 3, 4)
+    assert req.request.prompt_bytes[0] >= len(raw)
+
+
+def test_tritonclient_non_utf8_text_parsed() -> None:
+    body, headers = tritonclient_body([b"\x80\x81abc"], [10])
+    req = parse_infer(MODEL, headers, body).request
+    assert req.prompts == (("\ufffd\ufffdabc",),)
+    assert req.prompt_bytes[0] >= len(b"\x80\x81abc")
 
 
 # --- real tritonclient.http bodies -------------------------------------------------------------
