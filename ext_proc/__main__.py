@@ -17,13 +17,17 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from ext_proc.ledger import Ledgers
 from ext_proc.metrics import registry_for
 from ext_proc.policy import Policy
+from ext_proc.reconcile import Reconciler
+from ext_proc.scraper import EngineScraper
 from ext_proc.server import ExtProcServicer, PolicyTable
-from ext_proc.xds_client import AdsSubscriber
+from ext_proc.xds_client import AdsSubscriber, Subscription
 from kvgate import logs
 from kvgate.v1 import policy_pb2
 from xds_server.policies import POLICY_TYPE_URL
+from xds_server.shares import BUDGET_SHARES_TYPE_URL, EXT_PROC_GROUP, HELD_SHARE_KEY, share_of
 
-NODE_CLUSTER = "kvgate-ext-proc"
+# Until the control plane gives it a share a replica admits nothing: the budget may all be held by others.
+INITIAL_SHARE = 0.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics-port", type=int, default=9102, help="Prometheus /metrics (0: off)")
     p.add_argument("--max-message-bytes", type=int, default=8 * 2**20,
                    help="largest request body accepted from Envoy (keep above Envoy's buffer limit)")
+    p.add_argument("--max-waiting", type=int, default=1000,
+                   help="requests that may wait for KV budget per model; beyond it they are refused at once")
     return p.parse_args(argv)
 
 
@@ -46,6 +52,16 @@ def policies_from(resources: list) -> list[Policy]:
             raise ValueError(f"unexpected resource type {packed.type_url}")
         out.append(Policy.from_proto(msg))
     return out
+
+
+def apply_share(table: PolicyTable, node: Node, resources: list) -> None:
+    """Take this replica's share of every budget; none yet (the budget not divided): keep what is held."""
+    fraction = share_of(resources, node.id)
+    if fraction is None:
+        return
+    table.set_share(fraction)
+    # Sent when the stream reconnects: a restarted control plane divides from what replicas hold.
+    node.metadata[HELD_SHARE_KEY] = fraction
 
 
 async def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> web.AppRunner:
@@ -68,10 +84,11 @@ async def sweep(servicer: ExtProcServicer, every_s: float = 5.0) -> None:
 
 async def run(args: argparse.Namespace) -> int:
     log = logs.configure("ext_proc")
-    ledgers = Ledgers()
-    table = PolicyTable(ledgers)
-    registry, decisions = registry_for(ledgers)
+    ledgers = Ledgers(share=INITIAL_SHARE)
+    table = PolicyTable(ledgers, max_waiting=args.max_waiting)
+    registry, decisions = registry_for(ledgers, lambda: {m: len(q) for m, q in table.queues.items()})
     servicer = ExtProcServicer(table, decisions, log=log)
+    reconciler = Reconciler(table, EngineScraper(log=log))
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", args.max_message_bytes),
                                       ("grpc.max_send_message_length", args.max_message_bytes)])
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
@@ -80,9 +97,13 @@ async def run(args: argparse.Namespace) -> int:
         return 2
     await server.start()
     runner = await serve_metrics(registry, args.host, args.metrics_port) if args.metrics_port else None
-    subscriber = AdsSubscriber(args.xds, Node(id=args.node_id, cluster=NODE_CLUSTER), POLICY_TYPE_URL,
-                               lambda res: table.replace(policies_from(res)), log=log)
-    tasks = [asyncio.create_task(subscriber.run()), asyncio.create_task(sweep(servicer))]
+    node = Node(id=args.node_id, cluster=EXT_PROC_GROUP, metadata={HELD_SHARE_KEY: INITIAL_SHARE})
+    subscriber = AdsSubscriber(args.xds, node, [
+        Subscription(POLICY_TYPE_URL, lambda res: table.replace(policies_from(res))),
+        Subscription(BUDGET_SHARES_TYPE_URL, lambda res: apply_share(table, node, res)),
+    ], log=log)
+    tasks = [asyncio.create_task(subscriber.run()), asyncio.create_task(sweep(servicer)),
+             asyncio.create_task(reconciler.run())]
     log.info("ext_proc.serving", port=args.port, xds=args.xds, metrics_port=args.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,24 +1,30 @@
-"""The admission decision: context check, max_tokens clamp, KV bytes, and the reservation.
+"""The admission decision: context check, max_tokens clamp, KV bytes, and which endpoint holds them.
 
-`plan` is pure arithmetic on a parsed request and its model's policy; `admit` adds the ledger.
+`plan` is pure arithmetic on a parsed request and its model's policy; `choose` picks the endpoint
+with the most headroom; `admit` reserves there or says why not. Waiting is server.py's (waitqueue).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engines.kv_math import reservation_bytes
 from ext_proc import tokens
 from ext_proc.ledger import Ledger, Reservation
-from ext_proc.request import LLMRequest
 from ext_proc.policy import Policy
+from ext_proc.request import LLMRequest
+
+if TYPE_CHECKING:
+    from ext_proc.tokenizer import TokenCounter
 
 
 @dataclass(frozen=True)
 class Plan:
     max_tokens: int
-    prompt_tokens: int  # the longest prompt, upper bound
+    prompt_tokens: int  # the longest prompt
     nbytes: int
+    long: bool  # claims more than the policy's long-request threshold of the largest endpoint
 
 
 @dataclass(frozen=True)
@@ -31,32 +37,59 @@ class Refusal:
     retry_after: int | None = None
 
 
-def plan(req: LLMRequest, policy: Policy) -> Plan | Refusal:
-    prompts = tokens.prompt_tokens(req, policy)
+def plan(req: LLMRequest, policy: Policy, counter: TokenCounter | None) -> Plan | Refusal:
+    prompts = tokens.prompt_tokens(req, policy, counter)
     longest = max(prompts)
     room = policy.max_context_tokens - longest
     if room < 1:
         return Refusal(400, "context_length_exceeded",
                        f"This model's maximum context length is {policy.max_context_tokens} tokens. However, "
-                       f"your prompt may use up to {longest} tokens (upper-bound estimate), leaving no room "
+                       f"your prompt may use up to {longest} tokens, leaving no room "
                        "for output. Please reduce the length of the prompt.", param=req.prompt_param)
     max_tokens = min(req.requested_max_tokens or policy.max_output_tokens, policy.max_output_tokens, room)
     nbytes = req.sequences_per_prompt * sum(
         reservation_bytes(p + max_tokens, policy.tokens_per_block, policy.kv_bytes_per_token) for p in prompts)
-    if nbytes > policy.budget_bytes:
+    if nbytes > policy.largest_budget:
         # Would never fit, however long the client waits: a 429 would only invite retries.
         return Refusal(400, "request_too_large",
-                       f"This request may claim {nbytes} bytes of KV cache, more than model "
-                       f"{policy.name!r} has in total ({policy.budget_bytes}). Send fewer prompts or a smaller n.")
-    return Plan(max_tokens=max_tokens, prompt_tokens=longest, nbytes=nbytes)
+                       f"This request may claim {nbytes} bytes of KV cache, more than any engine of model "
+                       f"{policy.name!r} holds ({policy.largest_budget}). Send fewer prompts or a smaller n.")
+    return Plan(max_tokens=max_tokens, prompt_tokens=longest, nbytes=nbytes,
+                long=nbytes > policy.long_request_threshold * policy.largest_budget)
 
 
-def admit(p: Plan, model: str, ledger: Ledger, now: float, ttl_s: float) -> Reservation | Refusal:
-    reservation = ledger.try_reserve(model, p.nbytes, now, ttl_s)
-    if reservation is not None:
-        return reservation
-    retry = ledger.retry_after(p.nbytes, now)
+def _long_ok(ledger: Ledger, p: Plan, policy: Policy) -> bool:
+    """Long requests share at most max_share of the endpoint; one alone may take more, or a
+    request bigger than that share could never run."""
+    return (not p.long or ledger.reserved_long == 0
+            or ledger.reserved_long + p.nbytes <= policy.long_requests_max_share * ledger.capacity)
+
+
+def choose(ledgers: list[Ledger], p: Plan, policy: Policy) -> Ledger | None:
+    """Of the endpoints the request fits, those of the first failover level (primary before
+    overflow); of those, the one with the most headroom; ties go to the one with the fewest requests
+    in flight, then to the catalog's order."""
+    fitting = [lg for lg in ledgers if lg.fits(p.nbytes) and _long_ok(lg, p, policy)]
+    level = {e.address: e.priority for e in policy.endpoints}
+    return max(fitting, key=lambda lg: (-level.get(lg.endpoint, 0), lg.headroom, -lg.active), default=None)
+
+
+def admit(p: Plan, policy: Policy, ledgers: list[Ledger], now: float, ttl_s: float) -> Reservation | Refusal | None:
+    """The reservation, a refusal that waiting cannot cure, or None: it does not fit now."""
+    # A replica given no share yet (it has just joined) waits for one instead.
+    if ledgers and ledgers[0].share > 0 and p.nbytes > max(lg.capacity for lg in ledgers):
+        return Refusal(400, "request_too_large",
+                       f"This request may claim {p.nbytes} bytes of KV cache, more than this gateway replica "
+                       f"may hand out on any engine of model {policy.name!r} "
+                       f"({max(lg.capacity for lg in ledgers)}). Send fewer prompts or a smaller n.")
+    ledger = choose(ledgers, p, policy)
+    return None if ledger is None else ledger.try_reserve(p.nbytes, now, ttl_s, p.long)
+
+
+def busy(p: Plan, policy: Policy, ledgers: list[Ledger], now: float) -> Refusal:
+    """The 429 of a request that waited its class's longest and still does not fit."""
+    retry = min((lg.retry_after(p.nbytes, now) for lg in ledgers), default=60)
     return Refusal(429, "rate_limit_exceeded",
-                   f"Model {model!r} has no KV-cache budget free for this request "
+                   f"Model {policy.name!r} has no KV-cache budget free for this request "
                    f"({p.prompt_tokens} prompt + {p.max_tokens} output tokens). Retry after {retry} s.",
                    type_="rate_limit_error", retry_after=retry)

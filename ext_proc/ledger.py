@@ -1,43 +1,78 @@
-"""KV-budget ledgers: who holds how many bytes of which budget, and for how long.
+"""KV-budget ledgers: who holds how many bytes of which engine's budget, and for how long.
 
-Pure bookkeeping with the clock passed in, so every rule is unit-tested without sleeping. One ledger
-per budget (a model for now; per endpoint later); `Ledgers` keeps them by key.
+One ledger per (model, endpoint). Pure bookkeeping with the clock passed in, so every rule is
+unit-tested without sleeping. What the ledger counts against its capacity is its own reservations
+plus any use the engine reports that they do not explain (other clients, leaks); an engine whose
+metrics went stale counts as full (`blind`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
 @dataclass(eq=False)  # identity: two equal-looking reservations are still two
 class Reservation:
-    key: str
+    ledger: Ledger
     nbytes: int
     started: float
     expires: float
+    long: bool = False  # a long request, counted against the long-request cap (admission.py)
     released: bool = False
 
+    @property
+    def key(self) -> str:
+        return self.ledger.name
 
-@dataclass
+
+@dataclass(eq=False)
 class Ledger:
-    capacity: int
+    model: str
+    endpoint: str
+    budget: int  # the engine's whole budget
+    share: float = 1.0  # this replica's part of it, from the control plane
     reserved: int = 0
+    reserved_long: int = 0
+    # Engine use the reservations do not explain, from the last metrics sample; never negative.
+    excess: int = 0
+    blind: bool = False  # engine metrics stale: admit nothing here
     # Smoothed time a reservation is held, for Retry-After; 1 s until something was released.
     mean_hold_s: float = 1.0
     _active: set[Reservation] = field(default_factory=set)
     _smoothing: float = 0.2
 
     @property
+    def name(self) -> str:
+        return f"{self.model}@{self.endpoint}"
+
+    @property
+    def capacity(self) -> int:
+        return int(self.budget * self.share)
+
+    @property
+    def used(self) -> int:
+        return self.reserved + self.excess
+
+    @property
+    def headroom(self) -> int:
+        return 0 if self.blind else max(0, self.capacity - self.used)
+
+    @property
     def active(self) -> int:
         return len(self._active)
 
-    def try_reserve(self, key: str, nbytes: int, now: float, ttl_s: float) -> Reservation | None:
-        if self.reserved + nbytes > self.capacity:
+    def fits(self, nbytes: int) -> bool:
+        return nbytes <= self.headroom
+
+    def try_reserve(self, nbytes: int, now: float, ttl_s: float, long: bool = False) -> Reservation | None:
+        if not self.fits(nbytes):
             return None
-        r = Reservation(key, nbytes, now, now + ttl_s)
+        r = Reservation(self, nbytes, now, now + ttl_s, long)
         self._active.add(r)
         self.reserved += nbytes
+        self.reserved_long += nbytes if long else 0
         return r
 
     def release(self, r: Reservation, now: float) -> bool:
@@ -47,19 +82,30 @@ class Ledger:
         self._active.discard(r)
         r.released = True
         self.reserved -= r.nbytes
+        self.reserved_long -= r.nbytes if r.long else 0
         self.mean_hold_s += self._smoothing * (max(0.0, now - r.started) - self.mean_hold_s)
         return True
 
     def expire(self, now: float) -> list[Reservation]:
         """The TTL backstop: release what outlived its deadline (a lost stream end)."""
-        expired = [r for r in self._active if r.expires <= now]
-        for r in expired:
+        return self.release_where(lambda r: r.expires <= now, now)
+
+    def release_where(self, predicate: Callable[[Reservation], bool], now: float) -> list[Reservation]:
+        chosen = [r for r in self._active if predicate(r)]
+        for r in chosen:
             self.release(r, now)
-        return expired
+        return chosen
+
+    def observe_engine(self, used_bytes: int, reserved_then: int) -> None:
+        """The engine's use attributed to this replica, sampled when this ledger held `reserved_then`:
+        what exceeds it is counted until the next sample. Less than reserved is not credited: a paged
+        engine allocates blocks as tokens are generated, so its use grows into the reservations."""
+        self.excess = max(0, used_bytes - reserved_then)
+        self.blind = False
 
     def retry_after(self, nbytes: int, now: float) -> int:
         """Seconds until `nbytes` are likely free, if reservations end after the mean hold time."""
-        missing = self.reserved + nbytes - self.capacity
+        missing = self.used + nbytes - self.capacity
         for r in sorted(self._active, key=lambda r: r.started):
             missing -= r.nbytes
             if missing <= 0:
@@ -69,22 +115,36 @@ class Ledger:
 
 @dataclass
 class Ledgers:
-    """Ledgers by budget key; capacities follow the policies, reservations survive a change."""
+    """Ledgers by (model, endpoint); budgets follow the policies, reservations survive a change."""
 
-    _by_key: dict[str, Ledger] = field(default_factory=dict)
+    share: float = 1.0
+    _by_key: dict[tuple[str, str], Ledger] = field(default_factory=dict)
 
-    def set_capacity(self, key: str, capacity: int) -> Ledger:
-        ledger = self._by_key.get(key)
+    def set_budget(self, model: str, endpoint: str, budget: int) -> Ledger:
+        ledger = self._by_key.get((model, endpoint))
         if ledger is None:
-            ledger = self._by_key[key] = Ledger(capacity)
-        ledger.capacity = capacity
+            ledger = self._by_key[(model, endpoint)] = Ledger(model, endpoint, budget, self.share)
+        ledger.budget = budget
         return ledger
 
-    def get(self, key: str) -> Ledger | None:
-        return self._by_key.get(key)
+    def set_share(self, share: float) -> None:
+        self.share = share
+        for ledger in self._by_key.values():
+            ledger.share = share
 
-    def items(self) -> list[tuple[str, Ledger]]:
-        return sorted(self._by_key.items())
+    def retain(self, keys: set[tuple[str, str]]) -> None:
+        """Forget ledgers no policy names once nothing is held in them (their metrics go too)."""
+        for key in [k for k, lg in self._by_key.items() if k not in keys and lg.active == 0]:
+            del self._by_key[key]
+
+    def get(self, model: str, endpoint: str) -> Ledger | None:
+        return self._by_key.get((model, endpoint))
+
+    def of_model(self, model: str, endpoints: list[str]) -> list[Ledger]:
+        return [lg for e in endpoints if (lg := self._by_key.get((model, e))) is not None]
+
+    def all(self) -> list[Ledger]:
+        return [lg for _, lg in sorted(self._by_key.items())]
 
     def expire(self, now: float) -> list[Reservation]:
         return [r for ledger in self._by_key.values() for r in ledger.expire(now)]

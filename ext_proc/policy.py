@@ -8,6 +8,19 @@ from kvgate.v1 import policy_pb2
 
 
 @dataclass(frozen=True)
+class EndpointPolicy:
+    address: str  # "host:port", the key of its ledger
+    budget_bytes: int  # the whole engine's; this replica's share is applied by the ledgers
+    grpc_address: str  # Triton: the same engine as Envoy's gRPC cluster names it
+    metrics_url: str
+    priority: int = 0  # failover level: 0 primary
+
+    def upstream(self, grpc: bool) -> str:
+        """The host Envoy's override_host policy must pick in the cluster that carries the call."""
+        return self.grpc_address if grpc and self.grpc_address else self.address
+
+
+@dataclass(frozen=True)
 class Policy:
     name: str
     protocol: str
@@ -16,10 +29,37 @@ class Policy:
     max_output_tokens: int
     kv_bytes_per_token: int
     tokens_per_block: int
-    budget_bytes: int  # all endpoints together, until budgets are kept per endpoint
+    endpoints: tuple[EndpointPolicy, ...]
     estimate_bytes_per_token: float
     estimate_per_message: int
     estimate_per_request: int
+    tokenizer_path: str = ""
+    tokenizer_sha256: str = ""
+    # (name, max wait in seconds), highest priority first.
+    priority_classes: tuple[tuple[str, float], ...] = (("default", 0.0),)
+    default_priority_class: str = "default"
+    # Engine metrics: scrape interval and staleness, seconds; 0: not scraped.
+    metrics_interval_s: float = 0.0
+    metrics_stale_after_s: float = 0.0
+    # Fractions of an endpoint's budget: above the threshold a request is long; long ones together
+    # hold at most max_share (1.0, 1.0: no such rule).
+    long_request_threshold: float = 1.0
+    long_requests_max_share: float = 1.0
+
+    def endpoint(self, address: str) -> EndpointPolicy | None:
+        return next((e for e in self.endpoints if e.address == address), None)
+
+    @property
+    def largest_budget(self) -> int:
+        return max(e.budget_bytes for e in self.endpoints)
+
+    def max_wait_s(self, priority_class: str) -> float | None:
+        """None: not a class of this model."""
+        return dict(self.priority_classes).get(priority_class)
+
+    def rank(self, priority_class: str) -> int:
+        """0 is the highest priority."""
+        return [name for name, _ in self.priority_classes].index(priority_class)
 
     @classmethod
     def from_proto(cls, p: policy_pb2.ModelPolicy) -> Policy:
@@ -27,6 +67,10 @@ class Policy:
         if not (p.name and p.max_context_tokens and p.max_output_tokens and p.kv_bytes_per_token and p.tokens_per_block
                 and p.endpoints and est.bytes_per_token > 0):
             raise ValueError(f"ModelPolicy {p.name!r} lacks a required field")
+        classes = tuple((c.name, c.max_wait_ms / 1000) for c in p.priority_classes) or cls.priority_classes
+        default_class = p.default_priority_class or classes[0][0]
+        if default_class not in dict(classes):
+            raise ValueError(f"ModelPolicy {p.name!r}: default class {default_class!r} is not one of its classes")
         return cls(
             name=p.name,
             protocol=p.protocol,
@@ -35,8 +79,17 @@ class Policy:
             max_output_tokens=p.max_output_tokens,
             kv_bytes_per_token=p.kv_bytes_per_token,
             tokens_per_block=p.tokens_per_block,
-            budget_bytes=sum(e.kv_budget_bytes for e in p.endpoints),
+            endpoints=tuple(EndpointPolicy(e.address, e.kv_budget_bytes, e.grpc_address, e.metrics_url, e.priority)
+                            for e in p.endpoints),
             estimate_bytes_per_token=est.bytes_per_token,
             estimate_per_message=est.per_message_tokens,
             estimate_per_request=est.per_request_tokens,
+            tokenizer_path=p.tokenizer.path,
+            tokenizer_sha256=p.tokenizer.sha256,
+            priority_classes=classes,
+            default_priority_class=default_class,
+            metrics_interval_s=p.engine_metrics.interval_ms / 1000,
+            metrics_stale_after_s=p.engine_metrics.stale_after_ms / 1000,
+            long_request_threshold=p.long_request_threshold or 1.0,
+            long_requests_max_share=p.long_requests_max_share or 1.0,
         )

@@ -21,7 +21,7 @@ from ext_proc.admission import Refusal
 from ext_proc.apis import Convention
 from ext_proc.openai_protocol import error_body
 from ext_proc.request import Rewrite
-from kvgate.headers import MAX_TOKENS_HEADER, MODEL_HEADER
+from kvgate.headers import ENDPOINT_HEADER, MAX_TOKENS_HEADER, MODEL_HEADER
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _JSON = HeaderValueOption(header=HeaderValue(key="content-type", raw_value=b"application/json"),
@@ -34,10 +34,15 @@ def _set(key: str, value: str) -> HeaderValueOption:
     return HeaderValueOption(header=HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE)
 
 
-def admit(model: str, max_tokens: int | None, rewrite: Rewrite | None) -> ProcessingResponse:
+def _route(model: str, endpoint: str | None) -> list[HeaderValueOption]:
+    """The model picks the route (cluster); the endpoint, if admission chose one, the host in it."""
+    return [_set(MODEL_HEADER, model)] + ([_set(ENDPOINT_HEADER, endpoint)] if endpoint else [])
+
+
+def admit(model: str, max_tokens: int | None, rewrite: Rewrite | None, endpoint: str | None = None) -> ProcessingResponse:
     """Route by model (header + route-cache clear in one response, or Envoy ignores the clear) and
     rewrite the body with a matching content-length, or Envoy answers 500."""
-    headers = [_set(MODEL_HEADER, model)]
+    headers = _route(model, endpoint)
     if max_tokens is not None:
         headers.append(_set(MAX_TOKENS_HEADER, str(max_tokens)))
     common = CommonResponse(clear_route_cache=True)
@@ -54,10 +59,10 @@ def wait_longer(seconds: float) -> ProcessingResponse:
     return ProcessingResponse(override_message_timeout=Duration(seconds=int(seconds)))
 
 
-def route_headers(model: str) -> ProcessingResponse:
+def route_headers(model: str, endpoint: str | None = None) -> ProcessingResponse:
     """The answer to a stream's headers, sent once its first message named the model."""
     return ProcessingResponse(request_headers=HeadersResponse(response=CommonResponse(
-        header_mutation=HeaderMutation(set_headers=[_set(MODEL_HEADER, model)]), clear_route_cache=True)))
+        header_mutation=HeaderMutation(set_headers=_route(model, endpoint)), clear_route_cache=True)))
 
 
 def stream_chunk(data: bytes) -> ProcessingResponse:

@@ -8,6 +8,8 @@ A gRPC bidi stream (ModelStreamInfer) arrives in STREAMED chunks, each message d
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -17,28 +19,62 @@ import structlog
 
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse
-from ext_proc import admission, apis, responses, triton_grpc
+from ext_proc import admission, apis, responses, tokens, triton_grpc
 from ext_proc.apis import Call, Convention
-from ext_proc.ledger import Ledgers, Reservation
+from ext_proc.ledger import Ledger, Ledgers, Reservation
 from ext_proc.metrics import Decisions
 from ext_proc.policy import Policy
-from ext_proc.request import ProtocolError, Rewrite
+from ext_proc.request import Parsed, ProtocolError, Rewrite
+from ext_proc.tokenizer import Tokenizers
 from ext_proc.triton_http import BINARY_HEADER
+from ext_proc.waitqueue import WaitQueue
+from kvgate.headers import PRIORITY_HEADER
 
 
 @dataclass
 class PolicyTable:
-    """Current policies by model name; `loaded` stays False until the first xDS update arrives."""
+    """Current policies by model name, their ledgers and wait queues; `loaded` stays False until
+    the first xDS update arrives."""
 
     ledgers: Ledgers
     policies: dict[str, Policy] = field(default_factory=dict)
     loaded: bool = False
+    max_waiting: int = 1000  # per model; beyond it a request that does not fit is refused at once
+    queues: dict[str, WaitQueue[Reservation]] = field(default_factory=dict)
+    tokenizers: Tokenizers = field(default_factory=Tokenizers)
+    _loading: asyncio.Task[None] | None = None
 
     def replace(self, policies: list[Policy]) -> None:
+        keys = {(p.name, e.address) for p in policies for e in p.endpoints}
         for p in policies:
-            self.ledgers.set_capacity(p.name, p.budget_bytes)
+            for e in p.endpoints:
+                self.ledgers.set_budget(p.name, e.address, e.budget_bytes)
+        self.ledgers.retain(keys)
         self.policies = {p.name: p for p in policies}
+        self.queues = {p.name: self.queues.get(p.name) or WaitQueue(self.max_waiting) for p in policies}
         self.loaded = True
+        self.wake_all()
+        # Until a tokenizer is loaded (off the event loop) its model's prompts are bounded, not counted.
+        with contextlib.suppress(RuntimeError):  # no running loop: unit tests that load none
+            self._loading = asyncio.get_running_loop().create_task(self.tokenizers.update(policies))
+
+    def set_share(self, fraction: float) -> None:
+        """This replica's part of every endpoint's budget, as the control plane divides it."""
+        self.ledgers.set_share(fraction)
+        self.wake_all()
+
+    def ledgers_of(self, policy: Policy) -> list[Ledger]:
+        return self.ledgers.of_model(policy.name, [e.address for e in policy.endpoints])
+
+    def wake(self, model: str) -> None:
+        """Budget of `model` may have freed up: offer it to the requests waiting for it."""
+        queue = self.queues.get(model)
+        if queue is not None:
+            queue.wake()
+
+    def wake_all(self) -> None:
+        for queue in self.queues.values():
+            queue.wake()
 
 
 @dataclass
@@ -49,9 +85,11 @@ class _Request:
     call: Call | None = None
     # One per admitted request; a gRPC stream carries many, all released when it ends.
     reservations: list[Reservation] = field(default_factory=list)
-    # A gRPC stream: the model its first message routed it to, the bytes of a frame still
-    # arriving, and the chunks Envoy sent before that first message completed.
+    # A gRPC stream: the model and endpoint its first message routed it to, the bytes of a frame
+    # still arriving, and the chunks Envoy sent before that first message completed.
     stream_model: str | None = None
+    stream_endpoint: str | None = None
+    stream_ledger: Ledger | None = None
     stream_rest: bytes = b""
     unanswered_chunks: int = 0
 
@@ -61,10 +99,22 @@ class _Admitted:
     model: str
     max_tokens: int | None  # None: a lookup, nothing to clamp
     rewrite: Rewrite | None
+    endpoint: str | None = None  # the upstream host admission reserved on
+    ledger: Ledger | None = None
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A parsed request with its plan, before any budget is taken."""
+
+    policy: Policy
+    parsed: Parsed
+    plan: admission.Plan
+    priority_class: str
 
 
 # The request headers admission reads; Envoy 1.40 sends values as raw_value.
-_WANTED = frozenset({":path", ":method", "content-type", "x-request-id", BINARY_HEADER})
+_WANTED = frozenset({":path", ":method", "content-type", "x-request-id", PRIORITY_HEADER, BINARY_HEADER})
 
 
 def _headers(headers: HttpHeaders) -> dict[str, str]:
@@ -86,6 +136,8 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
     reservation_ttl_s: float = 900.0
     # Envoy caps it with the filter's max_message_timeout (xds_server settings).
     stream_first_message_timeout_s: float = 60.0
+    # Prompts longer than this are tokenized in a thread (bench/tokens.py: ~1 ms per KB, hop ~0.1 ms).
+    inline_count_chars: int = 1024
     clock: Callable[[], float] = time.monotonic
     log: structlog.typing.FilteringBoundLogger = field(
         default_factory=lambda: structlog.get_logger(component="ext_proc"))
@@ -97,19 +149,16 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
             async for msg in request_iterator:
                 kind = msg.WhichOneof("request")
                 if kind == "request_headers":
-                    replies = self._on_headers(msg.request_headers, req)
+                    for reply in self._on_headers(msg.request_headers, req):
+                        yield reply
                 elif kind == "request_body":
-                    replies = self._on_body(msg.request_body, req)
-                else:
-                    continue
-                for reply in replies:
-                    yield reply
+                    async for reply in self._on_body(msg.request_body, req):
+                        yield reply
         finally:
             now = self.clock()
             for r in req.reservations:
-                ledger = self.table.ledgers.get(r.key)
-                if ledger is not None:
-                    ledger.release(r, now)
+                if r.ledger.release(r, now):
+                    self.table.wake(r.ledger.model)
 
     def _refuse(self, req: _Request, model: str, r: admission.Refusal) -> list[ProcessingResponse]:
         self.decisions.record(model, r.code)
@@ -135,14 +184,70 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
             return [responses.wait_longer(self.stream_first_message_timeout_s)]
         return [responses.CONTINUE_HEADERS]
 
-    def _on_body(self, body: HttpBody, req: _Request) -> list[ProcessingResponse]:
+    async def _on_body(self, body: HttpBody, req: _Request) -> AsyncIterator[ProcessingResponse]:
         assert req.call is not None  # a refused call ends at its headers
         if req.call.api.streaming:
-            return self._on_stream_message(body, req)
-        decided = self._decide(req, body.body)
-        if isinstance(decided, list):
-            return decided
-        return [responses.admit(decided.model, decided.max_tokens, decided.rewrite)]
+            for reply in self._on_stream_message(body, req):
+                yield reply
+            return
+        found = self._parse(req, body.body)
+        if isinstance(found, _Admitted):
+            yield responses.admit(found.model, None, found.rewrite)
+            return
+        if isinstance(found, tuple):
+            await self._count_off_loop(*found)
+            found = self._plan(req, *found)
+        if isinstance(found, list):
+            for reply in found:
+                yield reply
+            return
+        planned = found
+        ledgers = self.table.ledgers_of(planned.policy)
+        held = self._try(planned, ledgers)
+        wait_s = planned.policy.max_wait_s(planned.priority_class) or 0.0
+        queue = self.table.queues.get(planned.policy.name)
+        if held is None and wait_s > 0 and queue is not None and not queue.full:
+            # Envoy would give up on us after its message timeout: tell it how long this may take.
+            yield responses.wait_longer(wait_s + 1)
+            started = self.clock()
+            held = await queue.wait(planned.policy.rank(planned.priority_class),
+                                    lambda: self._try(planned, ledgers), wait_s,
+                                    release=lambda r: r.ledger.release(r, self.clock()))
+            self.decisions.waited(planned.policy.name, self.clock() - started, held is not None)
+        settled = self._settle(req, planned, held, ledgers)
+        if isinstance(settled, list):
+            yield settled[0]
+        else:
+            yield responses.admit(settled.model, settled.max_tokens, settled.rewrite, settled.endpoint)
+
+    async def _count_off_loop(self, policy: Policy, parsed: Parsed) -> None:
+        """Tokenizing a long new prompt takes milliseconds (about 1 ms per KB): do it in a thread, so
+        the event loop keeps serving other requests, and let the plan read the counts from the cache.
+        Short prompts are counted inline: the thread hop costs more than they do."""
+        counter = self.table.tokenizers.counter_for(policy)
+        pieces = tokens.text_pieces(parsed.request)
+        if counter is not None and sum(map(len, pieces)) > self.inline_count_chars:
+            await counter.prefetch(pieces)
+
+    def _try(self, planned: _Planned, ledgers: list[Ledger]) -> Reservation | admission.Refusal | None:
+        return admission.admit(planned.plan, planned.policy, ledgers, self.clock(), self.reservation_ttl_s)
+
+    def _settle(self, req: _Request, planned: _Planned, held: Reservation | admission.Refusal | None,
+                ledgers: list[Ledger]) -> _Admitted | list[ProcessingResponse]:
+        """Admitted (with the endpoint reserved on), or the refusal; None means it never fitted."""
+        model = planned.policy.name
+        if held is None:
+            held = admission.busy(planned.plan, planned.policy, ledgers, self.clock())
+            self.log.info("admission.refused", model=model, request_id=req.headers.get("x-request-id"),
+                          wanted=planned.plan.nbytes, headroom=[lg.headroom for lg in ledgers])
+        if isinstance(held, admission.Refusal):
+            return self._refuse(req, model, held)
+        req.reservations.append(held)
+        self.decisions.record(model, "admitted")
+        endpoint = planned.policy.endpoint(held.ledger.endpoint)
+        max_tokens = planned.plan.max_tokens
+        return _Admitted(model, max_tokens, planned.parsed.rewrite(max_tokens, planned.policy.backend_model),
+                         endpoint.upstream(grpc=req.convention is Convention.GRPC) if endpoint else None, held.ledger)
 
     def _on_stream_message(self, body: HttpBody, req: _Request) -> list[ProcessingResponse]:
         """A chunk of a bidi gRPC stream (STREAMED body): frames may span chunks, and until the first
@@ -156,26 +261,40 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
         routed = req.stream_model is not None
         out = []
         for message in messages:
-            decided = self._decide(req, message)
+            decided = self._decide_stream_message(req, message)
             if isinstance(decided, list):
                 return decided  # a refusal ends the whole stream: gRPC has no per-message status
-            if req.stream_model is not None and decided.model != req.stream_model:
-                return self._refuse(req, decided.model, admission.Refusal(
-                    400, "invalid_request", f"this stream serves model {req.stream_model!r}, not "
-                    f"{decided.model!r}", param="model_name"))
             req.stream_model = decided.model
+            req.stream_endpoint = req.stream_endpoint or decided.endpoint
+            req.stream_ledger = req.stream_ledger or decided.ledger
             out.append(decided.rewrite.body if decided.rewrite else triton_grpc.frame(message))
         req.unanswered_chunks += 1
         if req.stream_model is None:
             return []
-        replies = [] if routed else [responses.route_headers(req.stream_model)]
+        replies = [] if routed else [responses.route_headers(req.stream_model, req.stream_endpoint)]
         replies += [responses.stream_chunk(b"") for _ in range(req.unanswered_chunks - 1)]
         replies.append(responses.stream_chunk(b"".join(out)))
         req.unanswered_chunks = 0
         return replies
 
-    def _decide(self, req: _Request, raw: bytes) -> _Admitted | list[ProcessingResponse]:
-        """Parse, find the policy, plan and reserve: what to send upstream, or the refusal."""
+    def _decide_stream_message(self, req: _Request, raw: bytes) -> _Admitted | list[ProcessingResponse]:
+        """One message of a stream, admitted now or refused: it cannot wait, the messages behind it
+        would wait too. All of a stream's messages go where its first one went."""
+        found = self._parse(req, raw)
+        if not isinstance(found, tuple):
+            return found
+        planned = self._plan(req, *found)
+        if not isinstance(planned, _Planned):
+            return planned
+        if req.stream_model is not None and planned.policy.name != req.stream_model:
+            return self._refuse(req, planned.policy.name, admission.Refusal(
+                400, "invalid_request", f"this stream serves model {req.stream_model!r}, not "
+                f"{planned.policy.name!r}", param="model_name"))
+        ledgers = [req.stream_ledger] if req.stream_ledger else self.table.ledgers_of(planned.policy)
+        return self._settle(req, planned, self._try(planned, ledgers), ledgers)
+
+    def _parse(self, req: _Request, raw: bytes) -> tuple[Policy, Parsed] | _Admitted | list[ProcessingResponse]:
+        """Parse and find the policy: a request to plan, a lookup to pass on, or the refusal."""
         assert req.call is not None
         if not self.table.loaded:
             return self._refuse(req, "", admission.Refusal(
@@ -193,23 +312,24 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
                                                            param="model"))
         if not llm.admit:
             return _Admitted(policy.name, None, parsed.rewrite(None, policy.backend_model))
-        planned = admission.plan(llm, policy)
+        return policy, parsed
+
+    def _plan(self, req: _Request, policy: Policy, parsed: Parsed) -> _Planned | list[ProcessingResponse]:
+        llm = parsed.request
+        priority_class = req.headers.get(PRIORITY_HEADER) or policy.default_priority_class
+        if policy.max_wait_s(priority_class) is None:
+            return self._refuse(req, policy.name, admission.Refusal(
+                400, "invalid_priority_class", f"{PRIORITY_HEADER} {priority_class!r} is not a priority class "
+                f"of model {policy.name!r}: use one of {', '.join(n for n, _ in policy.priority_classes)}",
+                param=PRIORITY_HEADER))
+        planned = admission.plan(llm, policy, self.table.tokenizers.counter_for(policy))
         if isinstance(planned, admission.Refusal):
             return self._refuse(req, llm.model, planned)
-        ledger = self.table.ledgers.get(policy.name)
-        assert ledger is not None  # PolicyTable.replace creates it with the policy
-        held = admission.admit(planned, policy.name, ledger, self.clock(), self.reservation_ttl_s)
-        if isinstance(held, admission.Refusal):
-            self.log.info("admission.refused", model=llm.model, request_id=req.headers.get("x-request-id"),
-                          reserved=ledger.reserved, capacity=ledger.capacity, wanted=planned.nbytes)
-            return self._refuse(req, llm.model, held)
-        req.reservations.append(held)
-        self.decisions.record(llm.model, "admitted")
-        return _Admitted(policy.name, planned.max_tokens, parsed.rewrite(planned.max_tokens, policy.backend_model))
+        return _Planned(policy, parsed, planned, priority_class)
 
     def expire(self) -> int:
         """Run the TTL backstop; returns how many reservations it had to release."""
         expired = self.table.ledgers.expire(self.clock())
         for r in expired:
-            self.log.warning("ledger.expired", model=r.key, nbytes=r.nbytes)
+            self.log.warning("ledger.expired", ledger=r.key, nbytes=r.nbytes)
         return len(expired)

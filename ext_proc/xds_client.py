@@ -1,7 +1,10 @@
-"""An ADS subscriber: ext_proc gets its ModelPolicy resources from xds_server the way Envoy gets clusters.
+"""An ADS subscriber: ext_proc gets its resources (ModelPolicy, BudgetShares) from xds_server the way
+Envoy gets clusters.
 
-State of the world, one wildcard subscription; ACK what applies, NACK (with error_detail) what doesn't,
-keep the last good set while the control plane is away, reconnect with capped, jittered backoff.
+State of the world, one wildcard subscription per type on one stream; each type is ACKed or NACKed
+(with error_detail) on its own, answering the nonce of that type's response. A NACKed set is not
+applied: the last good one stays, also while the control plane is away. Reconnects with capped,
+jittered backoff, telling the control plane each type's accepted version so it sends nothing new.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from google.protobuf import any_pb2
 
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceStub
-from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
+from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
 from google.rpc.status_pb2 import Status
 
 _CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 15_000), ("grpc.keepalive_timeout_ms", 5_000),
@@ -25,17 +28,26 @@ _CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 15_000), ("grpc.keepalive_timeout
 
 
 @dataclass
-class AdsSubscriber:
-    target: str
-    node: Node
+class Subscription:
     type_url: str
     # Applies a full set of resources; raising ValueError NACKs it and keeps the previous set.
     apply: Callable[[list[any_pb2.Any]], None]
+    accepted_version: str = ""
+
+
+@dataclass
+class AdsSubscriber:
+    target: str
+    # Sent as it is when each stream opens: its metadata may change between reconnects.
+    node: Node
+    subscriptions: list[Subscription]
     log: structlog.typing.FilteringBoundLogger = field(
         default_factory=lambda: structlog.get_logger(component="xds_client"))
-    accepted_version: str = ""
     max_backoff_s: float = 5.0
     _backoff_s: float = 0.1
+
+    def subscription(self, type_url: str) -> Subscription | None:
+        return next((s for s in self.subscriptions if s.type_url == type_url), None)
 
     async def run(self) -> None:
         while True:
@@ -50,17 +62,28 @@ class AdsSubscriber:
     async def _stream(self) -> None:
         async with grpc.aio.insecure_channel(self.target, options=_CHANNEL_OPTIONS) as channel:
             call = AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources()
-            await call.write(DiscoveryRequest(node=self.node, type_url=self.type_url,
-                                              version_info=self.accepted_version))
+            for i, sub in enumerate(self.subscriptions):
+                # The server reads the node from a stream's first request only, as Envoy sends it.
+                await call.write(DiscoveryRequest(node=self.node if i == 0 else None, type_url=sub.type_url,
+                                                  version_info=sub.accepted_version))
             async for resp in call:
                 self._backoff_s = 0.1  # the control plane answered: reconnect quickly next time
-                ack = DiscoveryRequest(type_url=self.type_url, response_nonce=resp.nonce)
-                try:
-                    self.apply(list(resp.resources))
-                    self.accepted_version = resp.version_info
-                    self.log.info("xds_client.applied", version=resp.version_info, resources=len(resp.resources))
-                except ValueError as e:
-                    ack.error_detail.CopyFrom(Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(e)))
-                    self.log.warning("xds_client.nack", version=resp.version_info, error=str(e))
-                ack.version_info = self.accepted_version
-                await call.write(ack)
+                sub = self.subscription(resp.type_url)
+                if sub is None:
+                    self.log.warning("xds_client.unexpected_type", type_url=resp.type_url)
+                    continue
+                await call.write(self._answer(sub, resp))
+
+    def _answer(self, sub: Subscription, resp: DiscoveryResponse) -> DiscoveryRequest:
+        """Apply one response; the ACK (or NACK, keeping the accepted version) that answers it."""
+        reply = DiscoveryRequest(type_url=sub.type_url, response_nonce=resp.nonce)
+        try:
+            sub.apply(list(resp.resources))
+            sub.accepted_version = resp.version_info
+            self.log.info("xds_client.applied", type_url=sub.type_url, version=resp.version_info,
+                          resources=len(resp.resources))
+        except ValueError as e:
+            reply.error_detail.CopyFrom(Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(e)))
+            self.log.warning("xds_client.nack", type_url=sub.type_url, version=resp.version_info, error=str(e))
+        reply.version_info = sub.accepted_version
+        return reply

@@ -6,6 +6,7 @@ Everything downstream (Envoy resources, ModelPolicy resources, simulated engines
 
 from __future__ import annotations
 
+import hashlib
 import re
 from decimal import Decimal
 from functools import cached_property
@@ -27,6 +28,9 @@ from pydantic import (
 from engines import kv_math
 
 SIM = "sim"  # endpoint placeholder: `kvgate up` starts a simulated engine and fills in its address
+TRITON_METRICS_PORT = 8002
+# A request may wait for KV budget at most this long: Envoy's ext_proc max_message_timeout is 60 s.
+MAX_WAIT_S = 55.0
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -65,14 +69,24 @@ class Address(_Strict):
     port: int = Field(gt=0, lt=65536)
     # Triton serves gRPC on a second port of the same server.
     grpc_port: int | None = Field(default=None, gt=0, lt=65536)
+    # Where the engine publishes Prometheus metrics: trtllm-serve on its HTTP port, Triton on 8002.
+    metrics_port: int | None = Field(default=None, gt=0, lt=65536)
+    # Failover level: 0 primary GPUs, 1 overflow, ...; Envoy and admission use a level only when the
+    # ones above it are unhealthy or full.
+    priority: int = Field(default=0, ge=0, le=7)
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def metrics_url(self, protocol: str) -> str:
+        if protocol == "triton":
+            return f"http://{self.host}:{self.metrics_port or TRITON_METRICS_PORT}/metrics"
+        return f"http://{self.host}:{self.metrics_port or self.port}/prometheus/metrics"
+
     def grpc(self) -> Address:
         if self.grpc_port is None:
             raise ValueError(f"endpoint {self} has no grpc_port")
-        return Address(host=self.host, port=self.grpc_port)
+        return Address(host=self.host, port=self.grpc_port, priority=self.priority)
 
 
 def parse_endpoint(value: Any) -> str | Address | dict[str, Any]:
@@ -88,21 +102,34 @@ def parse_endpoint(value: Any) -> str | Address | dict[str, Any]:
 Endpoint = Annotated[str | Address, BeforeValidator(parse_endpoint)]
 
 
+def _resolve(path: Path | None, info: ValidationInfo) -> Path | None:
+    """A path relative to the catalog file; absolute, so the catalog still finds it when re-written
+    elsewhere (kvgate up's run dir)."""
+    base = (info.context or {}).get("base_dir")
+    return (Path(base) / path).resolve() if path is not None and base and not path.is_absolute() else path
+
+
 class KVSpec(_Strict):
-    """KV bytes per token given directly, or derived from a config.json (HF or TensorRT-LLM)."""
+    """KV bytes per token given directly, or derived from a config.json (HF or TensorRT-LLM); the
+    budget of one endpoint given directly, or derived from its GPU's memory as TensorRT-LLM sizes its
+    KV pool (docs/catalog.md)."""
 
     bytes_per_token: int | None = Field(default=None, gt=0)
     config_json: Path | None = None
     kv_dtype: str | None = None  # overrides the config's dtype, e.g. fp8 KV on a bf16 model
     tensor_parallel: int | None = Field(default=None, gt=0)
-    budget_per_endpoint: ByteSize
+    budget_per_endpoint: ByteSize | None = None
+    gpu_memory: ByteSize | None = None  # of one GPU of the endpoint
+    weights: ByteSize | None = None  # on one GPU; default: estimated from config_json
+    free_memory_fraction: float = Field(default=kv_math.DEFAULT_FREE_FRACTION, gt=0, le=1)
+    # Runtime buffers, activations, CUDA context: see kv_math.DEFAULT_RESERVED_BYTES. 0 is allowed.
+    reserved: Annotated[int, BeforeValidator(parse_size), Field(ge=0)] = kv_math.DEFAULT_RESERVED_BYTES
+    max_tokens_in_paged_kv_cache: int | None = Field(default=None, gt=0)
 
     @field_validator("config_json")
     @classmethod
     def _relative_to_catalog(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        base = (info.context or {}).get("base_dir")
-        # Absolute, so the catalog still finds it when re-written elsewhere (kvgate up's run dir).
-        return (Path(base) / path).resolve() if path is not None and base and not path.is_absolute() else path
+        return _resolve(path, info)
 
     @model_validator(mode="after")
     def _one_source(self) -> KVSpec:
@@ -110,6 +137,20 @@ class KVSpec(_Strict):
             raise ValueError("give exactly one of bytes_per_token and config_json")
         if self.config_json is not None and not self.config_json.is_file():
             raise ValueError(f"config_json {str(self.config_json)!r} is not a file")
+        return self
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> KVSpec:
+        if (self.budget_per_endpoint is None) == (self.gpu_memory is None):
+            raise ValueError("give exactly one of budget_per_endpoint and gpu_memory")
+        gpu_only = [f for f in ("weights", "free_memory_fraction", "reserved", "max_tokens_in_paged_kv_cache")
+                    if f in self.model_fields_set]
+        if self.budget_per_endpoint is not None and gpu_only:
+            # Ignoring them would let a catalog believe it sized its budget from the GPU.
+            raise ValueError(f"without gpu_memory, {', '.join(gpu_only)} would do nothing "
+                             "(budget_per_endpoint is taken as given)")
+        if self.gpu_memory is not None:
+            _ = self.weight_bytes  # a weight estimate that cannot be made is this catalog's error
         return self
 
     @cached_property
@@ -121,6 +162,22 @@ class KVSpec(_Strict):
                                        ("tensor_parallel", self.tensor_parallel)) if v is not None}
         return shape.__class__(**{**shape.__dict__, **overrides})
 
+    @cached_property
+    def weight_bytes(self) -> int:
+        """Weights on one GPU: `weights`, else estimated from config_json in the weights' own dtype
+        (kv_dtype does not apply) at the tensor parallelism the KV math uses."""
+        if self.weights is not None:
+            return self.weights
+        if self.config_json is None:
+            raise ValueError("gpu_memory needs weights (bytes of weights on one GPU): "
+                             "there is no config_json to estimate them from")
+        try:
+            est = kv_math.load_weight_shape(self.config_json)
+            tp = {"tensor_parallel": self.tensor_parallel} if self.tensor_parallel else {}
+            return est.__class__(**{**est.__dict__, **tp}).bytes_per_gpu()
+        except kv_math.ModelShapeError as e:
+            raise ValueError(f"cannot estimate weights from config_json ({e}); give weights") from None
+
 
 class PromptEstimate(_Strict):
     """Upper bound on prompt tokens without the model's tokenizer (docs/catalog.md)."""
@@ -128,6 +185,43 @@ class PromptEstimate(_Strict):
     bytes_per_token: float = Field(default=1.0, gt=0)
     per_message_tokens: int = Field(default=8, ge=0)
     per_request_tokens: int = Field(default=8, ge=0)
+
+
+class EngineMetrics(_Strict):
+    """How ext_proc reads the engines' own KV metrics, to correct its ledger (docs/catalog.md)."""
+
+    scrape: bool = True
+    interval_s: float = Field(default=1.0, gt=0, le=60)
+    # Older metrics make the endpoint count as full: an engine we cannot see is not an empty one.
+    stale_after_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _stale_after_interval(self) -> EngineMetrics:
+        if self.stale_after_s <= self.interval_s:
+            raise ValueError(f"stale_after_s ({self.stale_after_s}) must exceed interval_s ({self.interval_s})")
+        return self
+
+
+class LongRequests(_Strict):
+    """The sequence-length spike: requests that claim a big part of an engine's KV cache (thousands
+    of output tokens) may together hold only part of it, so short requests keep flowing."""
+
+    # A request claiming more than this fraction of an endpoint's budget is long.
+    threshold: float = Field(default=0.125, gt=0, le=1)
+    # Long requests together hold at most this fraction of it; one alone may hold more, or it could
+    # never run. 1.0 turns the rule off.
+    max_share: float = Field(default=0.5, gt=0, le=1)
+
+
+class PriorityClass(_Strict):
+    """Requests that do not fit yet wait up to max_wait_s for budget; higher classes go first."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
+    max_wait_s: float = Field(ge=0, le=MAX_WAIT_S)
+
+
+DEFAULT_PRIORITY_CLASSES = (PriorityClass(name="interactive", max_wait_s=5.0),
+                            PriorityClass(name="batch", max_wait_s=30.0))
 
 
 class SimSettings(_Strict):
@@ -156,7 +250,26 @@ class Model(_Strict):
     tokens_per_block: int | None = Field(default=None, gt=0)
     kv: KVSpec
     prompt_estimate: PromptEstimate = PromptEstimate()
+    # The model's tokenizer.json (HF `tokenizers` format): exact prompt counts instead of the estimate.
+    tokenizer: Path | None = None
+    engine_metrics: EngineMetrics = EngineMetrics()
+    long_requests: LongRequests = LongRequests()
+    # The priority class of this model's requests that name none; default: the catalog's.
+    priority_class: str | None = None
     sim: SimSettings = SimSettings()
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        path = _resolve(path, info)
+        if path is not None and not path.is_file():
+            raise ValueError(f"tokenizer {str(path)!r} is not a file")
+        return path
+
+    @cached_property
+    def tokenizer_sha256(self) -> str:
+        """Lets every ext_proc replica check it reads the same file the catalog named."""
+        return hashlib.sha256(self.tokenizer.read_bytes()).hexdigest() if self.tokenizer else ""
 
     @model_validator(mode="after")
     def _ports_match_protocol(self) -> Model:
@@ -168,17 +281,50 @@ class Model(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _priorities_contiguous(self) -> Model:
+        levels = sorted({a.priority for a in self.endpoints if isinstance(a, Address)} | (
+            {0} if SIM in self.endpoints else set()))
+        if levels and levels != list(range(len(levels))):
+            raise ValueError(f"endpoint priorities must run 0, 1, ... without gaps; got {levels}")
+        return self
+
+    def metrics_urls(self) -> list[str]:
+        return [a.metrics_url(self.protocol) for a in self.addresses()]
+
+    @model_validator(mode="after")
     def _fits(self) -> Model:
         if self.max_output_tokens >= self.max_context_tokens:
             raise ValueError(f"max_output_tokens ({self.max_output_tokens}) must be below "
                              f"max_context_tokens ({self.max_context_tokens})")
+        max_seq_len = self.kv.shape and self.kv.shape.max_seq_len
+        if max_seq_len and self.max_context_tokens > max_seq_len:
+            # The engine was built for shorter sequences and would reject what the gateway admits.
+            raise ValueError(f"max_context_tokens ({self.max_context_tokens}) exceeds the engine config's "
+                             f"build_config.max_seq_len ({max_seq_len})")
         one_request = kv_math.reservation_bytes(
             self.max_context_tokens, self.block_tokens, self.kv_bytes_per_token)
-        if self.kv.budget_per_endpoint < one_request:
+        budget, kv = self.kv_budget_bytes, self.kv
+        if budget < one_request:
             # An engine that cannot hold one full-context request would refuse it forever.
-            raise ValueError(f"kv.budget_per_endpoint ({self.kv.budget_per_endpoint} B) holds less than "
-                             f"one max_context_tokens request ({one_request} B)")
+            source = f"kv.budget_per_endpoint ({budget} B)" if kv.budget_per_endpoint is not None else (
+                f"the KV budget derived from kv.gpu_memory ({budget} B = {kv.free_memory_fraction} x "
+                f"(gpu_memory {kv.gpu_memory} - weights {kv.weight_bytes} - reserved {kv.reserved}) in whole "
+                f"blocks" + (f", at most max_tokens_in_paged_kv_cache {kv.max_tokens_in_paged_kv_cache}"
+                             if kv.max_tokens_in_paged_kv_cache else "") + ")")
+            raise ValueError(f"{source} holds less than one max_context_tokens request ({one_request} B)")
         return self
+
+    @property
+    def kv_budget_bytes(self) -> int:
+        """KV bytes one endpoint may hand out: kv.budget_per_endpoint, else the KV pool TensorRT-LLM
+        would allocate on one GPU of kv.gpu_memory (kv_math.kv_pool_bytes)."""
+        kv = self.kv
+        if kv.budget_per_endpoint is not None:
+            return kv.budget_per_endpoint
+        return kv_math.kv_pool_bytes(
+            kv.gpu_memory or 0, kv.weight_bytes, bytes_per_token=self.kv_bytes_per_token,
+            tokens_per_block=self.block_tokens, free_fraction=kv.free_memory_fraction, reserved=kv.reserved,
+            max_tokens=kv.max_tokens_in_paged_kv_cache)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -212,6 +358,24 @@ class Model(_Strict):
 
 class Catalog(_Strict):
     models: list[Model] = Field(min_length=1)
+    # Highest priority first; a request names its class with the x-kvgate-priority header.
+    priority_classes: tuple[PriorityClass, ...] = Field(default=DEFAULT_PRIORITY_CLASSES, min_length=1)
+    default_priority_class: str | None = None  # default: the first class
+
+    @model_validator(mode="after")
+    def _classes_exist(self) -> Catalog:
+        names = [c.name for c in self.priority_classes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"priority class names must be unique: {', '.join(names)}")
+        named = [("default_priority_class", self.default_priority_class)] + [
+            (f"model {m.name!r}: priority_class", m.priority_class) for m in self.models]
+        for where, name in named:
+            if name is not None and name not in names:
+                raise ValueError(f"{where} {name!r} is not a priority class ({', '.join(names)})")
+        return self
+
+    def priority_class_of(self, model: Model) -> str:
+        return model.priority_class or self.default_priority_class or self.priority_classes[0].name
 
     @model_validator(mode="after")
     def _unique(self) -> Catalog:
@@ -235,7 +399,7 @@ class Catalog(_Strict):
         """Plain data in the catalog's own schema: parse_catalog(c.to_data()) == c."""
         data = self.model_dump(mode="json", exclude_defaults=True)
         for m in data["models"]:
-            m["endpoints"] = [e if e == SIM or "grpc_port" in e else f"{e['host']}:{e['port']}"
+            m["endpoints"] = [e if e == SIM or len(e) > 2 else f"{e['host']}:{e['port']}"
                               for e in m["endpoints"]]
         return data
 

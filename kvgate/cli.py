@@ -172,6 +172,8 @@ def status(server: ServerOption = admin_client.DEFAULT_SERVER) -> None:
     for n in resp.nodes:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(n.connected_since_unix))
         typer.echo(f"- {n.id} (group {n.group}), connected since {since} UTC")
+        if n.HasField("budget_share"):
+            typer.echo(f"    budget share: {n.budget_share:.3f} of every endpoint's KV budget")
         for type_url, version in sorted(n.acked_versions.items()):
             typer.echo(f"    {type_url.rsplit('.', 1)[-1]}: ACKed {version}")
         if n.HasField("last_nack"):

@@ -25,7 +25,7 @@ ENVOY_NODE_CLUSTER = "kvgate-envoy"
 def sim_argv(model: Model, addr: Address) -> list[str]:
     """The simulated engine for one `sim` endpoint, sized by the model's KV budget."""
     s = model.sim
-    blocks = model.kv.budget_per_endpoint // (model.kv_bytes_per_token * model.block_tokens)
+    blocks = model.kv_budget_bytes // (model.kv_bytes_per_token * model.block_tokens)
     protocol = ["--protocol", model.protocol] + (["--grpc-port", str(addr.grpc_port)] if addr.grpc_port else [])
     return [sys.executable, "-m", "engines.sim", *protocol, "--host", addr.host, "--port", str(addr.port),
             "--model", model.engine_model,
@@ -168,8 +168,10 @@ class Gateway:
         for model in catalog.models:
             for i, _ in enumerate(e for e in model.endpoints if e == SIM):
                 name = f"sim-{model.name.replace('/', '_')}-{i}"
-                addr = self._sim_addresses.get(name) or Address(
-                    host="127.0.0.1", port=free_port(), grpc_port=free_port() if model.protocol == "triton" else None)
+                port = free_port()
+                # The simulated Triton serves its metrics on its HTTP port, not on a third one.
+                triton = {"grpc_port": free_port(), "metrics_port": port} if model.protocol == "triton" else {}
+                addr = self._sim_addresses.get(name) or Address(host="127.0.0.1", port=port, **triton)
                 self._sim_addresses[name] = addr
                 argv = sim_argv(model, addr)
                 running = self.supervisor.get(name)

@@ -12,7 +12,7 @@ from kvgate import logs
 from kvgate.catalog import Address, CatalogError, load_catalog, parse_endpoint
 from kvgate.v1 import admin_pb2_grpc
 from xds_server.admin import AdminServicer
-from xds_server.control import Controller, render
+from xds_server.control import Controller, ShareKeeper, render
 from xds_server.server import XdsServer
 from xds_server.settings import GatewaySettings
 from xds_server.watch import watch_catalog
@@ -60,14 +60,16 @@ async def run(args: argparse.Namespace) -> int:
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(controller), server.grpc)
     port = await server.start(args.host, args.port)
     log.info("xds.serving", port=port, version=snapshot.version, models=[m.name for m in catalog.models])
-    watcher = asyncio.create_task(watch_catalog(args.catalog, controller, log)) if args.watch else None
+    tasks = [asyncio.create_task(ShareKeeper(controller, log=log).run())]
+    if args.watch:
+        tasks.append(asyncio.create_task(watch_catalog(args.catalog, controller, log)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    if watcher:
-        watcher.cancel()
+    for t in tasks:
+        t.cancel()
     await server.stop()
     return 0
 

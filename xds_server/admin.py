@@ -12,13 +12,14 @@ from kvgate.catalog import CatalogError
 from kvgate.v1 import admin_pb2, admin_pb2_grpc
 from xds_server.control import Controller
 from xds_server.server import Client
+from xds_server.shares import EXT_PROC_GROUP, share_of
 
 
-def node_status(client: Client, last_nack: admin_pb2.Nack | None) -> admin_pb2.NodeStatus:
+def node_status(client: Client, last_nack: admin_pb2.Nack | None, budget_share: float | None) -> admin_pb2.NodeStatus:
     return admin_pb2.NodeStatus(
         id=client.node_id, group=client.cluster, connected_since_unix=client.connected_at,
         acked_versions={t: s.acked_version for t, s in client.stream.types.items() if s.acked_version},
-        last_nack=last_nack)
+        last_nack=last_nack, budget_share=budget_share)
 
 
 @dataclass
@@ -42,7 +43,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         ads = self.controller.server.servicer
         last_nacks = {node: admin_pb2.Nack(type_url=n.type_url, version=n.version, error_detail=n.message)
                       for node, n in ads.nacks}  # later entries win: the last NACK per node
-        nodes = sorted((node_status(c, last_nacks.get(c.node_id)) for c in ads.clients.values()),
+        shares = self.controller.shares.select(None)
+
+        def share(c: Client) -> float | None:
+            return (share_of(shares, c.node_id) or 0.0) if c.cluster == EXT_PROC_GROUP else None
+
+        nodes = sorted((node_status(c, last_nacks.get(c.node_id), share(c)) for c in ads.clients.values()),
                        key=lambda n: (n.group, n.id))
         return admin_pb2.GetStatusResponse(version=self._version(), nodes=nodes)
 

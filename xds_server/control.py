@@ -1,18 +1,25 @@
-"""Changes to the served catalog, from the file watcher or the admin API: each one is validated as a
-whole catalog and rendered before anything is published, so a refused change touches nothing."""
+"""Changes to the served snapshot. Catalog changes, from the file watcher or the admin API: each one
+is validated as a whole catalog and rendered before anything is published, so a refused change
+touches nothing. Budget shares, from ext_proc replicas joining and leaving (ShareKeeper). One lock
+orders both, and every snapshot carries the other's current resources."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 import yaml
 
 from kvgate.catalog import Catalog, CatalogError, parse_catalog
+from xds_server import shares
 from xds_server.server import XdsServer
 from xds_server.settings import GatewaySettings
-from xds_server.snapshot import CLUSTER, ENDPOINT, ROUTE, Snapshot, build_snapshot
+from xds_server.snapshot import (
+    BUDGET_SHARES, CLUSTER, ENDPOINT, ROUTE, Resources, Snapshot, budget_shares, build_snapshot,
+)
 
 
 def render(catalog: Catalog, settings: GatewaySettings) -> Snapshot:
@@ -47,6 +54,8 @@ class Controller:
     settings: GatewaySettings
     # How long a cluster removal waits for every Envoy to ACK routes that no longer use it.
     bridge_timeout_s: float = 5.0
+    # The budget shares served with every catalog; the ShareKeeper sets them.
+    shares: Resources = field(default_factory=lambda: budget_shares({}))
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def replace(self, catalog: Catalog) -> bool:
@@ -59,18 +68,32 @@ class Controller:
         incoming = models_from_yaml(models_yaml)
         names = {m.get("name") for m in incoming}
         async with self._lock:
-            kept = [m for m in self.catalog.to_data()["models"] if m["name"] not in names]
-            return await self._serve(parse_catalog({"models": kept + incoming}))
+            return await self._serve(self._with_models(
+                [m for m in self.catalog.to_data()["models"] if m["name"] not in names] + incoming))
 
     async def remove(self, name: str) -> bool:
         async with self._lock:
             if self.catalog.model(name) is None:
                 raise CatalogError([f"model {name!r} is not in the catalog"])
-            kept = [m for m in self.catalog.to_data()["models"] if m["name"] != name]
-            return await self._serve(parse_catalog({"models": kept}))
+            return await self._serve(self._with_models(
+                [m for m in self.catalog.to_data()["models"] if m["name"] != name]))
+
+    async def set_shares(self, fractions: Mapping[str, float]) -> str:
+        """Serve these budget shares, with the catalog's resources as they are; returns their version."""
+        async with self._lock:
+            self.shares = budget_shares(dict(fractions))
+            await self.server.publish(self._with_shares(self.server.cache.snapshot))
+        return self.shares.version
+
+    def _with_shares(self, snapshot: Snapshot) -> Snapshot:
+        return snapshot.with_types({BUDGET_SHARES: self.shares})
+
+    def _with_models(self, models: list[dict[str, Any]]) -> Catalog:
+        """The served catalog with another model list; its other settings (priority classes) kept."""
+        return parse_catalog({**self.catalog.to_data(), "models": models})
 
     async def _serve(self, catalog: Catalog) -> bool:
-        snapshot = render(catalog, self.settings)  # raises before anything changes
+        snapshot = self._with_shares(render(catalog, self.settings))  # raises before anything changes
         self.catalog = catalog
         served = self.server.cache.snapshot
         changed = snapshot.version != served.version
@@ -89,3 +112,59 @@ class Controller:
             await self.server.wait_acked(ROUTE, bridge.get(ROUTE).version, timeout_s=self.bridge_timeout_s)
         await self.server.publish(snapshot)
         return changed
+
+
+@dataclass
+class ShareKeeper:
+    """Divides every endpoint's budget among the connected ext_proc replicas (shares.py), again
+    whenever one joins or leaves: each step is published through the Controller and ACKed by every
+    replica before the next."""
+
+    controller: Controller
+    # A burst of joins (a fleet starting) becomes one division.
+    debounce_s: float = 0.05
+    # A replica that neither ACKs nor NACKs a step by then is logged and passed over.
+    ack_timeout_s: float = 5.0
+    # The longest a new control plane waits, before its first division, for replicas that held
+    # shares to reconnect (above ext_proc's 5 s reconnect backoff).
+    startup_grace_s: float = 6.0
+    log: structlog.typing.FilteringBoundLogger = field(
+        default_factory=lambda: structlog.get_logger(component="shares"))
+    # What was published last; None until the first division.
+    published: shares.Shares | None = None
+
+    async def run(self) -> None:
+        servicer = self.controller.server.servicer
+        loop = asyncio.get_running_loop()
+        grace_ends = loop.time() + self.startup_grace_s
+        while True:
+            in_grace = self.published is None and loop.time() < grace_ends
+            try:
+                await asyncio.wait_for(servicer.membership.wait(), grace_ends - loop.time() if in_grace else None)
+            except TimeoutError:
+                pass  # the startup grace is over: divide among the replicas that are back
+            await asyncio.sleep(self.debounce_s)
+            servicer.membership.clear()
+            members = [shares.Member(c.node_id, shares.reported_share(c.metadata)) for c in servicer.members()]
+            if (self.published is None and loop.time() < grace_ends
+                    and not shares.all_holders_back(m.reported for m in members)):
+                continue
+            await self.divide(members)
+
+    async def divide(self, members: list[shares.Member]) -> None:
+        """Publish, step by step, equal shares for these connected replicas."""
+        ids = [m.node_id for m in members]
+        if not ids:
+            return  # nobody to apply an empty map, which would mean "not divided yet" (shares.py)
+        if duplicated := shares.duplicate_ids(ids):
+            self.log.warning("shares.duplicate_node_id", nodes=duplicated,
+                             detail="replicas with one node id share one entry; give each its own --node-id")
+        for step in shares.steps(shares.held(members, self.published), shares.equal_shares(ids)):
+            if step == self.published:
+                continue  # served and ACKed already
+            version = await self.controller.set_shares(step)
+            self.published = step
+            self.log.info("shares.published", version=version, shares=step)
+            if not await self.controller.server.wait_acked(BUDGET_SHARES, version, self.ack_timeout_s):
+                late = sorted(c.node_id for c in self.controller.server.unsettled(BUDGET_SHARES, version))
+                self.log.warning("shares.ack_timeout", version=version, nodes=late, timeout_s=self.ack_timeout_s)

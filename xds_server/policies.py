@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from kvgate.catalog import Catalog, Model
+from kvgate.catalog import Address, Catalog, Model
 from kvgate.v1 import policy_pb2
 
 POLICY_TYPE_URL = "type.googleapis.com/kvgate.v1.ModelPolicy"
 
 
-def model_policy(model: Model) -> policy_pb2.ModelPolicy:
+def _endpoint(model: Model, addr: Address) -> policy_pb2.Endpoint:
+    return policy_pb2.Endpoint(
+        address=str(addr), kv_budget_bytes=model.kv_budget_bytes,
+        grpc_address=str(addr.grpc()) if addr.grpc_port else "",
+        metrics_url=addr.metrics_url(model.protocol), priority=addr.priority)
+
+
+def model_policy(model: Model, catalog: Catalog) -> policy_pb2.ModelPolicy:
     est = model.prompt_estimate
-    return policy_pb2.ModelPolicy(
+    policy = policy_pb2.ModelPolicy(
         name=model.name,
         protocol=model.protocol,
         backend_model=model.engine_model,
@@ -18,14 +25,25 @@ def model_policy(model: Model) -> policy_pb2.ModelPolicy:
         max_output_tokens=model.max_output_tokens,
         kv_bytes_per_token=model.kv_bytes_per_token,
         tokens_per_block=model.block_tokens,
-        endpoints=[policy_pb2.Endpoint(address=str(a), kv_budget_bytes=model.kv.budget_per_endpoint)
-                   for a in model.addresses()],
+        endpoints=[_endpoint(model, a) for a in model.addresses()],
         prompt_estimate=policy_pb2.PromptEstimate(
             bytes_per_token=est.bytes_per_token,
             per_message_tokens=est.per_message_tokens,
             per_request_tokens=est.per_request_tokens),
+        priority_classes=[policy_pb2.PriorityClass(name=c.name, max_wait_ms=round(c.max_wait_s * 1000))
+                          for c in catalog.priority_classes],
+        default_priority_class=catalog.priority_class_of(model),
+        long_request_threshold=model.long_requests.threshold,
+        long_requests_max_share=model.long_requests.max_share,
     )
+    if model.tokenizer is not None:
+        policy.tokenizer.CopyFrom(policy_pb2.Tokenizer(path=str(model.tokenizer), sha256=model.tokenizer_sha256))
+    if model.engine_metrics.scrape:
+        policy.engine_metrics.CopyFrom(policy_pb2.EngineMetrics(
+            interval_ms=round(model.engine_metrics.interval_s * 1000),
+            stale_after_ms=round(model.engine_metrics.stale_after_s * 1000)))
+    return policy
 
 
 def policies(catalog: Catalog) -> list[policy_pb2.ModelPolicy]:
-    return [model_policy(m) for m in catalog.models]
+    return [model_policy(m, catalog) for m in catalog.models]

@@ -13,7 +13,7 @@ import orjson
 
 from kvgate import __version__
 from kvgate.catalog import Address, Catalog, Model
-from kvgate.headers import MAX_TOKENS_HEADER, MODEL_HEADER
+from kvgate.headers import ENDPOINT_HEADER, MAX_TOKENS_HEADER, MODEL_HEADER
 from xds_server.settings import GatewaySettings
 
 LISTENER_NAME = "kvgate_http"
@@ -33,15 +33,26 @@ def _socket(addr: Address) -> dict[str, Any]:
     return {"socket_address": {"address": addr.host, "port_value": addr.port}}
 
 
-def _lb_endpoints(addrs: list[Address] | tuple[Address, ...]) -> list[dict[str, Any]]:
+def _lb_endpoints(addrs: list[Address] | tuple[Address, ...],
+                  health_ports: list[int] | None = None) -> list[dict[str, Any]]:
+    """One group per failover level (Envoy sends traffic to a level when the ones above are
+    unhealthy). `health_ports`: where each endpoint's health is checked, if not on its own port."""
+    ports = health_ports or [None] * len(addrs)
+
+    def endpoint(a: Address, port: int | None) -> dict[str, Any]:
+        return {"address": _socket(a), **({"health_check_config": {"port_value": port}} if port else {})}
+
     # grpc's xDS client ignores endpoint groups without a locality and a locality weight.
-    return [{"locality": {"region": "local"}, "load_balancing_weight": 1,
-             "lb_endpoints": [{"endpoint": {"address": _socket(a)}} for a in addrs]}]
+    return [{"locality": {"region": "local"}, "load_balancing_weight": 1, "priority": level,
+             "lb_endpoints": [{"endpoint": endpoint(a, p)} for a, p in zip(addrs, ports) if a.priority == level]}
+            for level in sorted({a.priority for a in addrs})]
 
 
 def _circuit_breakers(limit: int) -> dict[str, Any]:
-    return {"thresholds": [{"max_connections": limit, "max_pending_requests": limit,
-                            "max_requests": limit, "max_retries": 3}]}
+    # The retry budget bounds retries to a fifth of the requests in flight: a dead engine's requests
+    # retried elsewhere, never a retry storm.
+    return {"thresholds": [{"max_connections": limit, "max_pending_requests": limit, "max_requests": limit,
+                            "retry_budget": {"budget_percent": {"value": 20.0}, "min_retry_concurrency": 3}}]}
 
 
 # --- CDS -------------------------------------------------------------------------------------
@@ -71,9 +82,33 @@ def _lb_policy(name: str, message: str) -> dict[str, Any]:
 
 # Least-request, or round-robin for clients without it (grpc's xDS client refuses lb_policy
 # LEAST_REQUEST): each client takes the first policy of the list it supports.
-_MODEL_LB = {"policies": [
+_BALANCED = [
     _lb_policy("least_request", "envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest"),
-    _lb_policy("round_robin", "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin")]}
+    _lb_policy("round_robin", "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin")]
+# Envoy first takes the host ext_proc reserved KV on (its header); a host that is not there or not
+# healthy (health checks, outlier detection) falls back to balancing. Clients without override_host
+# (grpc's xDS client) skip to the plain policies.
+_OVERRIDE = _lb_policy("override_host", "envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost")
+_OVERRIDE["typed_extension_config"]["typed_config"].update({
+    "override_host_sources": [{"header": ENDPOINT_HEADER}], "fallback_policy": {"policies": _BALANCED}})
+_MODEL_LB = {"policies": [_OVERRIDE, *_BALANCED]}
+
+
+def _health_check(model: Model, settings: GatewaySettings) -> dict[str, Any]:
+    """The engine's own readiness endpoint, over HTTP/1.1 even for the gRPC cluster (its endpoints
+    name the HTTP port for health checks)."""
+    path = "/v2/health/ready" if model.protocol == "triton" else "/health"
+    interval = _duration(settings.health_check_interval_s)
+    return {"timeout": interval, "interval": interval, "no_traffic_interval": interval,
+            "unhealthy_threshold": 2, "healthy_threshold": 1,
+            "http_health_check": {"path": path, "codec_client_type": "HTTP1"}}
+
+
+# Engines that fail requests (connect failures, resets, 5xx) are ejected for a while; at most half
+# of a model's engines at once, so an overload does not empty the cluster.
+_OUTLIER_DETECTION = {"consecutive_5xx": 5, "consecutive_gateway_failure": 3, "consecutive_local_origin_failure": 2,
+                      "split_external_local_origin_errors": True, "interval": "2s", "base_ejection_time": "10s",
+                      "max_ejection_percent": 50}
 
 
 def _eds_cluster(name: str, settings: GatewaySettings, *, http2: bool = False) -> dict[str, Any]:
@@ -96,7 +131,8 @@ def model_clusters(model: Model, settings: GatewaySettings) -> list[dict[str, An
     clusters = [_eds_cluster(model.cluster_name, settings)]
     if model.protocol == "triton":
         clusters.append(_eds_cluster(model.grpc_cluster_name, settings, http2=True))
-    return clusters
+    failover = {"health_checks": [_health_check(model, settings)], "outlier_detection": _OUTLIER_DETECTION}
+    return [{**c, **failover} for c in clusters]
 
 
 def clusters(catalog: Catalog, settings: GatewaySettings) -> list[dict[str, Any]]:
@@ -111,7 +147,7 @@ def endpoints(catalog: Catalog) -> list[dict[str, Any]]:
         out.append({"cluster_name": m.cluster_name, "endpoints": _lb_endpoints(m.addresses())})
         if m.protocol == "triton":
             out.append({"cluster_name": m.grpc_cluster_name,
-                        "endpoints": _lb_endpoints([a.grpc() for a in m.addresses()])})
+                        "endpoints": _lb_endpoints([a.grpc() for a in m.addresses()], [a.port for a in m.addresses()])})
     return out
 
 
@@ -212,8 +248,17 @@ def _direct(status: int, body: bytes, *, skip_ext_proc: bool) -> dict[str, Any]:
     return route
 
 
+# Retried only where no engine has started on the request: no connection, refused or reset before it
+# was sent, or a 503 before the first byte. Another engine is tried (ext_proc's choice is the first).
+_RETRY = {"retry_on": "connect-failure,refused-stream,reset-before-request,retriable-status-codes",
+          "retriable_status_codes": [503], "num_retries": 2, "host_selection_retry_max_attempts": 3,
+          "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+              "@type": _T + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}]}
+
+
 def _to_cluster(cluster: str, settings: GatewaySettings, model: Model | None = None) -> dict[str, Any]:
-    action: dict[str, Any] = {"cluster": cluster, "timeout": _duration(settings.upstream_timeout_s)}
+    action: dict[str, Any] = {"cluster": cluster, "timeout": _duration(settings.upstream_timeout_s),
+                              "retry_policy": _RETRY}
     if model is not None and model.engine_model != model.name:
         # Triton HTTP names the model in the path: rewrite the gateway's name to the engine's.
         action["regex_rewrite"] = {"pattern": {"regex": f"^/v2/models/{re.escape(model.name)}(/|$)"},

@@ -11,11 +11,13 @@ from typing import Any
 
 import grpc
 import structlog
+from google.protobuf import json_format
 
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 from xds_server.cache import SnapshotCache
 from xds_server.delta import DeltaStream
+from xds_server.shares import EXT_PROC_GROUP
 from xds_server.snapshot import Snapshot
 from xds_server.sotw import Nack, SotwStream
 
@@ -39,6 +41,7 @@ class Client:
     cluster: str
     connected_at: float
     stream: Stream
+    metadata: dict[str, Any] = field(default_factory=dict)  # node.metadata, as JSON
 
 
 @dataclass
@@ -49,6 +52,12 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     nacks: list[tuple[str, Nack]] = field(default_factory=list)
     # Responses written, by type URL: what a resend loop would inflate.
     responses_sent: Counter[str] = field(default_factory=Counter)
+    # Set whenever a client of this group connects or disconnects (the ShareKeeper clears it).
+    member_group: str = EXT_PROC_GROUP
+    membership: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def members(self) -> list[Client]:
+        return [c for c in self.clients.values() if c.cluster == self.member_group]
 
     async def StreamAggregatedResources(
         self, request_iterator: AsyncIterator[DiscoveryRequest], context: grpc.aio.ServicerContext
@@ -71,8 +80,10 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         # The node comes with the first request only; its group picks the snapshot variant.
         group = first.node.cluster
         stream = make_stream(self.cache.snapshot.for_group(group))
-        client = self.clients[id(stream)] = Client(first.node.id, group, time.time(), stream)
+        client = self.clients[id(stream)] = Client(first.node.id, group, time.time(), stream,
+                                                   json_format.MessageToDict(first.node.metadata))
         self.log.info("xds.connected", node=client.node_id, cluster=group)
+        self._membership_changed(group)
         outbox: asyncio.Queue[Any] = asyncio.Queue()
         self._handle(first, client, outbox)
         tasks = [asyncio.create_task(self._read(requests, client, outbox)),
@@ -88,6 +99,11 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 t.cancel()
             self.clients.pop(id(stream), None)
             self.log.info("xds.disconnected", node=client.node_id, cluster=group)
+            self._membership_changed(group)
+
+    def _membership_changed(self, group: str) -> None:
+        if group == self.member_group:
+            self.membership.set()
 
     def _handle(self, req: Any, client: Client, outbox: asyncio.Queue[Any]) -> None:
         responses, nack = client.stream.on_request(req)
@@ -133,15 +149,17 @@ class XdsServer:
     async def publish(self, snapshot: Snapshot) -> bool:
         return await self.cache.set(snapshot)
 
+    def unsettled(self, type_url: str, version: str) -> list[Client]:
+        """Clients subscribed to `type_url` that have neither ACKed nor NACKed `version`."""
+        return [c for c in self.servicer.clients.values()
+                if (s := c.stream.types.get(type_url)) is not None
+                and version not in (s.acked_version, s.nacked_version)]
+
     async def wait_acked(self, type_url: str, version: str, timeout_s: float) -> bool:
         """Wait until every client subscribed to `type_url` ACKed `version` (or NACKed it: it will
         not take it, waiting longer helps nobody). False on timeout."""
-        def settled() -> bool:
-            states = [c.stream.types[type_url] for c in self.servicer.clients.values() if type_url in c.stream.types]
-            return all(s.acked_version == version or s.nacked_version == version for s in states)
-
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while not settled():
+        while self.unsettled(type_url, version):
             if asyncio.get_running_loop().time() > deadline:
                 return False
             await asyncio.sleep(0.005)

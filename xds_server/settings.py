@@ -25,5 +25,7 @@ class GatewaySettings:
     stream_first_message_timeout_s: float = 60.0
     # Whole-request upstream timeout: long generations stream for minutes.
     upstream_timeout_s: float = 600.0
+    # Envoy's active health checks of the engines (and, with no traffic, as often).
+    health_check_interval_s: float = 1.0
     # Far above Envoy's default 1024: every in-flight LLM request holds one ext_proc stream.
     ext_proc_max_requests: int = 100_000

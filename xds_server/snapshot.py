@@ -21,10 +21,12 @@ from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
 from envoy.extensions.load_balancing_policies.least_request.v3 import least_request_pb2  # noqa: F401
+from envoy.extensions.load_balancing_policies.override_host.v3 import override_host_pb2  # noqa: F401
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
 from envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from kvgate.catalog import Address, Catalog
-from xds_server import policies, resources
+from xds_server import policies, resources, shares
 from xds_server.settings import GatewaySettings
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -32,12 +34,14 @@ ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 POLICY = policies.POLICY_TYPE_URL
+BUDGET_SHARES = shares.BUDGET_SHARES_TYPE_URL
 
 # ADS push order: a cluster before its endpoints, both before the listener and routes that use them.
-PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE, POLICY)
+# ext_proc's types last: a new model's policy, then the shares that size its ledgers.
+PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE, POLICY, BUDGET_SHARES)
 
 # Types whose clients subscribe to everything (an empty name list means "all").
-WILDCARD_TYPES = frozenset({CLUSTER, LISTENER, POLICY})
+WILDCARD_TYPES = frozenset({CLUSTER, LISTENER, POLICY, BUDGET_SHARES})
 
 
 @dataclass(frozen=True)
@@ -83,14 +87,17 @@ class Snapshot:
     def for_group(self, group: str) -> Snapshot:
         return self.groups.get(group, self)
 
+    def with_types(self, replaced: dict[str, Resources]) -> Snapshot:
+        """This snapshot with these types' resources replaced, in every group's variant too."""
+        return Snapshot(by_type={**self.by_type, **replaced},
+                        groups={g: v.with_types(replaced) for g, v in self.groups.items()})
+
     def keeping_clusters_of(self, old: Snapshot) -> Snapshot:
         """This snapshot, plus the clusters (and their endpoints) of `old` that it drops: served
         until every Envoy has routes that no longer use them (make before break)."""
         def merged(type_url: str) -> Resources:
             return Resources.packed({**old.get(type_url).items, **self.get(type_url).items})
-        kept = {CLUSTER: merged(CLUSTER), ENDPOINT: merged(ENDPOINT)}
-        return Snapshot(by_type={**self.by_type, **kept},
-                        groups={g: Snapshot({**v.by_type, **kept}) for g, v in self.groups.items()})
+        return self.with_types({CLUSTER: merged(CLUSTER), ENDPOINT: merged(ENDPOINT)})
 
     def stale_clusters(self, old: Snapshot) -> set[str]:
         """Clusters of `old` that this snapshot no longer has."""
@@ -106,8 +113,14 @@ def _parse(cls: type[message.Message], data: dict[str, Any]) -> message.Message:
     return json_format.ParseDict(data, cls())
 
 
+def budget_shares(fractions: dict[str, float]) -> Resources:
+    return Resources.of({shares.BUDGET_SHARES_NAME: shares.budget_shares(fractions)})
+
+
 def build_snapshot(catalog: Catalog, settings: GatewaySettings) -> Snapshot:
-    """Render the whole catalog; raises if any rendered resource fails to parse as its type."""
+    """Render the whole catalog; raises if any rendered resource fails to parse as its type. The
+    budget shares are not the catalog's: the ones here say "not divided yet" (shares.py), and the
+    Controller replaces them with the ones it serves."""
     cluster_list = [_parse(cluster_pb2.Cluster, c) for c in resources.clusters(catalog, settings)]
     endpoint_list = [_parse(endpoint_pb2.ClusterLoadAssignment, e) for e in resources.endpoints(catalog)]
     route_dicts = [resources.route_configuration(catalog, settings)]
@@ -120,6 +133,7 @@ def build_snapshot(catalog: Catalog, settings: GatewaySettings) -> Snapshot:
         LISTENER: _listeners(settings, settings.listen),
         ROUTE: Resources.of({r.name: r for r in route_list}),
         POLICY: Resources.of({p.name: p for p in policies.policies(catalog)}),
+        BUDGET_SHARES: budget_shares({}),
     }
     # Envoy fleets that differ only in where their listener binds (several Envoys on one host).
     groups = {group: Snapshot({**by_type, LISTENER: _listeners(settings, addr)}) for group, addr in settings.group_listen}

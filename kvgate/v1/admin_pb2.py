@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kvgate/v1/admin.proto\x12\tkvgate.v1\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12\x14\n\x0c\x63\x61talog_yaml\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\")\n\x12\x41pplyModelsRequest\x12\x13\n\x0bmodels_yaml\x18\x01 \x01(\t\"\"\n\x12RemoveModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"2\n\x0e\x43hangeResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\"\x12\n\x10GetStatusRequest\"J\n\x11GetStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12$\n\x05nodes\x18\x02 \x03(\x0b\x32\x15.kvgate.v1.NodeStatus\"\xe1\x01\n\nNodeStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x1c\n\x14\x63onnected_since_unix\x18\x03 \x01(\x01\x12@\n\x0e\x61\x63ked_versions\x18\x04 \x03(\x0b\x32(.kvgate.v1.NodeStatus.AckedVersionsEntry\x12\"\n\tlast_nack\x18\x05 \x01(\x0b\x32\x0f.kvgate.v1.Nack\x1a\x34\n\x12\x41\x63kedVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\x04Nack\x12\x10\n\x08type_url\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x65rror_detail\x18\x03 \x01(\t2\xac\x02\n\x05\x41\x64min\x12I\n\nListModels\x12\x1c.kvgate.v1.ListModelsRequest\x1a\x1d.kvgate.v1.ListModelsResponse\x12G\n\x0b\x41pplyModels\x12\x1d.kvgate.v1.ApplyModelsRequest\x1a\x19.kvgate.v1.ChangeResponse\x12G\n\x0bRemoveModel\x12\x1d.kvgate.v1.RemoveModelRequest\x1a\x19.kvgate.v1.ChangeResponse\x12\x46\n\tGetStatus\x12\x1b.kvgate.v1.GetStatusRequest\x1a\x1c.kvgate.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kvgate/v1/admin.proto\x12\tkvgate.v1\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12\x14\n\x0c\x63\x61talog_yaml\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\")\n\x12\x41pplyModelsRequest\x12\x13\n\x0bmodels_yaml\x18\x01 \x01(\t\"\"\n\x12RemoveModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"2\n\x0e\x43hangeResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\"\x12\n\x10GetStatusRequest\"J\n\x11GetStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12$\n\x05nodes\x18\x02 \x03(\x0b\x32\x15.kvgate.v1.NodeStatus\"\x8d\x02\n\nNodeStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x1c\n\x14\x63onnected_since_unix\x18\x03 \x01(\x01\x12@\n\x0e\x61\x63ked_versions\x18\x04 \x03(\x0b\x32(.kvgate.v1.NodeStatus.AckedVersionsEntry\x12\"\n\tlast_nack\x18\x05 \x01(\x0b\x32\x0f.kvgate.v1.Nack\x12\x19\n\x0c\x62udget_share\x18\x06 \x01(\x01H\x00\x88\x01\x01\x1a\x34\n\x12\x41\x63kedVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0f\n\r_budget_share\"?\n\x04Nack\x12\x10\n\x08type_url\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x65rror_detail\x18\x03 \x01(\t2\xac\x02\n\x05\x41\x64min\x12I\n\nListModels\x12\x1c.kvgate.v1.ListModelsRequest\x1a\x1d.kvgate.v1.ListModelsResponse\x12G\n\x0b\x41pplyModels\x12\x1d.kvgate.v1.ApplyModelsRequest\x1a\x19.kvgate.v1.ChangeResponse\x12G\n\x0bRemoveModel\x12\x1d.kvgate.v1.RemoveModelRequest\x1a\x19.kvgate.v1.ChangeResponse\x12\x46\n\tGetStatus\x12\x1b.kvgate.v1.GetStatusRequest\x1a\x1c.kvgate.v1.GetStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,11 +48,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSRESPONSE']._serialized_start=269
   _globals['_GETSTATUSRESPONSE']._serialized_end=343
   _globals['_NODESTATUS']._serialized_start=346
-  _globals['_NODESTATUS']._serialized_end=571
-  _globals['_NODESTATUS_ACKEDVERSIONSENTRY']._serialized_start=519
-  _globals['_NODESTATUS_ACKEDVERSIONSENTRY']._serialized_end=571
-  _globals['_NACK']._serialized_start=573
-  _globals['_NACK']._serialized_end=636
-  _globals['_ADMIN']._serialized_start=639
-  _globals['_ADMIN']._serialized_end=939
+  _globals['_NODESTATUS']._serialized_end=615
+  _globals['_NODESTATUS_ACKEDVERSIONSENTRY']._serialized_start=546
+  _globals['_NODESTATUS_ACKEDVERSIONSENTRY']._serialized_end=598
+  _globals['_NACK']._serialized_start=617
+  _globals['_NACK']._serialized_end=680
+  _globals['_ADMIN']._serialized_start=683
+  _globals['_ADMIN']._serialized_end=983
 # @@protoc_insertion_point(module_scope)

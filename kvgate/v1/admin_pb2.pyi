@@ -51,7 +51,7 @@ class GetStatusResponse(_message.Message):
     def __init__(self, version: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("id", "group", "connected_since_unix", "acked_versions", "last_nack")
+    __slots__ = ("id", "group", "connected_since_unix", "acked_versions", "last_nack", "budget_share")
     class AckedVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -64,12 +64,14 @@ class NodeStatus(_message.Message):
     CONNECTED_SINCE_UNIX_FIELD_NUMBER: _ClassVar[int]
     ACKED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     LAST_NACK_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_SHARE_FIELD_NUMBER: _ClassVar[int]
     id: str
     group: str
     connected_since_unix: float
     acked_versions: _containers.ScalarMap[str, str]
     last_nack: Nack
-    def __init__(self, id: _Optional[str] = ..., group: _Optional[str] = ..., connected_since_unix: _Optional[float] = ..., acked_versions: _Optional[_Mapping[str, str]] = ..., last_nack: _Optional[_Union[Nack, _Mapping]] = ...) -> None: ...
+    budget_share: float
+    def __init__(self, id: _Optional[str] = ..., group: _Optional[str] = ..., connected_since_unix: _Optional[float] = ..., acked_versions: _Optional[_Mapping[str, str]] = ..., last_nack: _Optional[_Union[Nack, _Mapping]] = ..., budget_share: _Optional[float] = ...) -> None: ...
 
 class Nack(_message.Message):
     __slots__ = ("type_url", "version", "error_detail")

@@ -24,17 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvgate/v1/policy.proto\x12\tkvgate.v1\"\x8d\x02\n\x0bModelPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x03 \x01(\r\x12\x19\n\x11max_output_tokens\x18\x04 \x01(\r\x12\x1a\n\x12kv_bytes_per_token\x18\x05 \x01(\x04\x12\x18\n\x10tokens_per_block\x18\x06 \x01(\r\x12&\n\tendpoints\x18\x07 \x03(\x0b\x32\x13.kvgate.v1.Endpoint\x12\x32\n\x0fprompt_estimate\x18\x08 \x01(\x0b\x32\x19.kvgate.v1.PromptEstimate\x12\x15\n\rbackend_model\x18\t \x01(\t\"4\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x17\n\x0fkv_budget_bytes\x18\x02 \x01(\x04\"a\n\x0ePromptEstimate\x12\x17\n\x0f\x62ytes_per_token\x18\x01 \x01(\x01\x12\x1a\n\x12per_message_tokens\x18\x02 \x01(\r\x12\x1a\n\x12per_request_tokens\x18\x03 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvgate/v1/policy.proto\x12\tkvgate.v1\"\xfd\x03\n\x0bModelPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x03 \x01(\r\x12\x19\n\x11max_output_tokens\x18\x04 \x01(\r\x12\x1a\n\x12kv_bytes_per_token\x18\x05 \x01(\x04\x12\x18\n\x10tokens_per_block\x18\x06 \x01(\r\x12&\n\tendpoints\x18\x07 \x03(\x0b\x32\x13.kvgate.v1.Endpoint\x12\x32\n\x0fprompt_estimate\x18\x08 \x01(\x0b\x32\x19.kvgate.v1.PromptEstimate\x12\x15\n\rbackend_model\x18\t \x01(\t\x12\'\n\ttokenizer\x18\n \x01(\x0b\x32\x14.kvgate.v1.Tokenizer\x12\x32\n\x10priority_classes\x18\x0b \x03(\x0b\x32\x18.kvgate.v1.PriorityClass\x12\x1e\n\x16\x64\x65\x66\x61ult_priority_class\x18\x0c \x01(\t\x12\x30\n\x0e\x65ngine_metrics\x18\r \x01(\x0b\x32\x18.kvgate.v1.EngineMetrics\x12\x1e\n\x16long_request_threshold\x18\x0e \x01(\x01\x12\x1f\n\x17long_requests_max_share\x18\x0f \x01(\x01\"q\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x17\n\x0fkv_budget_bytes\x18\x02 \x01(\x04\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x13\n\x0bmetrics_url\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\r\")\n\tTokenizer\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"2\n\rPriorityClass\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bmax_wait_ms\x18\x02 \x01(\r\"<\n\rEngineMetrics\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\x12\x16\n\x0estale_after_ms\x18\x02 \x01(\r\"x\n\x0c\x42udgetShares\x12\x37\n\x08\x66raction\x18\x01 \x03(\x0b\x32%.kvgate.v1.BudgetShares.FractionEntry\x1a/\n\rFractionEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"a\n\x0ePromptEstimate\x12\x17\n\x0f\x62ytes_per_token\x18\x01 \x01(\x01\x12\x1a\n\x12per_message_tokens\x18\x02 \x01(\r\x12\x1a\n\x12per_request_tokens\x18\x03 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvgate.v1.policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_BUDGETSHARES_FRACTIONENTRY']._loaded_options = None
+  _globals['_BUDGETSHARES_FRACTIONENTRY']._serialized_options = b'8\001'
   _globals['_MODELPOLICY']._serialized_start=38
-  _globals['_MODELPOLICY']._serialized_end=307
-  _globals['_ENDPOINT']._serialized_start=309
-  _globals['_ENDPOINT']._serialized_end=361
-  _globals['_PROMPTESTIMATE']._serialized_start=363
-  _globals['_PROMPTESTIMATE']._serialized_end=460
+  _globals['_MODELPOLICY']._serialized_end=547
+  _globals['_ENDPOINT']._serialized_start=549
+  _globals['_ENDPOINT']._serialized_end=662
+  _globals['_TOKENIZER']._serialized_start=664
+  _globals['_TOKENIZER']._serialized_end=705
+  _globals['_PRIORITYCLASS']._serialized_start=707
+  _globals['_PRIORITYCLASS']._serialized_end=757
+  _globals['_ENGINEMETRICS']._serialized_start=759
+  _globals['_ENGINEMETRICS']._serialized_end=819
+  _globals['_BUDGETSHARES']._serialized_start=821
+  _globals['_BUDGETSHARES']._serialized_end=941
+  _globals['_BUDGETSHARES_FRACTIONENTRY']._serialized_start=894
+  _globals['_BUDGETSHARES_FRACTIONENTRY']._serialized_end=941
+  _globals['_PROMPTESTIMATE']._serialized_start=943
+  _globals['_PROMPTESTIMATE']._serialized_end=1040
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ModelPolicy(_message.Message):
-    __slots__ = ("name", "protocol", "max_context_tokens", "max_output_tokens", "kv_bytes_per_token", "tokens_per_block", "endpoints", "prompt_estimate", "backend_model")
+    __slots__ = ("name", "protocol", "max_context_tokens", "max_output_tokens", "kv_bytes_per_token", "tokens_per_block", "endpoints", "prompt_estimate", "backend_model", "tokenizer", "priority_classes", "default_priority_class", "engine_metrics", "long_request_threshold", "long_requests_max_share")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,12 @@ class ModelPolicy(_message.Message):
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ESTIMATE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_PRIORITY_CLASS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_METRICS_FIELD_NUMBER: _ClassVar[int]
+    LONG_REQUEST_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    LONG_REQUESTS_MAX_SHARE_FIELD_NUMBER: _ClassVar[int]
     name: str
     protocol: str
     max_context_tokens: int
@@ -26,15 +32,64 @@ class ModelPolicy(_message.Message):
     endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
     prompt_estimate: PromptEstimate
     backend_model: str
-    def __init__(self, name: _Optional[str] = ..., protocol: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., tokens_per_block: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., prompt_estimate: _Optional[_Union[PromptEstimate, _Mapping]] = ..., backend_model: _Optional[str] = ...) -> None: ...
+    tokenizer: Tokenizer
+    priority_classes: _containers.RepeatedCompositeFieldContainer[PriorityClass]
+    default_priority_class: str
+    engine_metrics: EngineMetrics
+    long_request_threshold: float
+    long_requests_max_share: float
+    def __init__(self, name: _Optional[str] = ..., protocol: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., tokens_per_block: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., prompt_estimate: _Optional[_Union[PromptEstimate, _Mapping]] = ..., backend_model: _Optional[str] = ..., tokenizer: _Optional[_Union[Tokenizer, _Mapping]] = ..., priority_classes: _Optional[_Iterable[_Union[PriorityClass, _Mapping]]] = ..., default_priority_class: _Optional[str] = ..., engine_metrics: _Optional[_Union[EngineMetrics, _Mapping]] = ..., long_request_threshold: _Optional[float] = ..., long_requests_max_share: _Optional[float] = ...) -> None: ...
 
 class Endpoint(_message.Message):
-    __slots__ = ("address", "kv_budget_bytes")
+    __slots__ = ("address", "kv_budget_bytes", "grpc_address", "metrics_url", "priority")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KV_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_URL_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     address: str
     kv_budget_bytes: int
-    def __init__(self, address: _Optional[str] = ..., kv_budget_bytes: _Optional[int] = ...) -> None: ...
+    grpc_address: str
+    metrics_url: str
+    priority: int
+    def __init__(self, address: _Optional[str] = ..., kv_budget_bytes: _Optional[int] = ..., grpc_address: _Optional[str] = ..., metrics_url: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
+
+class Tokenizer(_message.Message):
+    __slots__ = ("path", "sha256")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    sha256: str
+    def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class PriorityClass(_message.Message):
+    __slots__ = ("name", "max_wait_ms")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    max_wait_ms: int
+    def __init__(self, name: _Optional[str] = ..., max_wait_ms: _Optional[int] = ...) -> None: ...
+
+class EngineMetrics(_message.Message):
+    __slots__ = ("interval_ms", "stale_after_ms")
+    INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    STALE_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    interval_ms: int
+    stale_after_ms: int
+    def __init__(self, interval_ms: _Optional[int] = ..., stale_after_ms: _Optional[int] = ...) -> None: ...
+
+class BudgetShares(_message.Message):
+    __slots__ = ("fraction",)
+    class FractionEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    fraction: _containers.ScalarMap[str, float]
+    def __init__(self, fraction: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class PromptEstimate(_message.Message):
     __slots__ = ("bytes_per_token", "per_message_tokens", "per_request_tokens")

@@ -25,7 +25,9 @@ TEST_CATALOG = {
          "tokens_per_block": 16,
          "kv": {"bytes_per_token": 1024, "budget_per_endpoint": "640KiB"},
          "sim": {"ttft_base_ms": 5, "ttft_per_token_ms": 0, "itl_ms": 25, "batch_slowdown": 0}},
-    ]
+    ],
+    # By default a request that does not fit is refused at once; "patient" ones wait for budget.
+    "priority_classes": [{"name": "interactive", "max_wait_s": 0}, {"name": "patient", "max_wait_s": 10}],
 }
 # Bodies over this get Envoy's own 413.
 MAX_REQUEST_BYTES = 256 * 1024
@@ -46,10 +48,14 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 
 def ledger_metrics(gw: Gateway) -> dict[tuple[str, str], float]:
-    """(metric, model) -> value, read from ext_proc's Prometheus endpoint."""
+    """(metric, model) -> value summed over the model's endpoints, from ext_proc's Prometheus endpoint."""
     text = httpx.get(gw.ext_proc_metrics_url).text
-    return {(s.name, s.labels.get("model", "")): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = (s.name, s.labels.get("model", ""))
+            out[key] = out.get(key, 0.0) + s.value
+    return out
 
 
 def wait_for(predicate: Callable[[], bool], what: str = "condition", timeout_s: float = 10.0) -> None:

@@ -102,11 +102,13 @@ def test_status_shows_every_node_and_what_it_acked(gateway: Gateway) -> None:
     assert {t.rsplit(".", 1)[1] for t in envoy.acked_versions} == {
         "Cluster", "ClusterLoadAssignment", "Listener", "RouteConfiguration"}
     ext_proc = next(n for n in current.nodes if n.id == "ext-proc-0")
-    assert list(ext_proc.acked_versions) == ["type.googleapis.com/kvgate.v1.ModelPolicy"]
+    assert sorted(ext_proc.acked_versions) == ["type.googleapis.com/kvgate.v1.BudgetShares",
+                                               "type.googleapis.com/kvgate.v1.ModelPolicy"]
+    assert ext_proc.budget_share == 1.0 and not envoy.HasField("budget_share")  # the only replica
     printed = subprocess.run([sys.executable, "-m", "kvgate.cli", "status", "--server", gateway.admin_address],
                              capture_output=True, text=True, timeout=30)
     assert printed.returncode == 0 and "envoy-0 (group kvgate-envoy)" in printed.stdout
-    assert "ModelPolicy: ACKed" in printed.stdout
+    assert "ModelPolicy: ACKed" in printed.stdout and "budget share: 1.000" in printed.stdout
 
 
 

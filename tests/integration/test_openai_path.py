@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import httpx
@@ -9,7 +10,7 @@ import openai
 import pytest
 
 from kvgate.gateway import Gateway
-from kvgate.headers import MAX_TOKENS_HEADER
+from kvgate.headers import MAX_TOKENS_HEADER, PRIORITY_HEADER
 from tests.integration.conftest import (
     MAX_REQUEST_BYTES,
     ledger_metrics,
@@ -175,6 +176,23 @@ def test_over_budget_is_a_429_with_retry_after_then_everything_is_released(gatew
     holder.close()
     assert text.rstrip().endswith("data: [DONE]")
     wait_for(lambda: reserved(gateway, "org/tiny") == 0, what="release after completion")
+
+
+def test_a_patient_request_waits_for_budget_and_runs_when_it_frees(gateway: Gateway) -> None:
+    holder = _hold_tiny_budget(gateway)
+    result: dict[str, httpx.Response] = {}
+    waiter = threading.Thread(target=lambda: result.setdefault("r", httpx.post(
+        f"{gateway.url}/v1/completions", json={"model": "org/tiny", "prompt": "q" * 300, "max_tokens": 128},
+        headers={PRIORITY_HEADER: "patient"}, timeout=30)))
+    waiter.start()
+    wait_for(lambda: ledger_metrics(gateway).get(("kvgate_admission_queue_waiting", "org/tiny")) == 1,
+             what="the second request to wait")
+    assert "r" not in result
+    holder.read()  # the first request completes: its budget goes to the one waiting
+    holder.close()
+    waiter.join(timeout=20)
+    assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 128
+    wait_for(lambda: reserved(gateway, "org/tiny") == 0, what="release after both completed")
 
 
 def test_client_disconnect_mid_stream_releases_the_reservation(gateway: Gateway) -> None:

@@ -10,11 +10,11 @@ import pytest
 
 from engines.kv_math import reservation_bytes
 from ext_proc import tokens
-from ext_proc.admission import Plan, Refusal, admit, plan
+from ext_proc.admission import Plan, Refusal, admit, busy, choose, plan
 from ext_proc.ledger import Ledger, Reservation
 from ext_proc.openai_protocol import CHAT_PATH, COMPLETIONS_PATH, parse_request
 from ext_proc.request import LLMRequest
-from ext_proc.policy import Policy
+from ext_proc.policy import EndpointPolicy, Policy
 from kvgate.v1 import policy_pb2
 
 BPT = 10  # KV bytes per token
@@ -24,8 +24,10 @@ BLOCK = 16
 def policy(**overrides: Any) -> Policy:
     """Context 1000, clamp 100, 16-token blocks, 10 B/token; the estimate is 1 token per byte, no overhead."""
     fields: dict[str, Any] = dict(name="m", protocol="openai", backend_model="m", max_context_tokens=1000, max_output_tokens=100, kv_bytes_per_token=BPT,
-                                  tokens_per_block=BLOCK, budget_bytes=10**6, estimate_bytes_per_token=1.0,
-                                  estimate_per_message=0, estimate_per_request=0)
+                                  tokens_per_block=BLOCK, endpoints=(EndpointPolicy("e:1", 10**6, "", ""),),
+                                  estimate_bytes_per_token=1.0, estimate_per_message=0, estimate_per_request=0)
+    if "budget_bytes" in overrides:
+        overrides["endpoints"] = (EndpointPolicy("e:1", overrides.pop("budget_bytes"), "", ""),)
     fields.update(overrides)
     return Policy(**fields)
 
@@ -45,13 +47,13 @@ def ids(n: int) -> list[int]:
 
 
 def planned(req: LLMRequest, pol: Policy | None = None) -> Plan:
-    out = plan(req, pol or policy())
+    out = plan(req, pol or policy(), None)
     assert isinstance(out, Plan), out
     return out
 
 
 def refused(req: LLMRequest, pol: Policy | None = None) -> Refusal:
-    out = plan(req, pol or policy())
+    out = plan(req, pol or policy(), None)
     assert isinstance(out, Refusal), out
     return out
 
@@ -75,22 +77,22 @@ def proto_policy(**overrides: Any) -> policy_pb2.ModelPolicy:
 
 def test_token_ids_are_counted_exactly() -> None:
     pol = policy(estimate_per_message=8, estimate_per_request=8)
-    assert tokens.prompt_tokens(completion([ids(5), ids(9)]), pol) == (5, 9)
+    assert tokens.prompt_tokens(completion([ids(5), ids(9)]), pol, None) == (5, 9)
 
 
 def test_estimate_rounds_bytes_up_and_adds_overhead() -> None:
     pol = policy(estimate_bytes_per_token=4.0, estimate_per_message=0, estimate_per_request=3)
-    assert tokens.prompt_tokens(completion(["x" * 10, "x" * 12]), pol) == (3 + 3, 3 + 3)
+    assert tokens.prompt_tokens(completion(["x" * 10, "x" * 12]), pol, None) == (3 + 3, 3 + 3)
 
 
 def test_estimate_per_message_overhead_for_chat() -> None:
     pol = policy(estimate_per_message=8, estimate_per_request=5)
     req = chat("hello")
-    assert tokens.prompt_tokens(req, pol) == (req.prompt_bytes[0] + 8 + 5,)
+    assert tokens.prompt_tokens(req, pol, None) == (req.prompt_bytes[0] + 8 + 5,)
 
 
 def test_estimate_counts_utf8_bytes() -> None:
-    assert tokens.prompt_tokens(completion("你好"), policy()) == (6,)
+    assert tokens.prompt_tokens(completion("你好"), policy(), None) == (6,)
 
 
 # --- plan: the clamp -------------------------------------------------------------------------
@@ -122,7 +124,7 @@ def test_chat_clamp_uses_max_completion_tokens() -> None:
 def test_plan_reports_the_estimated_prompt() -> None:
     req = chat("hello world")
     pol = policy(estimate_per_message=8, estimate_per_request=8)
-    assert planned(req, pol).prompt_tokens == tokens.prompt_tokens(req, pol)[0]
+    assert planned(req, pol).prompt_tokens == tokens.prompt_tokens(req, pol, None)[0]
 
 
 # --- plan: context refusals ------------------------------------------------------------------
@@ -182,7 +184,7 @@ def test_nbytes_uses_the_clamped_output() -> None:
 def test_nbytes_for_chat_uses_the_estimate() -> None:
     pol = policy(estimate_per_message=8, estimate_per_request=8)
     req = chat("hello", max_tokens=10)
-    assert planned(req, pol).nbytes == reservation_bytes(tokens.prompt_tokens(req, pol)[0] + 10, BLOCK, BPT)
+    assert planned(req, pol).nbytes == reservation_bytes(tokens.prompt_tokens(req, pol, None)[0] + 10, BLOCK, BPT)
 
 
 # --- plan: larger than the whole budget ------------------------------------------------------
@@ -202,45 +204,102 @@ def test_prompts_beyond_the_whole_budget_is_request_too_large() -> None:
     assert refused(completion([ids(10)] * 3, max_tokens=20), pol).code == "request_too_large"
 
 
-# --- admit -----------------------------------------------------------------------------------
+# --- admit: which endpoint, and when nothing fits ---------------------------------------------
+
+def ledger(capacity: int, name: str = "e:1", reserved: int = 0) -> Ledger:
+    lg = Ledger("m", name, budget=capacity)
+    if reserved:
+        assert lg.try_reserve(reserved, 0.0, 900.0) is not None
+    return lg
+
 
 def test_admit_reserves_the_planned_bytes() -> None:
     p = planned(completion(ids(10), max_tokens=20))
-    ledger = Ledger(capacity=10 * p.nbytes)
-    r = admit(p, "m", ledger, now=100.0, ttl_s=900.0)
+    lg = ledger(10 * p.nbytes)
+    r = admit(p, policy(), [lg], now=100.0, ttl_s=900.0)
     assert isinstance(r, Reservation)
-    assert (r.key, r.nbytes, r.started, r.expires) == ("m", p.nbytes, 100.0, 1000.0)
-    assert ledger.reserved == p.nbytes
+    assert (r.ledger, r.nbytes, r.started, r.expires) == (lg, p.nbytes, 100.0, 1000.0)
+    assert lg.reserved == p.nbytes
 
 
-def test_admit_fills_to_capacity_then_refuses_429() -> None:
+def test_admit_fills_to_capacity_then_does_not_fit() -> None:
     p = planned(completion(ids(10), max_tokens=20))
-    ledger = Ledger(capacity=3 * p.nbytes)
-    held = [admit(p, "m", ledger, now=0.0, ttl_s=900.0) for _ in range(3)]
+    lg = ledger(3 * p.nbytes)
+    held = [admit(p, policy(), [lg], now=0.0, ttl_s=900.0) for _ in range(3)]
     assert all(isinstance(h, Reservation) for h in held)
-    r = admit(p, "m", ledger, now=0.5, ttl_s=900.0)
-    assert isinstance(r, Refusal)
+    assert admit(p, policy(), [lg], now=0.5, ttl_s=900.0) is None
+    assert lg.reserved == 3 * p.nbytes
+    r = busy(p, policy(), [lg], now=0.5)
     assert (r.status, r.code, r.type_) == (429, "rate_limit_exceeded", "rate_limit_error")
     assert r.retry_after is not None and 1 <= r.retry_after <= 60
-    assert ledger.reserved == 3 * p.nbytes
 
 
 def test_admit_again_after_release() -> None:
     p = planned(completion(ids(10), max_tokens=20))
-    ledger = Ledger(capacity=p.nbytes)
-    first = admit(p, "m", ledger, now=0.0, ttl_s=900.0)
-    assert isinstance(admit(p, "m", ledger, now=1.0, ttl_s=900.0), Refusal)
-    assert isinstance(first, Reservation) and ledger.release(first, now=2.0)
-    assert isinstance(admit(p, "m", ledger, now=3.0, ttl_s=900.0), Reservation)
+    lg = ledger(p.nbytes)
+    first = admit(p, policy(), [lg], now=0.0, ttl_s=900.0)
+    assert admit(p, policy(), [lg], now=1.0, ttl_s=900.0) is None
+    assert isinstance(first, Reservation) and lg.release(first, now=2.0)
+    assert isinstance(admit(p, policy(), [lg], now=3.0, ttl_s=900.0), Reservation)
+
+
+def test_choose_takes_the_most_headroom() -> None:
+    p = planned(completion(ids(10), max_tokens=20))
+    a, b, c = ledger(1000, "a:1", reserved=100), ledger(2000, "b:1", reserved=1500), ledger(1000, "c:1")
+    assert choose([a, b, c], p, policy()) is c  # 1000 free, against 900 and 500
+
+
+def test_choose_breaks_ties_by_fewest_in_flight_then_order() -> None:
+    p = planned(completion(ids(10), max_tokens=20))
+    busy_one = ledger(2000, "a:1", reserved=1000)  # 1000 free, one in flight
+    idle_one, idle_two = ledger(1000, "b:1"), ledger(1000, "c:1")  # 1000 free, none in flight
+    assert choose([busy_one, idle_one, idle_two], p, policy()) is idle_one
+
+
+def test_choose_skips_endpoints_it_does_not_fit_and_blind_ones() -> None:
+    p = planned(completion(ids(10), max_tokens=20))
+    small, blind = ledger(p.nbytes - 1, "a:1"), ledger(10 * p.nbytes, "b:1")
+    blind.blind = True
+    assert choose([small, blind], p, policy()) is None
+    blind.blind = False
+    assert choose([small, blind], p, policy()) is blind
+
+
+def test_long_requests_share_at_most_their_cap_but_one_alone_may_exceed_it() -> None:
+    pol = policy(long_request_threshold=0.1, long_requests_max_share=0.5,
+                 endpoints=(EndpointPolicy("e:1", 10_000, "", ""),))
+    long_one = planned(completion(ids(10), max_tokens=90), pol)  # 112 tokens -> 1120 B > 10% of 10000
+    assert long_one.long and long_one.nbytes == 1120
+    lg = ledger(10_000)
+    held = [admit(long_one, pol, [lg], 0.0, 900.0) for _ in range(4)]  # 4480 B <= 5000
+    assert all(isinstance(h, Reservation) for h in held)
+    assert admit(long_one, pol, [lg], 0.0, 900.0) is None  # 5600 B of long requests > 5000
+    short = planned(completion(ids(10), max_tokens=6), pol)
+    assert not short.long and isinstance(admit(short, pol, [lg], 0.0, 900.0), Reservation)
+    huge = planned(completion(ids(10), max_tokens=90, n=6), pol)  # 6720 B: above the cap on its own
+    empty = ledger(10_000, "f:1")
+    assert isinstance(admit(huge, pol, [empty], 0.0, 900.0), Reservation)
+
+
+def test_larger_than_this_replicas_share_is_request_too_large() -> None:
+    p = planned(completion(ids(10), max_tokens=20))
+    lg = ledger(p.nbytes)
+    lg.share = 0.5
+    r = admit(p, policy(), [lg], 0.0, 900.0)
+    assert isinstance(r, Refusal) and (r.status, r.code) == (400, "request_too_large")
+    lg.share = 0.0  # no share yet: wait for one rather than refuse
+    assert admit(p, policy(), [lg], 0.0, 900.0) is None
 
 
 # --- Policy.from_proto -----------------------------------------------------------------------
 
-def test_from_proto_copies_fields_and_sums_budgets() -> None:
+def test_from_proto_copies_fields_and_endpoints() -> None:
     pol = Policy.from_proto(proto_policy())
     assert pol == Policy(name="m", protocol="openai", backend_model="m", max_context_tokens=1000, max_output_tokens=100, kv_bytes_per_token=BPT,
-                         tokens_per_block=BLOCK, budget_bytes=1000, estimate_bytes_per_token=1.0,
-                         estimate_per_message=8, estimate_per_request=4)
+                         tokens_per_block=BLOCK, endpoints=(EndpointPolicy("a:1", 300, "", ""),
+                                                            EndpointPolicy("b:2", 700, "", "")),
+                         estimate_bytes_per_token=1.0, estimate_per_message=8, estimate_per_request=4)
+    assert pol.largest_budget == 700
 
 
 @pytest.mark.parametrize("field", ["name", "max_context_tokens", "max_output_tokens", "kv_bytes_per_token",

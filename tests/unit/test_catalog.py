@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -402,3 +403,234 @@ def test_to_yaml_written_elsewhere_still_finds_config_json(tmp_path: Path, monke
     run_dir.mkdir()
     (run_dir / "catalog.yaml").write_text(cat.to_yaml())
     assert load_catalog(run_dir / "catalog.yaml").models[0].kv_bytes_per_token == 131072
+
+
+# --- a KV budget derived from the GPU --------------------------------------------------------
+
+# LLAMA3_HF with the fields the weight estimate reads, as in Meta-Llama-3-8B's config.json.
+LLAMA3_HF_FULL = {**LLAMA3_HF, "architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
+                  "intermediate_size": 14336, "tie_word_embeddings": False}
+LLAMA3_WEIGHTS = 16_060_522_496  # 8,030,261,248 parameters x 2 bytes
+BLOCK = 131072 * 32  # bytes of one 32-token block of Llama-3-8B in bf16
+
+
+def gpu_model(tmp_path: Path, config: dict[str, Any] | None = None, **kv: Any) -> Any:
+    """The model of a one-model catalog whose budget comes from an 80 GiB GPU."""
+    write_json(tmp_path / "llama.json", config or LLAMA3_HF_FULL)
+    raw = catalog_dict(model_dict(kv={"config_json": "llama.json", "gpu_memory": "80GiB", **kv}))
+    return parse_catalog(raw, base_dir=tmp_path).models[0]
+
+
+def gpu_problems(tmp_path: Path, config: dict[str, Any] | None = None, **kv: Any) -> list[str]:
+    with pytest.raises(CatalogError) as e:
+        gpu_model(tmp_path, config, **kv)
+    return e.value.problems
+
+
+def test_gpu_budget_of_llama_3_8b_on_80_gib(tmp_path: Path) -> None:
+    m = gpu_model(tmp_path)
+    assert m.kv.weight_bytes == LLAMA3_WEIGHTS
+    expected = int(0.9 * (80 * GiB - LLAMA3_WEIGHTS - 2 * GiB)) // BLOCK * BLOCK
+    assert m.kv_budget_bytes == expected == 60_918_071_296
+    assert m.kv.budget_per_endpoint is None
+
+
+def test_bundled_gpu_budget_example_yields_the_documented_number() -> None:
+    """docs/catalog.md quotes this number; kvgate/examples/gpu-budget.yaml is its catalog."""
+    (m,) = load_catalog(bundled_catalog_path().parent / "gpu-budget.yaml").models
+    assert (m.kv.gpu_memory, m.kv.weight_bytes, m.kv_budget_bytes) == (80 * GiB, LLAMA3_WEIGHTS, 60_918_071_296)
+    assert m.kv_budget_bytes // m.kv_bytes_per_token == 464_768  # tokens
+
+
+def test_given_budget_is_the_kv_budget() -> None:
+    assert parse_catalog(catalog_dict()).models[0].kv_budget_bytes == GiB
+
+
+@pytest.mark.parametrize(("kv", "budget"), [
+    ({"weights": "20GiB"}, int(0.9 * (60 * GiB - 2 * GiB)) // BLOCK * BLOCK),
+    ({"free_memory_fraction": 0.5}, int(0.5 * (80 * GiB - LLAMA3_WEIGHTS - 2 * GiB)) // BLOCK * BLOCK),
+    ({"free_memory_fraction": 1}, (80 * GiB - LLAMA3_WEIGHTS - 2 * GiB) // BLOCK * BLOCK),
+    ({"reserved": 0}, int(0.9 * (80 * GiB - LLAMA3_WEIGHTS)) // BLOCK * BLOCK),
+    ({"reserved": "6GiB"}, int(0.9 * (80 * GiB - LLAMA3_WEIGHTS - 6 * GiB)) // BLOCK * BLOCK),
+    ({"max_tokens_in_paged_kv_cache": 100_000}, 3125 * BLOCK),   # 100,000 tokens = 3,125 blocks
+    ({"max_tokens_in_paged_kv_cache": 100_001}, 3126 * BLOCK),   # rounded up to whole blocks
+    ({"max_tokens_in_paged_kv_cache": 10**7}, 60_918_071_296),   # the fraction is the smaller
+], ids=["weights", "fraction", "fraction-1", "reserved-0", "reserved", "max-tokens", "max-tokens-up",
+        "max-tokens-above"])
+def test_gpu_budget_knobs(tmp_path: Path, kv: dict[str, Any], budget: int) -> None:
+    assert gpu_model(tmp_path, **kv).kv_budget_bytes == budget
+
+
+def test_gpu_budget_with_bytes_per_token_needs_weights() -> None:
+    raw = catalog_dict(model_dict(kv={"bytes_per_token": 131072, "gpu_memory": "80GiB"}))
+    with pytest.raises(CatalogError) as e:
+        parse_catalog(raw)
+    (problem,) = e.value.problems
+    assert "'m1'" in problem and "kv" in problem and "weights" in problem and "config_json" in problem
+    raw["models"][0]["kv"]["weights"] = "16GB"
+    assert parse_catalog(raw).models[0].kv_budget_bytes == int(0.9 * (80 * GiB - 16 * 10**9 - 2 * GiB)) // BLOCK * BLOCK
+
+
+def test_gpu_budget_tensor_parallel_halves_weights_and_kv(tmp_path: Path) -> None:
+    m = gpu_model(tmp_path, tensor_parallel=2)
+    assert m.kv_bytes_per_token == 65536
+    # Attention and MLP split; the embedding table stays whole on each GPU (TensorRT-LLM's default).
+    assert LLAMA3_WEIGHTS // 2 < m.kv.weight_bytes < LLAMA3_WEIGHTS // 2 + 128256 * 4096 * 2
+    assert m.kv_budget_bytes == int(0.9 * (80 * GiB - m.kv.weight_bytes - 2 * GiB)) // (BLOCK // 2) * (BLOCK // 2)
+
+
+def test_fp8_kv_leaves_the_weights_at_bf16(tmp_path: Path) -> None:
+    m = gpu_model(tmp_path, kv_dtype="fp8")
+    assert m.kv.weight_bytes == LLAMA3_WEIGHTS
+    assert m.kv_bytes_per_token == 65536
+    # The same bytes (to the half-size block) hold twice the tokens.
+    assert m.kv_budget_bytes == int(0.9 * (80 * GiB - LLAMA3_WEIGHTS - 2 * GiB)) // (BLOCK // 2) * (BLOCK // 2)
+    assert m.kv_budget_bytes // m.kv_bytes_per_token == 2 * 464_768 + 32
+
+
+def test_gpu_budget_from_a_trtllm_engine_config(tmp_path: Path) -> None:
+    engine = copy.deepcopy(LLAMA3_TRTLLM)
+    engine["pretrained_config"].update(vocab_size=128256, intermediate_size=14336, architecture="LlamaForCausalLM",
+                                       quantization={"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"})
+    m = gpu_model(tmp_path, engine)
+    assert m.block_tokens == 64 and m.kv_bytes_per_token == 65536
+    linear = 32 * (2 * 4096**2 + 2 * 4096 * 1024 + 3 * 4096 * 14336)  # FP8: 1 byte each
+    assert m.kv.weight_bytes == linear + 2 * (8_030_261_248 - linear)
+    assert m.kv_budget_bytes == int(0.9 * (80 * GiB - m.kv.weight_bytes - 2 * GiB)) // (65536 * 64) * (65536 * 64)
+
+
+@pytest.mark.parametrize(("kv", "field"), [
+    ({"budget_per_endpoint": "20GiB"}, "exactly one of budget_per_endpoint and gpu_memory"),
+    ({"gpu_memory": None}, "exactly one of budget_per_endpoint and gpu_memory"),
+    ({"gpu_memory": "lots"}, "kv.gpu_memory"),
+    ({"gpu_memory": 0}, "kv.gpu_memory"),
+    ({"weights": 0}, "kv.weights"),
+    ({"free_memory_fraction": 0}, "kv.free_memory_fraction"),
+    ({"free_memory_fraction": 1.5}, "kv.free_memory_fraction"),
+    ({"reserved": -1}, "kv.reserved"),
+    ({"reserved": "lots"}, "kv.reserved"),
+    ({"max_tokens_in_paged_kv_cache": 0}, "kv.max_tokens_in_paged_kv_cache"),
+], ids=["both-budgets", "no-budget", "gpu-junk", "gpu-zero", "weights-zero", "fraction-zero", "fraction-above-1",
+        "reserved-negative", "reserved-junk", "max-tokens-zero"])
+def test_gpu_budget_errors_name_model_and_field(tmp_path: Path, kv: dict[str, Any], field: str) -> None:
+    (problem,) = gpu_problems(tmp_path, **kv)
+    assert "'m1'" in problem and field in problem
+
+
+@pytest.mark.parametrize("knob", [{"weights": "16GiB"}, {"free_memory_fraction": 0.8}, {"reserved": "1GiB"},
+                                  {"max_tokens_in_paged_kv_cache": 1000}])
+def test_gpu_knobs_without_gpu_memory_are_errors(knob: dict[str, Any]) -> None:
+    """A knob that would silently do nothing with budget_per_endpoint is refused."""
+    (name,) = knob
+    (problem,) = problems_of(lambda m: m["kv"].update(knob))
+    assert "'m1'" in problem and name in problem and "gpu_memory" in problem
+
+
+def test_config_json_without_weight_fields_names_them_and_weights(tmp_path: Path) -> None:
+    (problem,) = gpu_problems(tmp_path, LLAMA3_HF)  # no vocab_size, no intermediate_size
+    assert "'m1'" in problem and "kv" in problem and "vocab_size" in problem and "give weights" in problem
+    assert gpu_model(tmp_path, LLAMA3_HF, weights="16GiB").kv.weight_bytes == 16 * GiB
+
+
+def test_mixture_of_experts_config_needs_weights(tmp_path: Path) -> None:
+    mixtral = {**LLAMA3_HF_FULL, "architectures": ["MixtralForCausalLM"], "num_local_experts": 8}
+    (problem,) = gpu_problems(tmp_path, mixtral)
+    assert "mixture-of-experts" in problem and "give weights" in problem
+    assert gpu_model(tmp_path, mixtral, weights="87GiB", **{"gpu_memory": "2TiB"}).kv_budget_bytes > 0
+
+
+def test_derived_budget_below_one_request_is_refused_with_its_derivation(tmp_path: Path) -> None:
+    # 4096 tokens x 128 KiB = 512 MiB per request; 0.9 x (16.5 GiB - weights - 1 GiB) is 124 blocks of 4 MiB.
+    (problem,) = gpu_problems(tmp_path, gpu_memory="16.5GiB", reserved="1GiB")
+    assert "'m1'" in problem and "(520093696 B = 0.9 x (gpu_memory 17716740096" in problem
+    assert "weights 16060522496 - reserved 1073741824" in problem
+    assert "less than one max_context_tokens request (536870912 B)" in problem
+
+
+def test_weights_larger_than_the_gpu_are_refused(tmp_path: Path) -> None:
+    (problem,) = gpu_problems(tmp_path, gpu_memory="16GB")
+    assert "'m1'" in problem and "(0 B" in problem and "max_context_tokens request" in problem
+
+
+def test_max_tokens_cap_below_one_request_is_refused(tmp_path: Path) -> None:
+    (problem,) = gpu_problems(tmp_path, max_tokens_in_paged_kv_cache=4000)
+    assert "max_tokens_in_paged_kv_cache 4000" in problem and "max_context_tokens request" in problem
+
+
+def test_max_context_beyond_the_engines_max_seq_len_is_refused(tmp_path: Path) -> None:
+    write_json(tmp_path / "engine.json", LLAMA3_TRTLLM)  # max_seq_len 8192
+    raw = config_json_catalog("engine.json")
+    raw["models"][0]["max_context_tokens"] = 8193
+    with pytest.raises(CatalogError) as e:
+        parse_catalog(raw, base_dir=tmp_path)
+    (problem,) = e.value.problems
+    assert "'m1'" in problem and "max_context_tokens (8193)" in problem and "max_seq_len (8192)" in problem
+    raw["models"][0]["max_context_tokens"] = 8192
+    assert parse_catalog(raw, base_dir=tmp_path).models[0].max_context_tokens == 8192
+
+
+def test_to_yaml_round_trips_gpu_budget(tmp_path: Path) -> None:
+    m = gpu_model(tmp_path, free_memory_fraction=0.85, reserved=0, max_tokens_in_paged_kv_cache=200_000)
+    cat = Catalog(models=[m])
+    again = round_trip(cat)
+    assert again == cat
+    assert again.models[0].kv_budget_bytes == m.kv_budget_bytes
+    assert parse_catalog(cat.to_data()) == cat
+
+
+def test_to_yaml_round_trips_default_gpu_knobs(tmp_path: Path) -> None:
+    m = gpu_model(tmp_path)
+    data = Catalog(models=[m]).to_data()
+    assert set(data["models"][0]["kv"]) == {"config_json", "gpu_memory"}
+    assert parse_catalog(data).models[0].kv_budget_bytes == 60_918_071_296
+
+
+# --- admission settings: priority classes, engine metrics, long requests, tokenizer -------------
+
+def test_default_priority_classes_and_the_model_default() -> None:
+    cat = parse_catalog(catalog_dict(model_dict(), model_dict("m2", priority_class="batch")))
+    assert [(c.name, c.max_wait_s) for c in cat.priority_classes] == [("interactive", 5.0), ("batch", 30.0)]
+    assert [cat.priority_class_of(m) for m in cat.models] == ["interactive", "batch"]
+
+
+@pytest.mark.parametrize(("data", "needle"), [
+    ({"priority_classes": [{"name": "a", "max_wait_s": 1}, {"name": "a", "max_wait_s": 2}]}, "unique"),
+    ({"default_priority_class": "gold"}, "'gold' is not a priority class"),
+    ({"priority_classes": [{"name": "a", "max_wait_s": 56}]}, "max_wait_s"),
+    ({"priority_classes": []}, "priority_classes"),
+])
+def test_bad_priority_classes_are_refused(data: dict[str, Any], needle: str) -> None:
+    with pytest.raises(CatalogError) as e:
+        parse_catalog({**catalog_dict(), **data})
+    assert needle in str(e.value)
+
+
+def test_a_model_naming_an_unknown_class_is_refused_naming_it() -> None:
+    with pytest.raises(CatalogError) as e:
+        parse_catalog(catalog_dict(model_dict(priority_class="vip")))
+    assert "model 'm1': priority_class 'vip'" in str(e.value)
+
+
+def test_engine_metrics_staleness_must_exceed_the_interval() -> None:
+    problems = problems_of(lambda m: m.update(engine_metrics={"interval_s": 2, "stale_after_s": 2}))
+    assert any("stale_after_s" in p for p in problems)
+
+
+def test_long_requests_shares_are_fractions() -> None:
+    assert any("long_requests.max_share" in p for p in problems_of(lambda m: m.update(long_requests={"max_share": 1.5})))
+
+
+def test_tokenizer_path_is_relative_to_the_catalog_and_hashed(tmp_path: Path) -> None:
+    (tmp_path / "tok.json").write_text('{"model": {}}')
+    cat = parse_catalog(catalog_dict(model_dict(tokenizer="tok.json")), base_dir=tmp_path)
+    (m,) = cat.models
+    assert m.tokenizer == (tmp_path / "tok.json").resolve()
+    assert m.tokenizer_sha256 == hashlib.sha256(b'{"model": {}}').hexdigest()
+    assert any("tokenizer" in p and "not a file" in p for p in problems_of(lambda m: m.update(tokenizer="/no/such.json")))
+
+
+def test_admission_settings_round_trip() -> None:
+    cat = parse_catalog({**catalog_dict(model_dict(priority_class="batch", long_requests={"max_share": 0.7},
+                                                   engine_metrics={"scrape": False})),
+                         "priority_classes": [{"name": "interactive", "max_wait_s": 1}, {"name": "batch", "max_wait_s": 9}]})
+    assert parse_catalog(cat.to_data()) == cat

@@ -6,11 +6,12 @@ import pytest
 import yaml
 
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
-from kvgate.catalog import CatalogError, parse_catalog
+from kvgate.catalog import Address, CatalogError, parse_catalog
+from kvgate.v1.policy_pb2 import BudgetShares
 from xds_server.control import Controller, models_from_yaml, render
 from xds_server.server import XdsServer
 from xds_server.settings import GatewaySettings
-from xds_server.snapshot import CLUSTER, ENDPOINT, POLICY, ROUTE, Snapshot
+from xds_server.snapshot import BUDGET_SHARES, CLUSTER, ENDPOINT, POLICY, ROUTE, Snapshot
 
 SETTINGS = GatewaySettings()
 
@@ -125,3 +126,70 @@ async def test_a_change_without_cluster_changes_is_one_publish() -> None:
     published = spy_on_publish(c)
     await c.apply(yaml.safe_dump([model("a", max_output_tokens=9)]))
     assert len(published) == 1
+
+
+# --- budget shares: in every snapshot, whichever change comes ------------------------------------
+
+GROUPED = GatewaySettings(group_listen=(("kvgate-envoy-1", Address(host="127.0.0.1", port=8081)),))
+
+
+def grouped_controller() -> Controller:
+    catalog = parse_catalog({"models": [model("a")]})
+    return Controller(XdsServer(render(catalog, GROUPED)), catalog, GROUPED)
+
+
+def shares_in(snapshot: Snapshot) -> dict[str, float]:
+    (packed,) = snapshot.get(BUDGET_SHARES).items.values()
+    return dict(BudgetShares.FromString(packed.value).fraction)
+
+
+def every_variant(snapshot: Snapshot) -> list[Snapshot]:
+    return [snapshot, *snapshot.groups.values()]
+
+
+def test_a_rendered_catalog_has_the_budget_not_divided_yet() -> None:
+    snapshot = render(parse_catalog({"models": [model("a")]}), GROUPED)
+    assert all(shares_in(s) == {} for s in every_variant(snapshot))
+
+
+@pytest.mark.asyncio
+async def test_a_catalog_change_keeps_the_shares_in_every_snapshot_it_publishes() -> None:
+    c = grouped_controller()
+    version = await c.set_shares({"ext-proc-0": 0.5, "ext-proc-1": 0.5})
+    await c.apply(yaml.safe_dump([model("b")]))  # adds a cluster: two publishes
+    published = spy_on_publish(c)
+    await c.remove("b")  # drops one: a bridge, then the final snapshot
+    await c.apply(yaml.safe_dump([model("a", max_output_tokens=9)]))
+    assert len(published) == 3
+    for snapshot in published:
+        assert {s.get(BUDGET_SHARES).version for s in every_variant(snapshot)} == {version}
+        assert all(shares_in(s) == {"ext-proc-0": 0.5, "ext-proc-1": 0.5} for s in every_variant(snapshot))
+
+
+@pytest.mark.asyncio
+async def test_a_shares_change_keeps_the_catalogs_resources() -> None:
+    c = grouped_controller()
+    await c.apply(yaml.safe_dump([model("b")]))
+    before = c.server.cache.snapshot
+    published = spy_on_publish(c)
+    await c.set_shares({"ext-proc-0": 1.0})
+    (after,) = published
+    for old, new in zip(every_variant(before), every_variant(after), strict=True):
+        assert {t: r.version for t, r in new.by_type.items() if t != BUDGET_SHARES} == {
+            t: r.version for t, r in old.by_type.items() if t != BUDGET_SHARES}
+        assert shares_in(new) == {"ext-proc-0": 1.0}
+    assert after.groups.keys() == before.groups.keys() and after.version != before.version
+
+
+@pytest.mark.asyncio
+async def test_shares_versions_come_from_their_content() -> None:
+    c, other = controller(), grouped_controller()
+    half = {"ext-proc-0": 0.5, "ext-proc-1": 0.5}
+    version = await c.set_shares(half)
+    assert await other.set_shares(dict(reversed(half.items()))) == version  # another control plane, same shares
+    assert await c.set_shares({"ext-proc-0": 1.0}) != version
+    assert await c.set_shares(half) == version
+    published = spy_on_publish(c)
+    served = c.server.cache.snapshot
+    await c.set_shares(half)  # the same again: nothing new to push
+    assert c.server.cache.snapshot is served and published[0].version == served.version

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import hashlib
 from collections.abc import AsyncIterator
 
 import orjson
@@ -13,13 +16,15 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeade
 from ext_proc import triton_grpc
 from ext_proc.ledger import Ledgers
 from ext_proc.metrics import Decisions
-from ext_proc.policy import Policy
+from ext_proc.policy import EndpointPolicy, Policy
 from ext_proc.server import ExtProcServicer, PolicyTable
-from kvgate.headers import MAX_TOKENS_HEADER, MODEL_HEADER
+from kvgate.headers import ENDPOINT_HEADER, MAX_TOKENS_HEADER, MODEL_HEADER, PRIORITY_HEADER
+from tests.tokenizer_util import load as load_tokenizer
+from tests.tokenizer_util import write_tokenizer
 from tritonclient.grpc import service_pb2
 
 POLICY = Policy(name="m", protocol="openai", backend_model="m", max_context_tokens=1024, max_output_tokens=100, kv_bytes_per_token=10,
-                tokens_per_block=16, budget_bytes=10 * 16 * 40, estimate_bytes_per_token=1.0,
+                tokens_per_block=16, endpoints=(EndpointPolicy("e:1", 10 * 16 * 40, "", ""),), estimate_bytes_per_token=1.0,
                 estimate_per_message=0, estimate_per_request=0)
 
 
@@ -54,7 +59,7 @@ def set_headers(resp) -> dict[str, str]:  # noqa: ANN001
 
 
 def reserved(s: ExtProcServicer) -> int:
-    ledger = s.table.ledgers.get("m")
+    ledger = s.table.ledgers.get("m", "e:1")
     assert ledger is not None
     return ledger.reserved
 
@@ -69,7 +74,7 @@ async def test_admitted_request_is_routed_clamped_and_released_at_stream_end() -
     common = admitted.request_body.response
     new_body = orjson.loads(common.body_mutation.body)
     assert common.clear_route_cache
-    assert set_headers(admitted) == {MODEL_HEADER: "m", MAX_TOKENS_HEADER: "100",
+    assert set_headers(admitted) == {MODEL_HEADER: "m", MAX_TOKENS_HEADER: "100", ENDPOINT_HEADER: "e:1",
                                      "content-length": str(len(common.body_mutation.body))}
     assert new_body == {"model": "m", "prompt": "x" * 60, "max_tokens": 100}
     assert reserved(s) == 10 * 16 * 10  # 160 tokens -> 10 blocks of 16
@@ -134,9 +139,9 @@ def test_ttl_backstop_releases_what_outlived_its_deadline() -> None:
     now = [0.0]
     s = servicer()
     s.clock = lambda: now[0]
-    ledger = s.table.ledgers.get("m")
+    ledger = s.table.ledgers.get("m", "e:1")
     assert ledger is not None
-    ledger.try_reserve("m", 100, now=0.0, ttl_s=s.reservation_ttl_s)
+    ledger.try_reserve(100, now=0.0, ttl_s=s.reservation_ttl_s)
     now[0] = s.reservation_ttl_s - 1
     assert s.expire() == 0
     now[0] = s.reservation_ttl_s + 1
@@ -149,7 +154,8 @@ def stream_servicer() -> ExtProcServicer:
     table = PolicyTable(Ledgers())
     table.replace([Policy(name="t", protocol="triton", backend_model="ensemble", max_context_tokens=1024,
                           max_output_tokens=100, kv_bytes_per_token=10, tokens_per_block=16,
-                          budget_bytes=10**6, estimate_bytes_per_token=1.0, estimate_per_message=0,
+                          endpoints=(EndpointPolicy("t:1", 10**6, "t:2", ""),), estimate_bytes_per_token=1.0,
+                          estimate_per_message=0,
                           estimate_per_request=0)])
     return ExtProcServicer(table, Decisions(CollectorRegistry()), clock=lambda: 0.0)
 
@@ -183,7 +189,8 @@ async def test_stream_is_routed_by_its_first_message_even_split_across_chunks() 
     assert replies[0].override_message_timeout.seconds == 60
     routed = replies[1].request_headers.response
     assert routed.clear_route_cache
-    assert [(h.header.key, h.header.raw_value) for h in routed.header_mutation.set_headers] == [(MODEL_HEADER, b"t")]
+    assert [(h.header.key, h.header.raw_value) for h in routed.header_mutation.set_headers] == [
+        (MODEL_HEADER, b"t"), (ENDPOINT_HEADER, b"t:2")]  # the engine's gRPC port: the stream is gRPC
     bodies = [r.request_body.response.body_mutation for r in replies[2:]]
     assert bodies[0].clear_body
     sent = [service_pb2.ModelInferRequest.FromString(m) for b in bodies[1:] for m in triton_grpc.deframe(b.body)]
@@ -201,6 +208,107 @@ async def test_stream_ending_inside_a_frame_is_invalid_argument() -> None:
 
 
 def reserved_of(s: ExtProcServicer, model: str) -> int:
-    ledger = s.table.ledgers.get(model)
-    assert ledger is not None
-    return ledger.reserved
+    return sum(lg.reserved for lg in s.table.ledgers.all() if lg.model == model)
+
+
+# --- endpoints and waiting ------------------------------------------------------------------
+
+TWO_ENDPOINTS = dataclasses.replace(
+    POLICY, endpoints=(EndpointPolicy("a:1", 10 * 16 * 40, "", ""), EndpointPolicy("b:1", 10 * 16 * 40, "", "")),
+    priority_classes=(("interactive", 5.0), ("batch", 0.3)), default_priority_class="interactive")
+
+
+def waiting_servicer() -> ExtProcServicer:
+    table = PolicyTable(Ledgers())
+    table.replace([TWO_ENDPOINTS])
+    return ExtProcServicer(table, Decisions(CollectorRegistry()))
+
+
+def prompt_body(tokens: int) -> ProcessingRequest:
+    """A completion claiming `tokens` prompt tokens (1 per byte) plus 100 output tokens."""
+    return body({"model": "m", "prompt": "x" * tokens, "max_tokens": 100})
+
+
+async def admitted_to(s: ExtProcServicer, *msgs: ProcessingRequest) -> tuple[AsyncIterator, str]:
+    """Opens a request and returns (its still-open stream, the endpoint it was sent to)."""
+    gen = s.Process(feed(*msgs), None)
+    await gen.__anext__()
+    reply = await gen.__anext__()
+    return gen, set_headers(reply)[ENDPOINT_HEADER]
+
+
+@pytest.mark.asyncio
+async def test_requests_go_to_the_endpoint_with_most_headroom() -> None:
+    s = waiting_servicer()
+    big, first = await admitted_to(s, headers(), prompt_body(300))  # 400 tokens of 640 per endpoint
+    small, second = await admitted_to(s, headers(), prompt_body(60))
+    third_gen, third = await admitted_to(s, headers(), prompt_body(60))
+    assert (first, second, third) == ("a:1", "b:1", "b:1")  # b has more room until it fills
+    for g in (big, small, third_gen):
+        await g.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_request_that_does_not_fit_waits_then_gets_the_freed_budget() -> None:
+    s = waiting_servicer()
+    holders = [(await admitted_to(s, headers(), prompt_body(460)))[0] for _ in range(2)]  # both endpoints full
+    waiter = s.Process(feed(headers(), prompt_body(460)), None)
+    await waiter.__anext__()
+    extend = await waiter.__anext__()  # Envoy is told to wait longer than its message timeout
+    assert extend.override_message_timeout.seconds == 6
+    pending = asyncio.ensure_future(waiter.__anext__())
+    await asyncio.sleep(0.05)
+    assert not pending.done()
+    await holders[1].aclose()  # the request on one endpoint ends
+    admitted = await asyncio.wait_for(pending, 1.0)
+    assert set_headers(admitted)[ENDPOINT_HEADER] in ("a:1", "b:1")
+    await waiter.aclose()
+    await holders[0].aclose()
+    assert sum(lg.reserved for lg in s.table.ledgers.all()) == 0
+
+
+@pytest.mark.asyncio
+async def test_waiting_ends_in_429_at_the_class_deadline() -> None:
+    s = waiting_servicer()
+    holders = [(await admitted_to(s, headers(), prompt_body(460)))[0] for _ in range(2)]
+    batch = headers()
+    batch.request_headers.headers.headers.add(key=PRIORITY_HEADER, raw_value=b"batch")
+    replies = await run(s, batch, prompt_body(460))
+    assert replies[1].override_message_timeout.seconds == 1
+    assert replies[2].immediate_response.status.code == 429
+    for g in holders:
+        await g.aclose()
+
+
+@pytest.mark.asyncio
+async def test_unknown_priority_class_is_400() -> None:
+    s = waiting_servicer()
+    h = headers()
+    h.request_headers.headers.headers.add(key=PRIORITY_HEADER, raw_value=b"vip")
+    (_, refused) = await run(s, h, prompt_body(10))
+    assert refused.immediate_response.status.code == 400
+    assert PRIORITY_HEADER in orjson.loads(refused.immediate_response.body)["error"]["message"]
+
+
+# --- the model's own tokenizer ----------------------------------------------------------------
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("words", [20, 600])  # counted inline; long enough to be counted in a thread
+async def test_prompts_are_counted_with_the_models_tokenizer(tmp_path, words: int) -> None:  # noqa: ANN001
+    path = write_tokenizer(tmp_path)
+    policy = dataclasses.replace(POLICY, tokenizer_path=str(path),
+                                 tokenizer_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                                 endpoints=(EndpointPolicy("e:1", 10**9, "", ""),))
+    table = PolicyTable(Ledgers())
+    table.replace([policy])
+    await table.tokenizers.update([policy])
+    s = ExtProcServicer(table, Decisions(CollectorRegistry()), clock=lambda: 0.0, inline_count_chars=1024)
+    prompt = " ".join(["the gateway admits requests by their KV bytes"] * (words // 8))
+    exact = len(load_tokenizer().encode(prompt, add_special_tokens=False).ids)
+    assert exact < len(prompt.encode())  # so the byte bound and the exact count differ
+    gen = s.Process(feed(headers(), body({"model": "m", "prompt": prompt, "max_tokens": 10})), None)
+    await gen.__anext__()
+    await gen.__anext__()
+    (ledger,) = s.table.ledgers.all()
+    assert ledger.reserved == -(-(exact + 10) // 16) * 16 * 10  # whole 16-token blocks of 10 B
+    await gen.aclose()

@@ -8,7 +8,7 @@ TTL = 900.0
 
 
 def reserve(ledger: Ledger, nbytes: int, now: float = 0.0, ttl_s: float = TTL) -> Reservation:
-    r = ledger.try_reserve("m", nbytes, now, ttl_s)
+    r = ledger.try_reserve(nbytes, now, ttl_s)
     assert r is not None, f"{nbytes} B did not fit ({ledger.reserved}/{ledger.capacity})"
     return r
 
@@ -21,33 +21,33 @@ def hold_and_release(ledger: Ledger, nbytes: int, start: float, end: float) -> N
 # --- capacity --------------------------------------------------------------------------------
 
 def test_fill_to_the_byte() -> None:
-    ledger = Ledger(capacity=1000)
+    ledger = Ledger("m", "e:1", budget=1000)
     reserve(ledger, 600)
     reserve(ledger, 400)
     assert ledger.reserved == 1000
-    assert ledger.try_reserve("m", 1, 0.0, TTL) is None
+    assert ledger.try_reserve(1, 0.0, TTL) is None
 
 
 def test_one_byte_over_is_refused() -> None:
-    ledger = Ledger(capacity=1000)
+    ledger = Ledger("m", "e:1", budget=1000)
     reserve(ledger, 600)
-    assert ledger.try_reserve("m", 401, 0.0, TTL) is None
+    assert ledger.try_reserve(401, 0.0, TTL) is None
     assert ledger.reserved == 600
     assert ledger.active == 1
 
 
 def test_larger_than_capacity_never_fits() -> None:
-    assert Ledger(capacity=1000).try_reserve("m", 1001, 0.0, TTL) is None
+    assert Ledger("m", "e:1", budget=1000).try_reserve(1001, 0.0, TTL) is None
 
 
 def test_reservation_records_key_bytes_and_deadline() -> None:
-    r = Ledger(capacity=1000).try_reserve("model-a", 10, 5.0, 30.0)
+    r = Ledger("model-a", "e:1", budget=1000).try_reserve(10, 5.0, 30.0)
     assert r is not None
-    assert (r.key, r.nbytes, r.started, r.expires, r.released) == ("model-a", 10, 5.0, 35.0, False)
+    assert (r.key, r.nbytes, r.started, r.expires, r.released) == ("model-a@e:1", 10, 5.0, 35.0, False)
 
 
 def test_equal_looking_reservations_are_distinct() -> None:
-    ledger = Ledger(capacity=1000)
+    ledger = Ledger("m", "e:1", budget=1000)
     a, b = reserve(ledger, 10), reserve(ledger, 10)
     assert a != b
     assert ledger.active == 2
@@ -56,7 +56,7 @@ def test_equal_looking_reservations_are_distinct() -> None:
 # --- release ---------------------------------------------------------------------------------
 
 def test_release_is_idempotent() -> None:
-    ledger = Ledger(capacity=1000)
+    ledger = Ledger("m", "e:1", budget=1000)
     r = reserve(ledger, 300)
     reserve(ledger, 200)
     assert ledger.release(r, 1.0) is True
@@ -67,9 +67,9 @@ def test_release_is_idempotent() -> None:
 
 
 def test_released_bytes_are_reusable() -> None:
-    ledger = Ledger(capacity=1000)
+    ledger = Ledger("m", "e:1", budget=1000)
     r = reserve(ledger, 1000)
-    assert ledger.try_reserve("m", 500, 0.0, TTL) is None
+    assert ledger.try_reserve(500, 0.0, TTL) is None
     ledger.release(r, 1.0)
     reserve(ledger, 500)
     reserve(ledger, 500)
@@ -77,7 +77,7 @@ def test_released_bytes_are_reusable() -> None:
 
 
 def test_release_of_a_foreign_reservation_does_nothing() -> None:
-    mine, other = Ledger(capacity=1000), Ledger(capacity=1000)
+    mine, other = Ledger("m", "e:1", budget=1000), Ledger("m", "e:1", budget=1000)
     reserve(mine, 100)
     foreign = reserve(other, 100)
     assert mine.release(foreign, 1.0) is False
@@ -88,7 +88,7 @@ def test_release_of_a_foreign_reservation_does_nothing() -> None:
 # --- expire ----------------------------------------------------------------------------------
 
 def test_expire_releases_only_past_deadline() -> None:
-    ledger = Ledger(capacity=1000)
+    ledger = Ledger("m", "e:1", budget=1000)
     short = reserve(ledger, 100, now=0.0, ttl_s=10.0)
     long = reserve(ledger, 200, now=0.0, ttl_s=20.0)
     assert ledger.expire(9.9) == []
@@ -100,7 +100,7 @@ def test_expire_releases_only_past_deadline() -> None:
 
 
 def test_expire_skips_already_released() -> None:
-    ledger = Ledger(capacity=1000)
+    ledger = Ledger("m", "e:1", budget=1000)
     r = reserve(ledger, 100, ttl_s=10.0)
     ledger.release(r, 1.0)
     assert ledger.expire(100.0) == []
@@ -108,7 +108,7 @@ def test_expire_skips_already_released() -> None:
 
 
 def test_release_after_expire_is_a_no_op() -> None:
-    ledger = Ledger(capacity=1000)
+    ledger = Ledger("m", "e:1", budget=1000)
     r = reserve(ledger, 100, ttl_s=10.0)
     ledger.expire(11.0)
     reserve(ledger, 900, now=11.0)
@@ -119,33 +119,33 @@ def test_release_after_expire_is_a_no_op() -> None:
 # --- retry_after -----------------------------------------------------------------------------
 
 def test_retry_after_bounds() -> None:
-    ledger = Ledger(capacity=100)
+    ledger = Ledger("m", "e:1", budget=100)
     reserve(ledger, 100, now=0.0)
     for now in (0.0, 0.5, 10.0, 1000.0):
         assert 1 <= ledger.retry_after(50, now) <= 60
 
 
 def test_retry_after_at_least_one_second() -> None:
-    ledger = Ledger(capacity=100)
+    ledger = Ledger("m", "e:1", budget=100)
     reserve(ledger, 100, now=0.0)
     assert ledger.retry_after(50, now=500.0) == 1
 
 
 def test_retry_after_at_most_sixty_seconds() -> None:
-    ledger = Ledger(capacity=100)
+    ledger = Ledger("m", "e:1", budget=100)
     hold_and_release(ledger, 10, start=0.0, end=1000.0)  # mean hold now ~200 s
     reserve(ledger, 100, now=1000.0)
     assert ledger.retry_after(50, now=1000.0) == 60
 
 
 def test_retry_after_for_a_request_that_never_fits() -> None:
-    ledger = Ledger(capacity=100)
+    ledger = Ledger("m", "e:1", budget=100)
     reserve(ledger, 10)
     assert ledger.retry_after(200, now=0.0) == 60
 
 
 def test_retry_after_waits_for_the_oldest_holder_that_frees_enough() -> None:
-    ledger = Ledger(capacity=100)
+    ledger = Ledger("m", "e:1", budget=100)
     hold_and_release(ledger, 10, start=0.0, end=50.0)  # mean hold 1 + 0.2 x 49 = 10.8 s
     reserve(ledger, 30, now=50.0)
     reserve(ledger, 70, now=55.0)
@@ -154,7 +154,7 @@ def test_retry_after_waits_for_the_oldest_holder_that_frees_enough() -> None:
 
 
 def test_retry_after_shrinks_as_the_mean_hold_shrinks() -> None:
-    ledger = Ledger(capacity=100)
+    ledger = Ledger("m", "e:1", budget=100)
     hold_and_release(ledger, 10, start=0.0, end=50.0)
     reserve(ledger, 60, now=50.0)
     seen = [ledger.retry_after(50, now=50.0)]
@@ -166,7 +166,7 @@ def test_retry_after_shrinks_as_the_mean_hold_shrinks() -> None:
 
 
 def test_mean_hold_follows_released_reservations() -> None:
-    ledger = Ledger(capacity=100)
+    ledger = Ledger("m", "e:1", budget=100)
     assert ledger.mean_hold_s == 1.0
     hold_and_release(ledger, 10, start=0.0, end=11.0)
     assert ledger.mean_hold_s == 3.0  # 1 + 0.2 x (11 - 1)
@@ -176,46 +176,108 @@ def test_mean_hold_follows_released_reservations() -> None:
 
 def test_ledgers_create_on_first_capacity() -> None:
     ledgers = Ledgers()
-    assert ledgers.get("a") is None
-    ledger = ledgers.set_capacity("a", 100)
-    assert ledgers.get("a") is ledger
+    assert ledgers.get("a", "e:1") is None
+    ledger = ledgers.set_budget("a", "e:1", 100)
+    assert ledgers.get("a", "e:1") is ledger
     assert ledger.capacity == 100
 
 
-def test_set_capacity_keeps_reservations() -> None:
+def test_set_budget_keeps_reservations() -> None:
     ledgers = Ledgers()
-    ledger = ledgers.set_capacity("a", 1000)
+    ledger = ledgers.set_budget("a", "e:1", 1000)
     r = reserve(ledger, 800)
-    assert ledgers.set_capacity("a", 500) is ledger
+    assert ledgers.set_budget("a", "e:1", 500) is ledger
     assert ledger.reserved == 800
-    assert ledger.try_reserve("a", 1, 0.0, TTL) is None  # over the new capacity until released
+    assert ledger.try_reserve(1, 0.0, TTL) is None  # over the new capacity until released
     assert ledger.release(r, 1.0)
     reserve(ledger, 500)
-    assert ledger.try_reserve("a", 1, 0.0, TTL) is None
+    assert ledger.try_reserve(1, 0.0, TTL) is None
 
 
-def test_set_capacity_grow_admits_more() -> None:
+def test_set_budget_grow_admits_more() -> None:
     ledgers = Ledgers()
-    ledger = ledgers.set_capacity("a", 100)
+    ledger = ledgers.set_budget("a", "e:1", 100)
     reserve(ledger, 100)
-    ledgers.set_capacity("a", 300)
+    ledgers.set_budget("a", "e:1", 300)
     reserve(ledger, 200)
     assert ledger.reserved == 300
 
 
 def test_ledgers_are_independent_and_sorted() -> None:
     ledgers = Ledgers()
-    b = ledgers.set_capacity("b", 100)
-    a = ledgers.set_capacity("a", 100)
+    b = ledgers.set_budget("b", "e:1", 100)
+    a = ledgers.set_budget("a", "e:1", 100)
     reserve(a, 100)
     reserve(b, 10)
-    assert [k for k, _ in ledgers.items()] == ["a", "b"]
+    assert [lg.name for lg in ledgers.all()] == ["a@e:1", "b@e:1"]
     assert b.reserved == 10
 
 
 def test_ledgers_expire_across_keys() -> None:
     ledgers = Ledgers()
-    ra = reserve(ledgers.set_capacity("a", 100), 10, ttl_s=5.0)
-    rb = reserve(ledgers.set_capacity("b", 100), 20, ttl_s=50.0)
+    ra = reserve(ledgers.set_budget("a", "e:1", 100), 10, ttl_s=5.0)
+    rb = reserve(ledgers.set_budget("b", "e:1", 100), 20, ttl_s=50.0)
     assert ledgers.expire(10.0) == [ra]
     assert set(ledgers.expire(60.0)) == {rb}
+
+
+# --- shares, engine view, pruning ------------------------------------------------------------
+
+def test_share_scales_capacity_of_every_ledger_now_and_later() -> None:
+    ledgers = Ledgers()
+    a = ledgers.set_budget("m", "a:1", 1000)
+    ledgers.set_share(0.5)
+    b = ledgers.set_budget("m", "b:1", 1001)
+    assert (a.capacity, b.capacity) == (500, 500)  # rounded down: replicas never sum above the engine
+    assert a.try_reserve(501, 0.0, TTL) is None
+    reserve(a, 500)
+
+
+def test_share_zero_admits_nothing() -> None:
+    ledgers = Ledgers(share=0.0)
+    assert ledgers.set_budget("m", "a:1", 1000).try_reserve(1, 0.0, TTL) is None
+
+
+def test_engine_excess_counts_until_the_next_sample() -> None:
+    ledger = Ledger("m", "e:1", budget=1000)
+    reserve(ledger, 300)
+    ledger.observe_engine(used_bytes=700, reserved_then=300)  # someone else holds 400
+    assert (ledger.excess, ledger.used, ledger.headroom) == (400, 700, 300)
+    assert ledger.try_reserve(301, 0.0, TTL) is None
+    ledger.observe_engine(used_bytes=100, reserved_then=300)  # less than reserved: not credited
+    assert (ledger.excess, ledger.headroom) == (0, 700)
+
+
+def test_blind_ledger_is_full_until_a_sample_arrives() -> None:
+    ledger = Ledger("m", "e:1", budget=1000)
+    ledger.blind = True
+    assert ledger.headroom == 0 and ledger.try_reserve(1, 0.0, TTL) is None
+    ledger.observe_engine(used_bytes=0, reserved_then=0)
+    assert not ledger.blind and ledger.headroom == 1000
+
+
+def test_release_where_releases_only_matching() -> None:
+    ledger = Ledger("m", "e:1", budget=1000)
+    old, new = reserve(ledger, 100, now=1.0), reserve(ledger, 200, now=9.0)
+    assert ledger.release_where(lambda r: r.started < 5.0, now=10.0) == [old]
+    assert not new.released and ledger.reserved == 200
+
+
+def test_long_reservations_are_counted_apart() -> None:
+    ledger = Ledger("m", "e:1", budget=1000)
+    r = ledger.try_reserve(600, 0.0, TTL, long=True)
+    reserve(ledger, 100)
+    assert r is not None and (ledger.reserved, ledger.reserved_long) == (700, 600)
+    ledger.release(r, 1.0)
+    assert (ledger.reserved, ledger.reserved_long) == (100, 0)
+
+
+def test_retain_forgets_unnamed_ledgers_once_empty() -> None:
+    ledgers = Ledgers()
+    held = reserve(ledgers.set_budget("old", "e:1", 100), 10)
+    ledgers.set_budget("new", "e:1", 100)
+    ledgers.retain({("new", "e:1")})
+    assert ledgers.get("old", "e:1") is not None  # still holds a reservation
+    held.ledger.release(held, 1.0)
+    ledgers.retain({("new", "e:1")})
+    assert ledgers.get("old", "e:1") is None and ledgers.get("new", "e:1") is not None

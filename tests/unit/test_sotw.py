@@ -7,7 +7,9 @@ from functools import cache
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
 from kvgate.catalog import Address, parse_catalog
 from xds_server.settings import GatewaySettings
-from xds_server.snapshot import CLUSTER, ENDPOINT, LISTENER, POLICY, PUSH_ORDER, ROUTE, Snapshot, build_snapshot
+from xds_server.snapshot import (
+    BUDGET_SHARES, CLUSTER, ENDPOINT, LISTENER, POLICY, PUSH_ORDER, ROUTE, Snapshot, budget_shares, build_snapshot,
+)
 from xds_server.sotw import CONTROL_PLANE_ID, SotwStream
 
 ALPHA = "kvgate_model/alpha"
@@ -237,6 +239,30 @@ def test_no_push_for_types_never_requested() -> None:
     first(stream, ROUTE, "kvgate_routes")
     pushed = stream.on_snapshot(snap(("alpha", "beta")))
     assert [r.type_url for r in pushed] == [ROUTE]
+
+
+def with_shares(snapshot: Snapshot, **fractions: float) -> Snapshot:
+    return snapshot.with_types({BUDGET_SHARES: budget_shares(fractions)})
+
+
+def test_budget_shares_go_only_to_the_streams_that_subscribed() -> None:
+    envoy = subscribed(snap())  # every Envoy type, not BudgetShares
+    ext_proc = SotwStream(snap())
+    first(ext_proc, POLICY)
+    first(ext_proc, BUDGET_SHARES)
+    divided = with_shares(snap(), a=0.5, b=0.5)
+    assert envoy.on_snapshot(divided) == []
+    (pushed,) = ext_proc.on_snapshot(divided)
+    assert pushed.type_url == BUDGET_SHARES and pushed.version_info == divided.get(BUDGET_SHARES).version
+    assert len(pushed.resources) == 1  # a wildcard subscription
+
+
+def test_a_catalog_change_with_the_same_shares_pushes_no_shares() -> None:
+    stream = SotwStream(with_shares(snap(), a=1.0))
+    first(stream, POLICY)
+    first(stream, BUDGET_SHARES)
+    (pol,) = stream.on_snapshot(with_shares(snap(max_output_tokens=512), a=1.0))
+    assert pol.type_url == POLICY
 
 
 def test_pushed_response_acked_then_quiet() -> None:

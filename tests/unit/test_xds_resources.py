@@ -21,9 +21,10 @@ from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import Proces
 from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (
     HttpConnectionManager,
 )
+from envoy.extensions.load_balancing_policies.override_host.v3.override_host_pb2 import OverrideHost
 from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpProtocolOptions
 from kvgate.catalog import Address, Catalog, CatalogError, bundled_catalog_path, load_catalog, parse_catalog
-from kvgate.headers import MODEL_HEADER
+from kvgate.headers import ENDPOINT_HEADER, MODEL_HEADER
 from kvgate.v1.policy_pb2 import ModelPolicy
 from xds_server import policies, resources
 from xds_server.settings import GatewaySettings
@@ -278,6 +279,27 @@ def test_policies_carry_kv_math_and_budgets() -> None:
         ("10.0.0.1:8000", 2 * GiB), ("10.0.0.2:8000", 2 * GiB)]
 
 
+def test_policies_carry_endpoint_addresses_metrics_classes_and_long_request_rule() -> None:
+    cat = parse_catalog({"models": [
+        model("alpha", "10.0.0.1:8000", priority_class="batch", long_requests={"threshold": 0.25, "max_share": 0.6},
+              engine_metrics={"interval_s": 0.5, "stale_after_s": 2}),
+        model("tri", {"host": "10.0.0.3", "port": 8000, "grpc_port": 8001}, protocol="triton",
+              engine_metrics={"scrape": False})],
+        "priority_classes": [{"name": "interactive", "max_wait_s": 2.5}, {"name": "batch", "max_wait_s": 30}]})
+    pols = {p.name: p for p in policies.policies(cat)}
+    alpha, tri = pols["alpha"], pols["tri"]
+    assert [(c.name, c.max_wait_ms) for c in alpha.priority_classes] == [("interactive", 2500), ("batch", 30000)]
+    assert (alpha.default_priority_class, tri.default_priority_class) == ("batch", "interactive")
+    assert (alpha.long_request_threshold, alpha.long_requests_max_share) == (0.25, 0.6)
+    assert (alpha.engine_metrics.interval_ms, alpha.engine_metrics.stale_after_ms) == (500, 2000)
+    assert not tri.HasField("engine_metrics")  # not scraped: the ledger alone counts
+    assert alpha.endpoints[0].metrics_url == "http://10.0.0.1:8000/prometheus/metrics"
+    (endpoint,) = tri.endpoints
+    assert (endpoint.address, endpoint.grpc_address, endpoint.metrics_url) == (
+        "10.0.0.3:8000", "10.0.0.3:8001", "http://10.0.0.3:8002/metrics")  # Triton's own metrics port
+    assert not alpha.HasField("tokenizer")
+
+
 def test_policy_per_model_with_protocol_and_estimate() -> None:
     pols = {p.name: p for p in policies.policies(catalog())}
     assert set(pols) == {"alpha", "beta"}
@@ -362,14 +384,20 @@ def test_node_groups_get_their_own_listener_and_share_everything_else() -> None:
     assert snap.version != build_snapshot(catalog(), SETTINGS).version  # the group is part of the version
 
 
-def test_model_clusters_offer_least_request_then_round_robin_and_weighted_localities() -> None:
+def test_model_clusters_offer_override_host_then_least_request_then_round_robin_and_weighted_localities() -> None:
     snap = build_snapshot(catalog(None, TRITON), SETTINGS)
     for name, packed in snap.get(CLUSTER).items.items():
         if name == resources.EXT_PROC_CLUSTER:
             continue
         cluster = Cluster.FromString(packed.value)
-        assert [p.typed_extension_config.name.rsplit(".", 1)[1] for p in cluster.load_balancing_policy.policies] == [
-            "least_request", "round_robin"]
+        policies = cluster.load_balancing_policy.policies
+        assert [p.typed_extension_config.name.rsplit(".", 1)[1] for p in policies] == [
+            "override_host", "least_request", "round_robin"]
+        override = OverrideHost()
+        policies[0].typed_extension_config.typed_config.Unpack(override)
+        # The host ext_proc reserved on, else the same balancing as clients without override_host.
+        assert [s.header for s in override.override_host_sources] == [ENDPOINT_HEADER]
+        assert override.fallback_policy.policies == policies[1:]
     for packed in snap.get(ENDPOINT).items.values():
         cla = ClusterLoadAssignment.FromString(packed.value)
         assert all(g.load_balancing_weight.value == 1 and g.locality.region for g in cla.endpoints)
@@ -381,3 +409,50 @@ def test_proxyless_group_gets_api_listeners_named_after_triton_models() -> None:
     assert api.name == "gamma" and api.HasField("api_listener")
     assert "proxyless/gamma" in snap.get(ROUTE).items
     assert "proxyless/gamma" not in build_snapshot(catalog(None, TRITON), SETTINGS).get(ROUTE).items
+
+
+# --- failover ----------------------------------------------------------------------------------
+
+def test_model_clusters_health_check_the_engines_own_endpoint_and_eject_failing_ones() -> None:
+    snap = build_snapshot(catalog(None, TRITON), SETTINGS)
+    clusters = resources_of(snap, CLUSTER, Cluster)
+    paths = {name: c.health_checks[0].http_health_check.path for name, c in clusters.items()
+             if name != resources.EXT_PROC_CLUSTER}
+    assert paths["kvgate_model/alpha"] == "/health"
+    assert paths["kvgate_model/gamma"] == paths["kvgate_model/gamma/grpc"] == "/v2/health/ready"
+    grpc = clusters["kvgate_model/gamma/grpc"]
+    assert grpc.health_checks[0].http_health_check.codec_client_type == 0  # HTTP1, on the HTTP port
+    assert grpc.outlier_detection.consecutive_local_origin_failure.value == 2
+    assert grpc.circuit_breakers.thresholds[0].retry_budget.budget_percent.value == 20.0
+
+
+def test_grpc_cluster_endpoints_are_health_checked_on_the_http_port() -> None:
+    snap = build_snapshot(catalog(None, TRITON), SETTINGS)
+    cla = resources_of(snap, ENDPOINT, ClusterLoadAssignment)["kvgate_model/gamma/grpc"]
+    (group,) = cla.endpoints
+    (ep,) = group.lb_endpoints
+    assert (ep.endpoint.address.socket_address.port_value, ep.endpoint.health_check_config.port_value) == (8001, 8000)
+
+
+def test_endpoint_priorities_become_failover_levels() -> None:
+    cat = parse_catalog({"models": [model("alpha", {"host": "10.0.0.1", "port": 8000},
+                                          {"host": "10.0.0.2", "port": 8000, "priority": 1},
+                                          {"host": "10.0.0.3", "port": 8000})]})
+    cla = resources_of(build_snapshot(cat, SETTINGS), ENDPOINT, ClusterLoadAssignment)["kvgate_model/alpha"]
+    assert [(g.priority, [e.endpoint.address.socket_address.address for e in g.lb_endpoints]) for g in cla.endpoints] == [
+        (0, ["10.0.0.1", "10.0.0.3"]), (1, ["10.0.0.2"])]
+    assert [e.priority for e in policies.policies(cat)[0].endpoints] == [0, 1, 0]
+    with pytest.raises(CatalogError, match="without gaps"):
+        parse_catalog({"models": [model("alpha", {"host": "10.0.0.1", "port": 8000, "priority": 2})]})
+
+
+def test_model_routes_retry_only_before_an_engine_started_and_elsewhere() -> None:
+    (config,) = resources_of(snapshot(), ROUTE, RouteConfiguration).values()
+    retried = [r.route.retry_policy for vh in config.virtual_hosts for r in vh.routes
+               if r.route.cluster.startswith("kvgate_model/")]
+    assert retried
+    for policy in retried:
+        assert set(policy.retry_on.split(",")) == {"connect-failure", "refused-stream", "reset-before-request",
+                                                   "retriable-status-codes"}
+        assert list(policy.retriable_status_codes) == [503] and policy.num_retries.value == 2
+        assert [p.name for p in policy.retry_host_predicate] == ["envoy.retry_host_predicates.previous_hosts"]

@@ -1,0 +1,105 @@
+"""ext_proc/reconcile.py: ledgers corrected by the engines' own KV metrics, without sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from ext_proc.engine_metrics import EngineLoad, NotPublishedYet, parse_engine_load
+from ext_proc.ledger import Ledgers
+from ext_proc.policy import EndpointPolicy, Policy
+from ext_proc.reconcile import Reconciler, apply_sample, engine_used_bytes, is_idle
+from ext_proc.scraper import EngineScraper, Sample
+from ext_proc.server import PolicyTable
+
+BPT, BLOCK = 100, 16
+ENDPOINT = EndpointPolicy("e:1", 64 * BLOCK * BPT, "", "http://e:1/prometheus/metrics")
+POLICY = Policy(name="m", protocol="openai", backend_model="m", max_context_tokens=1024, max_output_tokens=100,
+                kv_bytes_per_token=BPT, tokens_per_block=BLOCK, endpoints=(ENDPOINT,), estimate_bytes_per_token=1.0,
+                estimate_per_message=0, estimate_per_request=0, metrics_interval_s=1.0, metrics_stale_after_s=5.0)
+
+
+def load(used_blocks: int | None, fraction: float = 0.0, running: int | None = 1, waiting: int | None = 0) -> EngineLoad:
+    return EngineLoad(kv_used_fraction=fraction, kv_used_blocks=used_blocks, kv_max_blocks=64, tokens_per_block=BLOCK,
+                      running=running, waiting=waiting)
+
+
+def test_used_bytes_from_blocks_when_published_else_from_the_fraction() -> None:
+    assert engine_used_bytes(load(10), ENDPOINT, POLICY) == 10 * BLOCK * BPT
+    vllm = EngineLoad(kv_used_fraction=0.25)
+    assert engine_used_bytes(vllm, ENDPOINT, POLICY) == ENDPOINT.budget_bytes // 4
+
+
+@pytest.mark.parametrize(("engine", "idle"), [
+    (load(0, running=0), True),
+    (load(0, running=1), False),
+    (load(0, running=0, waiting=2), False),
+    (load(3, fraction=0.05, running=0), False),
+    (load(0, running=None), False),  # unknown is not idle
+])
+def test_idle_means_nothing_running_waiting_or_held(engine: EngineLoad, idle: bool) -> None:
+    assert is_idle(engine) is idle
+
+
+def test_sample_counts_the_unexplained_use_for_this_replicas_share() -> None:
+    ledgers = Ledgers(share=0.5)
+    ledger = ledgers.set_budget("m", "e:1", ENDPOINT.budget_bytes)
+    assert ledger.try_reserve(2 * BLOCK * BPT, 0.0, 900.0) is not None
+    apply_sample(ledger, load(20), taken_at=1.0, endpoint=ENDPOINT, policy=POLICY, now=1.0)
+    # Half of the engine's 20 blocks is this replica's to answer for: 10, of which 2 are its own.
+    assert ledger.excess == 8 * BLOCK * BPT
+
+
+def test_an_idle_engine_releases_reservations_admitted_well_before_the_sample() -> None:
+    ledger = Ledgers().set_budget("m", "e:1", ENDPOINT.budget_bytes)
+    old = ledger.try_reserve(BLOCK * BPT, 0.0, 900.0)
+    recent = ledger.try_reserve(BLOCK * BPT, 8.0, 900.0)
+    released = apply_sample(ledger, load(0, running=0), taken_at=10.0, endpoint=ENDPOINT, policy=POLICY, now=10.0)
+    assert released == 1 and old is not None and old.released and recent is not None and not recent.released
+
+
+class FixedScraper(EngineScraper):
+    """Serves the samples a test sets instead of scraping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.samples: dict[str, Sample] = {}
+
+    def sample(self, key: str) -> Sample | None:
+        return self.samples.get(key)
+
+
+def reconciler(now: list[float]) -> tuple[Reconciler, FixedScraper, PolicyTable]:
+    table = PolicyTable(Ledgers())
+    table.replace([POLICY])
+    scraper = FixedScraper()
+    return Reconciler(table, scraper, clock=lambda: now[0]), scraper, table
+
+
+def test_no_sample_or_a_stale_one_makes_the_endpoint_full() -> None:
+    now = [100.0]
+    rec, scraper, table = reconciler(now)
+    ledger = table.ledgers.get("m", "e:1")
+    assert ledger is not None
+    rec.step()
+    assert ledger.blind and ledger.headroom == 0
+    scraper.samples[ENDPOINT.metrics_url] = Sample(load(4), taken_at=99.5)
+    rec.step()
+    assert not ledger.blind and ledger.excess == 4 * BLOCK * BPT
+    now[0] = 105.6  # the last sample is 6.1 s old, above stale_after_s
+    rec.step()
+    assert ledger.blind
+
+
+def test_an_engine_that_answers_without_kv_numbers_yet_is_not_full() -> None:
+    now = [100.0]
+    rec, scraper, table = reconciler(now)
+    scraper.samples[ENDPOINT.metrics_url] = Sample(None, taken_at=99.9)
+    rec.step()
+    ledger = table.ledgers.get("m", "e:1")
+    assert ledger is not None and not ledger.blind and ledger.headroom == ENDPOINT.budget_bytes
+
+
+def test_trtllm_serve_declaring_its_gauges_without_values_is_not_published_yet() -> None:
+    text = "# HELP trtllm_kv_cache_utilization x\n# TYPE trtllm_kv_cache_utilization gauge\n"
+    with pytest.raises(NotPublishedYet):
+        parse_engine_load(text)
