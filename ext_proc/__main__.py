@@ -6,10 +6,17 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import socket
 import sys
+import time
+from collections.abc import Callable
+from typing import Any
+from typing import TypeVar
 
 import grpc
 from aiohttp import web
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from envoy.config.core.v3.base_pb2 import Node
@@ -20,11 +27,13 @@ from ext_proc.policy import Policy
 from ext_proc.reconcile import Reconciler
 from ext_proc.scraper import EngineScraper
 from ext_proc.server import ExtProcServicer, PolicyTable
+from ext_proc.status import replica_status
 from ext_proc.xds_client import AdsSubscriber, Subscription
 from kvgate import logs
 from kvgate.v1 import policy_pb2
-from xds_server.policies import POLICY_TYPE_URL
+from xds_server.policies import POLICY_TYPE_URL, TENANT_TYPE_URL
 from xds_server.shares import BUDGET_SHARES_TYPE_URL, EXT_PROC_GROUP, HELD_SHARE_KEY, share_of
+from xds_server.status import STATUS_URL_KEY
 
 # Until the control plane gives it a share a replica admits nothing: the budget may all be held by others.
 INITIAL_SHARE = 0.0
@@ -44,14 +53,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def policies_from(resources: list) -> list[Policy]:
+M = TypeVar("M", bound=Message)
+
+
+def unpack_all(resources: list[any_pb2.Any], cls: type[M]) -> list[M]:
+    """The resources as `cls`; anything else raises ValueError, which NACKs the update."""
     out = []
     for packed in resources:
-        msg = policy_pb2.ModelPolicy()
+        msg = cls()
         if not packed.Unpack(msg):
             raise ValueError(f"unexpected resource type {packed.type_url}")
-        out.append(Policy.from_proto(msg))
+        out.append(msg)
     return out
+
+
+def policies_from(resources: list[any_pb2.Any]) -> list[Policy]:
+    return [Policy.from_proto(msg) for msg in unpack_all(resources, policy_pb2.ModelPolicy)]
 
 
 def apply_share(table: PolicyTable, node: Node, resources: list) -> None:
@@ -64,12 +81,25 @@ def apply_share(table: PolicyTable, node: Node, resources: list) -> None:
     node.metadata[HELD_SHARE_KEY] = fraction
 
 
-async def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> web.AppRunner:
+def status_url(host: str, port: int) -> str:
+    """Where the control plane fetches this replica's /status.json: a wildcard bind is reached by name."""
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/status.json"
+
+
+async def serve_metrics(registry: CollectorRegistry, host: str, port: int,
+                        status: Callable[[], dict[str, Any]]) -> web.AppRunner:
+    """Prometheus /metrics, and /status.json for the control plane's status page."""
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def status_json(_: web.Request) -> web.Response:
+        return web.json_response(status(), headers={"Cache-Control": "no-store"})
+
     app = web.Application()
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/status.json", status_json)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
@@ -86,7 +116,10 @@ async def run(args: argparse.Namespace) -> int:
     log = logs.configure("ext_proc")
     ledgers = Ledgers(share=INITIAL_SHARE)
     table = PolicyTable(ledgers, max_waiting=args.max_waiting)
-    registry, decisions = registry_for(ledgers, lambda: {m: len(q) for m, q in table.queues.items()})
+    def queue_lengths() -> dict[str, int]:
+        return {m: len(q) for m, q in table.queues.items()}
+
+    registry, decisions = registry_for(ledgers, queue_lengths)
     servicer = ExtProcServicer(table, decisions, log=log)
     reconciler = Reconciler(table, EngineScraper(log=log))
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", args.max_message_bytes),
@@ -96,9 +129,14 @@ async def run(args: argparse.Namespace) -> int:
         print(f"cannot bind {args.host}:{args.port}", file=sys.stderr)
         return 2
     await server.start()
-    runner = await serve_metrics(registry, args.host, args.metrics_port) if args.metrics_port else None
-    node = Node(id=args.node_id, cluster=EXT_PROC_GROUP, metadata={HELD_SHARE_KEY: INITIAL_SHARE})
+    runner = await serve_metrics(registry, args.host, args.metrics_port, lambda: replica_status(
+        args.node_id, ledgers, queue_lengths(), servicer.refusals, time.time())) if args.metrics_port else None
+    # The status URL tells the control plane where this replica's live numbers are.
+    node = Node(id=args.node_id, cluster=EXT_PROC_GROUP, metadata={
+        HELD_SHARE_KEY: INITIAL_SHARE,
+        **({STATUS_URL_KEY: status_url(args.host, args.metrics_port)} if args.metrics_port else {})})
     subscriber = AdsSubscriber(args.xds, node, [
+        Subscription(TENANT_TYPE_URL, lambda res: table.tenants.replace(unpack_all(res, policy_pb2.Tenant))),
         Subscription(POLICY_TYPE_URL, lambda res: table.replace(policies_from(res))),
         Subscription(BUDGET_SHARES_TYPE_URL, lambda res: apply_share(table, node, res)),
     ], log=log)

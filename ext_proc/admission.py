@@ -25,6 +25,7 @@ class Plan:
     prompt_tokens: int  # the longest prompt
     nbytes: int
     long: bool  # claims more than the policy's long-request threshold of the largest endpoint
+    tokens: int  # prompt + output tokens of every sequence: what a tokens-per-minute limit charges
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ def plan(req: LLMRequest, policy: Policy, counter: TokenCounter | None) -> Plan 
                        f"This request may claim {nbytes} bytes of KV cache, more than any engine of model "
                        f"{policy.name!r} holds ({policy.largest_budget}). Send fewer prompts or a smaller n.")
     return Plan(max_tokens=max_tokens, prompt_tokens=longest, nbytes=nbytes,
-                long=nbytes > policy.long_request_threshold * policy.largest_budget)
+                long=nbytes > policy.long_request_threshold * policy.largest_budget,
+                tokens=req.sequences_per_prompt * sum(p + max_tokens for p in prompts))
 
 
 def _long_ok(ledger: Ledger, p: Plan, policy: Policy) -> bool:

@@ -65,6 +65,14 @@ def convention_for(path: str, content_type: str) -> Convention:
     return Convention.TRITON_HTTP if path.startswith("/v2") else Convention.OPENAI
 
 
+def is_lookup(method: str, path: str, content_type: str) -> bool:
+    """What Envoy answers or routes by path without admission (models list, Triton server and model
+    metadata, server-level gRPC calls): ext_proc sees only their headers, to check the API key."""
+    if content_type.startswith("application/grpc"):
+        return method == "POST" and path.startswith(triton_grpc.SERVICE + "Server")
+    return method == "GET" and (path in ("/v1/models", "/v2") or path.startswith(("/v2/models/", "/v2/health/")))
+
+
 def match(path: str, content_type: str) -> Call | None:
     """The API of a POST to `path`; None when the gateway admits nothing there."""
     if path in _OPENAI:

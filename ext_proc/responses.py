@@ -54,6 +54,12 @@ def admit(model: str, max_tokens: int | None, rewrite: Rewrite | None, endpoint:
     return ProcessingResponse(request_body=BodyResponse(response=common))
 
 
+def continue_lookup() -> ProcessingResponse:
+    """Let a lookup through (its key checked), without routing headers a client may have forged."""
+    return ProcessingResponse(request_headers=HeadersResponse(response=CommonResponse(
+        header_mutation=HeaderMutation(remove_headers=[MODEL_HEADER, ENDPOINT_HEADER]), clear_route_cache=True)))
+
+
 def wait_longer(seconds: float) -> ProcessingResponse:
     """Extends Envoy's wait for the pending answer (bounded by the filter's max_message_timeout)."""
     return ProcessingResponse(override_message_timeout=Duration(seconds=int(seconds)))
@@ -72,7 +78,8 @@ def stream_chunk(data: bytes) -> ProcessingResponse:
 
 
 # gRPC status codes by the HTTP status a refusal would have.
-_GRPC_CODES = {400: 3, 404: 5, 405: 12, 413: 8, 429: 8, 503: 14}  # INVALID_ARGUMENT, NOT_FOUND, ...
+# INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ...
+_GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 413: 8, 429: 8, 503: 14}
 _UNIMPLEMENTED = 12
 
 

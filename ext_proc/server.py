@@ -22,12 +22,16 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeade
 from ext_proc import admission, apis, responses, tokens, triton_grpc
 from ext_proc.apis import Call, Convention
 from ext_proc.ledger import Ledger, Ledgers, Reservation
-from ext_proc.metrics import Decisions
+from ext_proc.decision_metadata import DecisionRecord
+from ext_proc.metrics import Decisions, operation_name
 from ext_proc.policy import Policy
 from ext_proc.request import Parsed, ProtocolError, Rewrite
+from ext_proc.status import RecentRefusals
 from ext_proc.tokenizer import Tokenizers
 from ext_proc.triton_http import BINARY_HEADER
 from ext_proc.waitqueue import WaitQueue
+from ext_proc.ratelimit import Charge, OverLimit, RateLimits
+from ext_proc.tenants import KEY_HEADERS, Tenant, TenantTable, Unauthenticated
 from kvgate.headers import PRIORITY_HEADER
 
 
@@ -42,6 +46,8 @@ class PolicyTable:
     max_waiting: int = 1000  # per model; beyond it a request that does not fit is refused at once
     queues: dict[str, WaitQueue[Reservation]] = field(default_factory=dict)
     tokenizers: Tokenizers = field(default_factory=Tokenizers)
+    tenants: TenantTable = field(default_factory=TenantTable)
+    limits: RateLimits = field(default_factory=RateLimits)
     _loading: asyncio.Task[None] | None = None
 
     def replace(self, policies: list[Policy]) -> None:
@@ -58,9 +64,17 @@ class PolicyTable:
         with contextlib.suppress(RuntimeError):  # no running loop: unit tests that load none
             self._loading = asyncio.get_running_loop().create_task(self.tokenizers.update(policies))
 
+    @property
+    def ready(self) -> bool:
+        """Both policies and tenants heard from the control plane: admitting before that could let
+        through a request without a key, or refuse one for want of a model."""
+        return self.loaded and self.tenants.loaded
+
     def set_share(self, fraction: float) -> None:
-        """This replica's part of every endpoint's budget, as the control plane divides it."""
+        """This replica's part of every endpoint's budget (and of every tenant's rate limits), as the
+        control plane divides it."""
         self.ledgers.set_share(fraction)
+        self.limits.share = fraction
         self.wake_all()
 
     def ledgers_of(self, policy: Policy) -> list[Ledger]:
@@ -92,6 +106,10 @@ class _Request:
     stream_ledger: Ledger | None = None
     stream_rest: bytes = b""
     unanswered_chunks: int = 0
+    tenant: Tenant | None = None  # None: the gateway is open
+    # What was decided, for the access log (Envoy dynamic metadata) and the per-request metrics.
+    decision: DecisionRecord = field(default_factory=DecisionRecord)
+    started: float = 0.0  # when the stream opened: the request's duration runs from here
 
 
 @dataclass(frozen=True)
@@ -111,15 +129,21 @@ class _Planned:
     parsed: Parsed
     plan: admission.Plan
     priority_class: str
+    charge: Charge | None = None  # taken from the tenant's rate limits; refunded if refused later
 
 
 # The request headers admission reads; Envoy 1.40 sends values as raw_value.
-_WANTED = frozenset({":path", ":method", "content-type", "x-request-id", PRIORITY_HEADER, BINARY_HEADER})
+_WANTED = frozenset({":path", ":method", "content-type", "x-request-id", PRIORITY_HEADER, BINARY_HEADER,
+                     *KEY_HEADERS})
 
 
 def _headers(headers: HttpHeaders) -> dict[str, str]:
     return {h.key: h.raw_value.decode() if h.raw_value else h.value
             for h in headers.headers.headers if h.key in _WANTED}
+
+
+_NOT_LOADED = admission.Refusal(503, "policies_not_loaded", "The gateway has not received its model policies yet.",
+                                type_="service_unavailable", retry_after=1)
 
 
 def _not_found(model: str, policy: Policy | None) -> str:
@@ -141,39 +165,69 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
     clock: Callable[[], float] = time.monotonic
     log: structlog.typing.FilteringBoundLogger = field(
         default_factory=lambda: structlog.get_logger(component="ext_proc"))
+    # The last refusals, for the status page (ext_proc/status.py).
+    refusals: RecentRefusals = field(default_factory=RecentRefusals)
 
     async def Process(self, request_iterator: AsyncIterator[ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[ProcessingResponse]:
-        req = _Request()
+        req = _Request(started=self.clock())
         try:
             async for msg in request_iterator:
-                kind = msg.WhichOneof("request")
-                if kind == "request_headers":
-                    for reply in self._on_headers(msg.request_headers, req):
-                        yield reply
-                elif kind == "request_body":
-                    async for reply in self._on_body(msg.request_body, req):
-                        yield reply
+                received, timed = self.clock(), False
+                phase = "headers" if msg.HasField("request_headers") else "body"
+                async for reply in self._replies(msg, req):
+                    if reply.WhichOneof("response") is not None:  # an answer, not just a longer timeout
+                        if not timed:  # ext_proc's overhead: waiting for KV budget is admission, not that
+                            self.decisions.processed(phase, self.clock() - received - req.decision.waited_s)
+                            timed = True
+                        req.decision.attach(reply)
+                    yield reply
         finally:
+            structlog.contextvars.unbind_contextvars("request_id")
             now = self.clock()
             for r in req.reservations:
                 if r.ledger.release(r, now):
                     self.table.wake(r.ledger.model)
+            self.decisions.finished(req.decision, now - req.started)
+
+    async def _replies(self, msg: ProcessingRequest, req: _Request) -> AsyncIterator[ProcessingResponse]:
+        kind = msg.WhichOneof("request")
+        if kind == "request_headers":
+            for reply in self._on_headers(msg.request_headers, req):
+                yield reply
+        elif kind == "request_body":
+            async for reply in self._on_body(msg.request_body, req):
+                yield reply
 
     def _refuse(self, req: _Request, model: str, r: admission.Refusal) -> list[ProcessingResponse]:
         self.decisions.record(model, r.code)
+        req.decision.refused(model, r.code)
+        self.refusals.record(model, r, req.headers.get("x-request-id"))
         return [responses.refuse(r, req.convention)]
 
     def _on_headers(self, headers: HttpHeaders, req: _Request) -> list[ProcessingResponse]:
         req.headers = _headers(headers)
+        # Every log line about this request carries Envoy's request id (the stream's task is its own).
+        structlog.contextvars.bind_contextvars(request_id=req.headers.get("x-request-id"))
         req.path = req.headers.get(":path", "").partition("?")[0]
-        req.convention = apis.convention_for(req.path, req.headers.get("content-type", ""))
-        req.call = apis.match(req.path, req.headers.get("content-type", ""))
+        content_type = req.headers.get("content-type", "")
+        req.convention = apis.convention_for(req.path, content_type)
+        req.call = apis.match(req.path, content_type)
+        if not self.table.ready:
+            return self._refuse(req, "", _NOT_LOADED)
+        # The key first, before any body is read (and before an unknown URL is even told apart).
+        caller = self.table.tenants.authenticate(req.headers)
+        if isinstance(caller, Unauthenticated):
+            return self._refuse(req, "", admission.Refusal(401, "invalid_api_key", caller.message))
+        req.tenant = caller
+        if req.call is None and apis.is_lookup(req.headers.get(":method", ""), req.path, content_type):
+            return [responses.continue_lookup()]
         if req.call is None:
             return self._refuse(req, "", admission.Refusal(404, "unknown_url", f"Unknown request URL: {req.path}. "
                                                            "The gateway admits the OpenAI API, Triton's generate and "
                                                            "KServe v2 infer over HTTP, and Triton's gRPC inference."))
         req.convention = req.call.api.convention
+        req.decision.operation = operation_name(req.path)
         if req.headers.get(":method") != "POST":
             return self._refuse(req, "", admission.Refusal(405, "method_not_allowed", f"{req.path} takes POST"))
         if headers.end_of_stream:
@@ -192,6 +246,7 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
             return
         found = self._parse(req, body.body)
         if isinstance(found, _Admitted):
+            req.decision.passed(found.model)
             yield responses.admit(found.model, None, found.rewrite)
             return
         if isinstance(found, tuple):
@@ -213,7 +268,8 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
             held = await queue.wait(planned.policy.rank(planned.priority_class),
                                     lambda: self._try(planned, ledgers), wait_s,
                                     release=lambda r: r.ledger.release(r, self.clock()))
-            self.decisions.waited(planned.policy.name, self.clock() - started, held is not None)
+            req.decision.waited_s = self.clock() - started
+            self.decisions.waited(planned.policy.name, req.decision.waited_s, held is not None)
         settled = self._settle(req, planned, held, ledgers)
         if isinstance(settled, list):
             yield settled[0]
@@ -238,12 +294,15 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
         model = planned.policy.name
         if held is None:
             held = admission.busy(planned.plan, planned.policy, ledgers, self.clock())
-            self.log.info("admission.refused", model=model, request_id=req.headers.get("x-request-id"),
-                          wanted=planned.plan.nbytes, headroom=[lg.headroom for lg in ledgers])
+            self.log.info("admission.refused", model=model, wanted=planned.plan.nbytes,
+                          headroom=[lg.headroom for lg in ledgers])
         if isinstance(held, admission.Refusal):
+            if planned.charge is not None:  # it never ran: the tenant gets its tokens back
+                self.table.limits.refund(planned.charge, self.clock())
             return self._refuse(req, model, held)
         req.reservations.append(held)
-        self.decisions.record(model, "admitted")
+        req.decision.admitted(held)
+        self.decisions.admitted(req.decision)
         endpoint = planned.policy.endpoint(held.ledger.endpoint)
         max_tokens = planned.plan.max_tokens
         return _Admitted(model, max_tokens, planned.parsed.rewrite(max_tokens, planned.policy.backend_model),
@@ -296,16 +355,16 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
     def _parse(self, req: _Request, raw: bytes) -> tuple[Policy, Parsed] | _Admitted | list[ProcessingResponse]:
         """Parse and find the policy: a request to plan, a lookup to pass on, or the refusal."""
         assert req.call is not None
-        if not self.table.loaded:
-            return self._refuse(req, "", admission.Refusal(
-                503, "policies_not_loaded", "The gateway has not received its model policies yet.",
-                type_="service_unavailable", retry_after=1))
         try:
             parsed = req.call.api.parse(req.call.model, req.headers, raw)
         except ProtocolError as e:
             return self._refuse(req, "", admission.Refusal(400, "invalid_request", str(e), param=e.param))
         llm = parsed.request
         policy = self.table.policies.get(llm.model)
+        if policy is not None and req.tenant is not None and not req.tenant.may_call(policy.name):
+            return self._refuse(req, policy.name, admission.Refusal(
+                403, "permission_denied", f"Tenant {req.tenant.name!r} may not call model {policy.name!r}.",
+                param="model"))
         if policy is None or policy.protocol != req.call.api.protocol:
             # Unknown names stay out of the metric labels: clients choose them.
             return self._refuse(req, "", admission.Refusal(404, "model_not_found", _not_found(llm.model, policy),
@@ -316,16 +375,28 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
 
     def _plan(self, req: _Request, policy: Policy, parsed: Parsed) -> _Planned | list[ProcessingResponse]:
         llm = parsed.request
-        priority_class = req.headers.get(PRIORITY_HEADER) or policy.default_priority_class
+        priority_class = (req.headers.get(PRIORITY_HEADER) or (req.tenant and req.tenant.priority_class)
+                          or policy.default_priority_class)
         if policy.max_wait_s(priority_class) is None:
             return self._refuse(req, policy.name, admission.Refusal(
                 400, "invalid_priority_class", f"{PRIORITY_HEADER} {priority_class!r} is not a priority class "
                 f"of model {policy.name!r}: use one of {', '.join(n for n, _ in policy.priority_classes)}",
                 param=PRIORITY_HEADER))
-        planned = admission.plan(llm, policy, self.table.tokenizers.counter_for(policy))
+        counter = self.table.tokenizers.counter_for(policy)
+        planned = admission.plan(llm, policy, counter)
         if isinstance(planned, admission.Refusal):
             return self._refuse(req, llm.model, planned)
-        return _Planned(policy, parsed, planned, priority_class)
+        req.decision.planned(policy, llm, planned, priority_class, counted=counter is not None)
+        charge = None
+        if req.tenant is not None:
+            charge = self.table.limits.charge(req.tenant, planned.tokens, self.clock())
+            if isinstance(charge, OverLimit):
+                return self._refuse(req, policy.name, admission.Refusal(
+                    429, "rate_limit_exceeded", f"Rate limit reached for tenant {req.tenant.name!r} on {charge.what} "
+                    f"per minute: limit {charge.limit} on this gateway replica, this request needs "
+                    f"{1 if charge.what == 'requests' else planned.tokens}.",
+                    type_=charge.what, retry_after=charge.retry_after))
+        return _Planned(policy, parsed, planned, priority_class, charge)
 
     def expire(self) -> int:
         """Run the TTL backstop; returns how many reservations it had to release."""

@@ -236,6 +236,58 @@ class SimSettings(_Strict):
 
 
 _MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _key_hashes(values: list[str], where: str) -> list[str]:
+    """sha256 hex digests of API keys, with or without a 'sha256:' prefix; anything else is a
+    mistake (most likely a key pasted in clear, which must never sit in a catalog)."""
+    out = [v.strip().lower().removeprefix("sha256:") for v in values]
+    bad = [i for i, v in enumerate(out) if not _SHA256.match(v)]
+    if bad:
+        raise ValueError(f"{where}: entry {bad[0]} is not a sha256 hex digest of an API key "
+                         "(store hashes, not keys: `kvgate keys new` prints both)")
+    return out
+
+
+class Tenant(_Strict):
+    """Who may call: API keys (stored hashed), which models, and how much per minute."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    api_key_sha256: tuple[str, ...] = ()
+    # A file of sha256 digests, one per line ('#' comments): keys rotate without editing the catalog.
+    api_keys_file: Path | None = None
+    models: tuple[str, ...] = ("*",)  # model names, or "*" for all
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    # Charged at admission with the tokens the request may use (prompt + max_tokens after the clamp).
+    tokens_per_minute: int | None = Field(default=None, gt=0)
+    priority_class: str | None = None  # the class of this tenant's requests that name none
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _hashes(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_key_hashes(list(values), "api_key_sha256"))
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _keys_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        path = _resolve(path, info)
+        if path is not None and not path.is_file():
+            raise ValueError(f"api_keys_file {str(path)!r} is not a file")
+        return path
+
+    @cached_property
+    def key_hashes(self) -> frozenset[str]:
+        lines = self.api_keys_file.read_text().splitlines() if self.api_keys_file else []
+        listed = [ln.split("#", 1)[0].strip() for ln in lines]
+        return frozenset(self.api_key_sha256) | frozenset(
+            _key_hashes([ln for ln in listed if ln], f"api_keys_file {self.api_keys_file}"))
+
+    @model_validator(mode="after")
+    def _has_keys(self) -> Tenant:
+        if not self.key_hashes:
+            raise ValueError("a tenant needs at least one key: api_key_sha256 or api_keys_file")
+        return self
 
 
 class Model(_Strict):
@@ -361,6 +413,8 @@ class Catalog(_Strict):
     # Highest priority first; a request names its class with the x-kvgate-priority header.
     priority_classes: tuple[PriorityClass, ...] = Field(default=DEFAULT_PRIORITY_CLASSES, min_length=1)
     default_priority_class: str | None = None  # default: the first class
+    # With tenants, every request needs one of their API keys; without, the gateway is open.
+    tenants: tuple[Tenant, ...] = ()
 
     @model_validator(mode="after")
     def _classes_exist(self) -> Catalog:
@@ -368,10 +422,27 @@ class Catalog(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"priority class names must be unique: {', '.join(names)}")
         named = [("default_priority_class", self.default_priority_class)] + [
-            (f"model {m.name!r}: priority_class", m.priority_class) for m in self.models]
+            (f"model {m.name!r}: priority_class", m.priority_class) for m in self.models] + [
+            (f"tenant {t.name!r}: priority_class", t.priority_class) for t in self.tenants]
         for where, name in named:
             if name is not None and name not in names:
                 raise ValueError(f"{where} {name!r} is not a priority class ({', '.join(names)})")
+        return self
+
+    @model_validator(mode="after")
+    def _tenants_consistent(self) -> Catalog:
+        names = [t.name for t in self.tenants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tenant names must be unique: {', '.join(names)}")
+        seen: dict[str, str] = {}
+        for t in self.tenants:
+            unknown = [m for m in t.models if m != "*" and self.model(m) is None]
+            if unknown:
+                raise ValueError(f"tenant {t.name!r}: models {', '.join(unknown)} not in the catalog")
+            for h in t.key_hashes:
+                if h in seen:
+                    raise ValueError(f"tenants {seen[h]!r} and {t.name!r} share an API key")
+                seen[h] = t.name
         return self
 
     def priority_class_of(self, model: Model) -> str:

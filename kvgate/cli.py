@@ -16,7 +16,7 @@ import watchfiles
 import yaml
 from google.protobuf import json_format
 
-from kvgate import admin_client
+from kvgate import admin_client, api_keys
 from kvgate.catalog import SIM, Address, Catalog, CatalogError, Model, bundled_catalog_path, load_catalog
 from kvgate.gateway import Gateway, NotReady
 from kvgate.processes import ProcessDied
@@ -49,18 +49,20 @@ def up(catalog: CatalogOption = bundled_catalog_path(),
        port: Annotated[int, typer.Option(help="Gateway port")] = 8080,
        host: Annotated[str, typer.Option(help="Gateway address")] = "127.0.0.1",
        xds_port: Annotated[int, typer.Option(help="Control-plane port (xDS and the admin API)")] = 18000,
+       status_port: Annotated[int, typer.Option(help="Control plane's status page and /metrics")] = 18080,
        run_dir: Annotated[Path | None, typer.Option(help="Where logs and rendered files go")] = None) -> None:
     """Start engines (for `sim` endpoints), xds_server, ext_proc and Envoy; stop them all on Ctrl-C/SIGTERM."""
     cat = _load(catalog)
     workdir = run_dir or Path(tempfile.mkdtemp(prefix="kvgate-"))
     # SIGTERM unwinds like Ctrl-C, through the `finally` that stops every child.
     signal.signal(signal.SIGTERM, _raise_exit)
-    gateway = Gateway(cat, run_dir=workdir, host=host, port=port, xds_port=xds_port)
+    gateway = Gateway(cat, run_dir=workdir, host=host, port=port, xds_port=xds_port, xds_http_port=status_port)
     typer.echo(f"starting kvgate ({len(cat.models)} models; logs in {workdir}) ...", err=True)
     try:
         gateway.start()
         typer.echo(f"kvgate ready: {gateway.url}  (OpenAI base_url {gateway.url}/v1; Ctrl-C stops)")
         typer.echo(f"  control plane: 127.0.0.1:{xds_port} (kvgate status, kvgate models ...)", err=True)
+        typer.echo(f"  status page: {gateway.status_url}", err=True)
         for m in gateway.catalog.models:
             engines = ", ".join(f"{a} (gRPC {a.grpc_port})" if a.grpc_port else str(a) for a in m.addresses())
             typer.echo(f"  {m.name} ({m.protocol}): {engines}", err=True)
@@ -162,6 +164,17 @@ def models_remove(name: str, server: ServerOption = admin_client.DEFAULT_SERVER)
     """Stop serving a model."""
     resp = _admin(lambda: admin_client.remove_model(server, name))
     typer.echo(f"removed {name}: version {resp.version}")
+
+
+keys = typer.Typer(help="API keys of tenants (catalog `tenants:`).", no_args_is_help=True)
+app.add_typer(keys, name="keys")
+
+
+@keys.command("new")
+def keys_new() -> None:
+    """A new random API key (give it to the tenant) and its sha256 (put it in the catalog)."""
+    key, digest = api_keys.new_key()
+    typer.echo(f"key:    {key}\nsha256: {digest}")
 
 
 @app.command()

@@ -35,9 +35,11 @@ def sim_argv(model: Model, addr: Address) -> list[str]:
             "--on-full", s.on_full, "--seed", str(s.seed)]
 
 
-def _http(method: str, url: str, body: dict | None = None, timeout_s: float = 2.0) -> tuple[int, bytes]:
+def _http(method: str, url: str, body: dict | None = None, timeout_s: float = 2.0,
+          headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"content-type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return resp.status, resp.read()
@@ -91,11 +93,17 @@ class Gateway:
     ext_proc_port: int = field(default_factory=free_port)
     ext_proc_metrics_port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
+    # xds_server's HTTP port: the status page, /status.json and the control plane's /metrics.
+    xds_http_port: int = field(default_factory=free_port)
     # A fleet on one host: more Envoys (each its own listener port) and ext_proc replicas.
     extra_envoys: int = 0
     extra_ext_procs: int = 0
     # Envoys speak incremental (Delta) ADS instead of state of the world.
     delta_xds: bool = False
+    # Sent with the readiness probes: a tenant's key when the catalog has tenants. Without one, a 401
+    # from ext_proc is taken as ready (it answered with policies and tenants loaded), the engines'
+    # health having been checked directly.
+    probe_headers: dict[str, str] = field(default_factory=dict)
     sims: dict[str, list[Address]] = field(default_factory=dict)
     _sim_addresses: dict[str, Address] = field(default_factory=dict)  # by engine process name
 
@@ -123,6 +131,11 @@ class Gateway:
     def admin_address(self) -> str:
         """The control plane: ADS and the admin API share its port."""
         return f"127.0.0.1:{self.xds_port}"
+
+    @property
+    def status_url(self) -> str:
+        """The status page (xds_server binds 127.0.0.1, its default)."""
+        return f"http://127.0.0.1:{self.xds_http_port}/"
 
     @property
     def ext_proc_metrics_url(self) -> str:
@@ -199,6 +212,7 @@ class Gateway:
         fleet = self.envoys[1:]  # each extra Envoy is its own node group with its own listener
         self.supervisor.start("xds_server", [
             py, "-m", "xds_server", "--catalog", str(self.catalog_path), "--port", str(self.xds_port),
+            "--http-port", str(self.xds_http_port),
             "--listen", f"{self.host}:{self.port}", "--max-request-bytes", str(self.max_request_bytes),
             *(a for port, _ in self.ext_procs for a in ("--ext-proc", f"127.0.0.1:{port}")),
             *(a for e in fleet for a in ("--group-listen", f"{e.group}={self.host}:{e.port}"))])
@@ -224,7 +238,9 @@ class Gateway:
             return status == 200 and body.strip() == b"LIVE"
 
         checks = [(f"{e.node_id} LIVE", lambda e=e: live(e)) for e in self.envoys]
-        checks += [(f"{m.name} via {e.node_id}", lambda e=e, m=m: _http("POST", *probe(e.url, m), timeout_s=10)[0] == 200)
+        ok = {200} if self.probe_headers or not self.catalog.tenants else {200, 401}
+        checks += [(f"{m.name} via {e.node_id}",
+                    lambda e=e, m=m: _http("POST", *probe(e.url, m), timeout_s=10, headers=self.probe_headers)[0] in ok)
                    for e in self.envoys for m in self.catalog.models]
         while checks:
             self.supervisor.check()

@@ -6,6 +6,7 @@ from kvgate.catalog import Address, Catalog, Model
 from kvgate.v1 import policy_pb2
 
 POLICY_TYPE_URL = "type.googleapis.com/kvgate.v1.ModelPolicy"
+TENANT_TYPE_URL = "type.googleapis.com/kvgate.v1.Tenant"
 
 
 def _endpoint(model: Model, addr: Address) -> policy_pb2.Endpoint:
@@ -47,3 +48,11 @@ def model_policy(model: Model, catalog: Catalog) -> policy_pb2.ModelPolicy:
 
 def policies(catalog: Catalog) -> list[policy_pb2.ModelPolicy]:
     return [model_policy(m, catalog) for m in catalog.models]
+
+
+def tenants(catalog: Catalog) -> list[policy_pb2.Tenant]:
+    """Who may call what, and how much: key hashes only, never keys."""
+    return [policy_pb2.Tenant(name=t.name, api_key_sha256=sorted(t.key_hashes), models=list(t.models),
+                              requests_per_minute=t.requests_per_minute or 0, tokens_per_minute=t.tokens_per_minute or 0,
+                              priority_class=t.priority_class or "")
+            for t in catalog.tenants]

@@ -233,18 +233,31 @@ def models_list_body(catalog: Catalog) -> bytes:
 
 _NO_EXT_PROC = {EXT_PROC_FILTER: {"@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
                                    "disabled": True}}
+# With tenants, what Envoy answers without admission (models list, Triton metadata) still needs a key:
+# ext_proc sees those requests' headers only.
+_HEADERS_ONLY = {EXT_PROC_FILTER: {"@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                                   "overrides": {"processing_mode": {
+                                       "request_header_mode": "SEND", "request_body_mode": "NONE",
+                                       "response_header_mode": "SKIP", "response_body_mode": "NONE"}}}}
+
+
+def _lookup_filter(catalog: Catalog) -> dict[str, Any]:
+    return _HEADERS_ONLY if catalog.tenants else _NO_EXT_PROC
+
+
 _GET = {"name": ":method", "string_match": {"exact": "GET"}}
 _GRPC = {"name": "content-type", "string_match": {"prefix": "application/grpc"}}
 TRITON_GRPC_SERVICE = "/inference.GRPCInferenceService/"
 
 
-def _direct(status: int, body: bytes, *, skip_ext_proc: bool) -> dict[str, Any]:
+def _direct(status: int, body: bytes, *, ext_proc: dict[str, Any] | None) -> dict[str, Any]:
+    """A response Envoy gives itself; `ext_proc` is the route's ext_proc override (None: the filter's)."""
     route: dict[str, Any] = {
         "direct_response": {"status": status, "body": {"inline_string": body.decode()}},
         "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
     }
-    if skip_ext_proc:
-        route["typed_per_filter_config"] = _NO_EXT_PROC
+    if ext_proc is not None:
+        route["typed_per_filter_config"] = ext_proc
     return route
 
 
@@ -287,19 +300,21 @@ def triton_routes(catalog: Catalog, settings: GatewaySettings) -> list[dict[str,
     triton = [m for m in catalog.models if m.protocol == "triton"]
     if not triton:
         return []
-    health = [{"name": f"triton {p}", "match": {"path": p, "headers": [_GET]}, **_direct(200, b"", skip_ext_proc=True)}
+    lookup = _lookup_filter(catalog)
+    # Health stays open: load balancers in front of the gateway probe it without keys.
+    health = [{"name": f"triton {p}", "match": {"path": p, "headers": [_GET]}, **_direct(200, b"", ext_proc=_NO_EXT_PROC)}
               for p in ("/v2/health/live", "/v2/health/ready")]
     server_metadata = {"name": "triton server metadata", "match": {"path": "/v2", "headers": [_GET]},
                        **_direct(200, orjson.dumps({"name": "kvgate", "version": __version__, "extensions": []}),
-                                 skip_ext_proc=True)}
+                                 ext_proc=lookup)}
     # Server-level gRPC calls (ServerLive, ServerReady, ServerMetadata) name no model: the first
     # Triton engine answers them.
     server_rpcs = {"name": "triton grpc server", "match": {"prefix": TRITON_GRPC_SERVICE + "Server"},
-                   "route": _to_cluster(triton[0].grpc_cluster_name, settings), "typed_per_filter_config": _NO_EXT_PROC}
+                   "route": _to_cluster(triton[0].grpc_cluster_name, settings), "typed_per_filter_config": lookup}
     # Model readiness and metadata over HTTP: routed by the model in the path.
     model_gets = [{"name": f"{m.name} metadata",
                    "match": {"path_separated_prefix": f"/v2/models/{m.name}", "headers": [_GET]},
-                   "route": _to_cluster(m.cluster_name, settings, m), "typed_per_filter_config": _NO_EXT_PROC}
+                   "route": _to_cluster(m.cluster_name, settings, m), "typed_per_filter_config": lookup}
                   for m in triton]
     return health + [server_metadata, server_rpcs] + model_gets
 
@@ -319,7 +334,7 @@ def stream_routes(catalog: Catalog) -> list[dict[str, Any]]:
             "response_body_mode": "NONE", "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}}}}
     # Reached only when ext_proc routed nothing, which it never does without refusing.
     return [{"name": "triton grpc stream", "match": {"path": TRITON_GRPC_SERVICE + "ModelStreamInfer"},
-             **_direct(404, NO_ROUTE_BODY, skip_ext_proc=False), "typed_per_filter_config": grpc_mode}]
+             **_direct(404, NO_ROUTE_BODY, ext_proc=grpc_mode)}]
 
 
 NO_ROUTE_BODY = orjson.dumps({"error": {
@@ -329,9 +344,9 @@ NO_ROUTE_BODY = orjson.dumps({"error": {
 
 def route_configuration(catalog: Catalog, settings: GatewaySettings) -> dict[str, Any]:
     models_route = {"name": "models_list", "match": {"path": "/v1/models", "headers": [_GET]},
-                    **_direct(200, models_list_body(catalog), skip_ext_proc=True)}
+                    **_direct(200, models_list_body(catalog), ext_proc=_lookup_filter(catalog))}
     # Reached only by a request ext_proc let through without a model, which it never should.
-    fallback = {"name": "no_model", "match": {"prefix": "/"}, **_direct(404, NO_ROUTE_BODY, skip_ext_proc=False)}
+    fallback = {"name": "no_model", "match": {"prefix": "/"}, **_direct(404, NO_ROUTE_BODY, ext_proc=None)}
     return {
         "name": ROUTE_CONFIG_NAME,
         "virtual_hosts": [{

@@ -35,13 +35,14 @@ LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 POLICY = policies.POLICY_TYPE_URL
 BUDGET_SHARES = shares.BUDGET_SHARES_TYPE_URL
+TENANT = policies.TENANT_TYPE_URL
 
 # ADS push order: a cluster before its endpoints, both before the listener and routes that use them.
 # ext_proc's types last: a new model's policy, then the shares that size its ledgers.
-PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE, POLICY, BUDGET_SHARES)
+PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE, TENANT, POLICY, BUDGET_SHARES)
 
 # Types whose clients subscribe to everything (an empty name list means "all").
-WILDCARD_TYPES = frozenset({CLUSTER, LISTENER, POLICY, BUDGET_SHARES})
+WILDCARD_TYPES = frozenset({CLUSTER, LISTENER, TENANT, POLICY, BUDGET_SHARES})
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ def build_snapshot(catalog: Catalog, settings: GatewaySettings) -> Snapshot:
         LISTENER: _listeners(settings, settings.listen),
         ROUTE: Resources.of({r.name: r for r in route_list}),
         POLICY: Resources.of({p.name: p for p in policies.policies(catalog)}),
+        TENANT: Resources.of({t.name: t for t in policies.tenants(catalog)}),
         BUDGET_SHARES: budget_shares({}),
     }
     # Envoy fleets that differ only in where their listener binds (several Envoys on one host).

@@ -78,6 +78,22 @@ class EngineMetrics(_message.Message):
     stale_after_ms: int
     def __init__(self, interval_ms: _Optional[int] = ..., stale_after_ms: _Optional[int] = ...) -> None: ...
 
+class Tenant(_message.Message):
+    __slots__ = ("name", "api_key_sha256", "models", "requests_per_minute", "tokens_per_minute", "priority_class")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_CLASS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    api_key_sha256: _containers.RepeatedScalarFieldContainer[str]
+    models: _containers.RepeatedScalarFieldContainer[str]
+    requests_per_minute: int
+    tokens_per_minute: int
+    priority_class: str
+    def __init__(self, name: _Optional[str] = ..., api_key_sha256: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., priority_class: _Optional[str] = ...) -> None: ...
+
 class BudgetShares(_message.Message):
     __slots__ = ("fraction",)
     class FractionEntry(_message.Message):

@@ -634,3 +634,51 @@ def test_admission_settings_round_trip() -> None:
                                                    engine_metrics={"scrape": False})),
                          "priority_classes": [{"name": "interactive", "max_wait_s": 1}, {"name": "batch", "max_wait_s": 9}]})
     assert parse_catalog(cat.to_data()) == cat
+
+
+# --- tenants -------------------------------------------------------------------------------------
+
+H1, H2 = "a" * 64, "b" * 64
+
+
+def tenants_catalog(*tenants: dict[str, Any]) -> dict[str, Any]:
+    return {**catalog_dict(), "tenants": list(tenants)}
+
+
+def test_tenant_keys_from_the_catalog_and_a_keys_file(tmp_path: Path) -> None:
+    (tmp_path / "keys.txt").write_text(f"# rotated weekly\n{H2}  # laptop\n\nsha256:{'c' * 64}\n")
+    cat = parse_catalog(tenants_catalog({"name": "t", "api_key_sha256": [f"sha256:{H1.upper()}"],
+                                         "api_keys_file": "keys.txt"}), base_dir=tmp_path)
+    (t,) = cat.tenants
+    assert t.key_hashes == {H1, H2, "c" * 64} and t.models == ("*",)
+    assert parse_catalog(cat.to_data()) == cat
+
+
+@pytest.mark.parametrize(("tenant", "needle"), [
+    ({"name": "t"}, "at least one key"),
+    ({"name": "t", "api_key_sha256": ["kvg-plain-key"]}, "not a sha256"),
+    ({"name": "t", "api_key_sha256": [H1], "models": ["nope"]}, "models nope not in the catalog"),
+    ({"name": "t", "api_key_sha256": [H1], "priority_class": "gold"}, "'gold' is not a priority class"),
+    ({"name": "t", "api_key_sha256": [H1], "tokens_per_minute": 0}, "tokens_per_minute"),
+])
+def test_bad_tenants_are_refused_saying_why(tenant: dict[str, Any], needle: str) -> None:
+    with pytest.raises(CatalogError) as e:
+        parse_catalog(tenants_catalog(tenant))
+    assert needle in str(e.value)
+
+
+def test_two_tenants_may_not_share_a_key() -> None:
+    with pytest.raises(CatalogError, match="share an API key"):
+        parse_catalog(tenants_catalog({"name": "a", "api_key_sha256": [H1]}, {"name": "b", "api_key_sha256": [H1]}))
+
+
+def test_keys_new_prints_a_key_and_its_digest() -> None:
+    from typer.testing import CliRunner
+
+    from kvgate.api_keys import key_hash
+    from kvgate.cli import app
+
+    out = CliRunner().invoke(app, ["keys", "new"]).output
+    key = out.split("key:")[1].split()[0]
+    digest = out.split("sha256:")[1].split()[0]
+    assert key.startswith("kvg-") and len(key) > 40 and key_hash(key) == digest

@@ -18,6 +18,8 @@ from ext_proc.ledger import Ledgers
 from ext_proc.metrics import Decisions
 from ext_proc.policy import EndpointPolicy, Policy
 from ext_proc.server import ExtProcServicer, PolicyTable
+from ext_proc.tenants import TenantTable
+from kvgate.v1 import policy_pb2
 from kvgate.headers import ENDPOINT_HEADER, MAX_TOKENS_HEADER, MODEL_HEADER, PRIORITY_HEADER
 from tests.tokenizer_util import load as load_tokenizer
 from tests.tokenizer_util import write_tokenizer
@@ -30,6 +32,7 @@ POLICY = Policy(name="m", protocol="openai", backend_model="m", max_context_toke
 
 def servicer(loaded: bool = True) -> ExtProcServicer:
     table = PolicyTable(Ledgers())
+    table.tenants.replace([])  # heard from the control plane: no tenants, an open gateway
     if loaded:
         table.replace([POLICY])
     return ExtProcServicer(table, Decisions(CollectorRegistry()), clock=lambda: 0.0)
@@ -103,10 +106,109 @@ async def test_unchanged_body_is_not_rewritten() -> None:
 
 @pytest.mark.asyncio
 async def test_before_policies_arrive_requests_get_503_with_retry_after() -> None:
-    (_, refused) = await run(servicer(loaded=False), headers(), body({"model": "m", "prompt": "hi"}))
+    (refused,) = await run(servicer(loaded=False), headers())  # refused at the headers: no body is read
     imm = refused.immediate_response
     assert imm.status.code == 503
     assert {h.header.key: h.header.raw_value for h in imm.headers.set_headers}["retry-after"] == b"1"
+
+
+@pytest.mark.asyncio
+async def test_before_tenants_arrive_requests_get_503_even_with_policies() -> None:
+    s = servicer()
+    s.table.tenants = TenantTable()  # policies heard, tenants not yet: a key could not be checked
+    (refused,) = await run(s, headers())
+    assert refused.immediate_response.status.code == 503
+
+
+# --- tenants: keys, allowed models, rate limits -------------------------------------------------
+
+KEY = "sk-test-0123456789"
+
+
+def tenant(name: str = "team-a", models: tuple[str, ...] = ("*",), rpm: int = 0, tpm: int = 0,
+           key: str = KEY) -> policy_pb2.Tenant:
+    return policy_pb2.Tenant(name=name, api_key_sha256=[hashlib.sha256(key.encode()).hexdigest()], models=list(models),
+                             requests_per_minute=rpm, tokens_per_minute=tpm)
+
+
+def keyed(msg: ProcessingRequest, key: str | None = KEY, header: str = "authorization") -> ProcessingRequest:
+    if key is not None:
+        value = f"Bearer {key}" if header == "authorization" else key
+        msg.request_headers.headers.headers.add(key=header, raw_value=value.encode())
+    return msg
+
+
+def guarded(*tenants: policy_pb2.Tenant) -> ExtProcServicer:
+    s = servicer()
+    s.table.tenants.replace(list(tenants or [tenant()]))
+    return s
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("key", "header"), [(KEY, "authorization"), (KEY, "api-key"), (KEY, "x-api-key")])
+async def test_a_tenants_key_is_admitted_in_any_usual_header(key: str, header: str) -> None:
+    (_, admitted) = await run(guarded(), keyed(headers(), key, header), body({"model": "m", "prompt": "hi"}))
+    assert admitted.HasField("request_body")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("key", [None, "sk-wrong"])
+async def test_no_key_or_a_wrong_one_is_401_at_the_headers(key: str | None) -> None:
+    (refused,) = await run(guarded(), keyed(headers(), key))
+    assert refused.immediate_response.status.code == 401
+    assert orjson.loads(refused.immediate_response.body)["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.asyncio
+async def test_grpc_callers_get_unauthenticated_and_permission_denied() -> None:
+    s = guarded(tenant(models=("m",)))
+    s.table.replace([POLICY, dataclasses.replace(POLICY, name="t", protocol="triton")])
+    (refused,) = await run(s, keyed(grpc_unary_headers(), None))
+    assert refused.immediate_response.grpc_status.status == 16  # UNAUTHENTICATED
+    msg = service_pb2.ModelInferRequest(model_name="t")
+    msg.inputs.add(name="text_input", datatype="BYTES", shape=[1, 1]).contents.bytes_contents.append(b"hi")
+    replies = await run(s, keyed(grpc_unary_headers()), ProcessingRequest(request_body=HttpBody(
+        body=triton_grpc.frame(msg.SerializeToString()), end_of_stream=True)))
+    assert replies[-1].immediate_response.grpc_status.status == 7  # PERMISSION_DENIED
+
+
+@pytest.mark.asyncio
+async def test_a_model_outside_the_tenants_list_is_403() -> None:
+    (_, refused) = await run(guarded(tenant(models=("other",))), keyed(headers()), body({"model": "m", "prompt": "hi"}))
+    assert refused.immediate_response.status.code == 403
+
+
+@pytest.mark.asyncio
+async def test_lookups_need_a_key_then_pass_without_forged_routing_headers() -> None:
+    s = guarded()
+    (refused,) = await run(s, keyed(headers("/v1/models", method="GET"), None))
+    assert refused.immediate_response.status.code == 401
+    (passed,) = await run(s, keyed(headers("/v1/models", method="GET")))
+    mutation = passed.request_headers.response.header_mutation
+    assert set(mutation.remove_headers) == {MODEL_HEADER, ENDPOINT_HEADER}
+
+
+@pytest.mark.asyncio
+async def test_tokens_per_minute_are_charged_at_admission_and_refunded_when_refused() -> None:
+    s = guarded(tenant(tpm=300))
+    first = s.Process(feed(keyed(headers()), body({"model": "m", "prompt": "x" * 100, "max_tokens": 100})), None)
+    await first.__anext__()
+    assert (await first.__anext__()).HasField("request_body")  # 200 tokens of 300
+    (_, over) = await run(s, keyed(headers()), body({"model": "m", "prompt": "y" * 100, "max_tokens": 100}))
+    imm = over.immediate_response
+    assert imm.status.code == 429
+    error = orjson.loads(imm.body)["error"]
+    assert (error["code"], error["type"]) == ("rate_limit_exceeded", "tokens")
+    assert 1 <= int({h.header.key: h.header.raw_value for h in imm.headers.set_headers}["retry-after"]) <= 60
+    # A request refused for KV budget after its charge gets it back: 100 tokens fit the 100 left.
+    s.table.ledgers.set_share(0.0)  # no budget at all, and the class does not wait
+    (_, busy) = await run(s, keyed(headers()), body({"model": "m", "prompt": "z" * 50, "max_tokens": 50}))
+    assert busy.immediate_response.status.code == 429
+    assert orjson.loads(busy.immediate_response.body)["error"]["type"] == "rate_limit_error"
+    s.table.ledgers.set_share(1.0)
+    (_, ok) = await run(s, keyed(headers()), body({"model": "m", "prompt": "z" * 50, "max_tokens": 50}))
+    assert ok.HasField("request_body")
+    await first.aclose()
 
 
 @pytest.mark.asyncio
@@ -152,6 +254,7 @@ def test_ttl_backstop_releases_what_outlived_its_deadline() -> None:
 
 def stream_servicer() -> ExtProcServicer:
     table = PolicyTable(Ledgers())
+    table.tenants.replace([])  # heard from the control plane: no tenants, an open gateway
     table.replace([Policy(name="t", protocol="triton", backend_model="ensemble", max_context_tokens=1024,
                           max_output_tokens=100, kv_bytes_per_token=10, tokens_per_block=16,
                           endpoints=(EndpointPolicy("t:1", 10**6, "t:2", ""),), estimate_bytes_per_token=1.0,
@@ -220,6 +323,7 @@ TWO_ENDPOINTS = dataclasses.replace(
 
 def waiting_servicer() -> ExtProcServicer:
     table = PolicyTable(Ledgers())
+    table.tenants.replace([])  # heard from the control plane: no tenants, an open gateway
     table.replace([TWO_ENDPOINTS])
     return ExtProcServicer(table, Decisions(CollectorRegistry()))
 
@@ -300,6 +404,7 @@ async def test_prompts_are_counted_with_the_models_tokenizer(tmp_path, words: in
                                  tokenizer_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
                                  endpoints=(EndpointPolicy("e:1", 10**9, "", ""),))
     table = PolicyTable(Ledgers())
+    table.tenants.replace([])  # heard from the control plane: no tenants, an open gateway
     table.replace([policy])
     await table.tokenizers.update([policy])
     s = ExtProcServicer(table, Decisions(CollectorRegistry()), clock=lambda: 0.0, inline_count_chars=1024)
@@ -312,3 +417,9 @@ async def test_prompts_are_counted_with_the_models_tokenizer(tmp_path, words: in
     (ledger,) = s.table.ledgers.all()
     assert ledger.reserved == -(-(exact + 10) // 16) * 16 * 10  # whole 16-token blocks of 10 B
     await gen.aclose()
+
+
+def grpc_unary_headers() -> ProcessingRequest:
+    hs = [HeaderValue(key=":path", raw_value=b"/inference.GRPCInferenceService/ModelInfer"),
+          HeaderValue(key=":method", raw_value=b"POST"), HeaderValue(key="content-type", raw_value=b"application/grpc")]
+    return ProcessingRequest(request_headers=HttpHeaders(headers=HeaderMap(headers=hs)))
