@@ -29,7 +29,7 @@ from ext_proc.scraper import EngineScraper
 from ext_proc.server import ExtProcServicer, PolicyTable
 from ext_proc.status import replica_status
 from ext_proc.xds_client import AdsSubscriber, Subscription
-from kvgate import logs
+from kvgate import logs, tls
 from kvgate.v1 import policy_pb2
 from xds_server.policies import POLICY_TYPE_URL, TENANT_TYPE_URL
 from xds_server.shares import BUDGET_SHARES_TYPE_URL, EXT_PROC_GROUP, HELD_SHARE_KEY, share_of
@@ -50,7 +50,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="largest request body accepted from Envoy (keep above Envoy's buffer limit)")
     p.add_argument("--max-waiting", type=int, default=1000,
                    help="requests that may wait for KV budget per model; beyond it they are refused at once")
-    return p.parse_args(argv)
+    tls.add_server_flags(p, "the ExternalProcessor server Envoy calls")
+    tls.add_client_flags(p, "xds", "the ADS channel to xds_server")
+    args = p.parse_args(argv)
+    try:
+        args.tls, args.xds_tls = tls.readable(tls.server_files(args)), tls.readable(tls.client_files(args, "xds"))
+    except tls.TlsError as e:
+        p.error(str(e))
+    return args
 
 
 M = TypeVar("M", bound=Message)
@@ -125,7 +132,7 @@ async def run(args: argparse.Namespace) -> int:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", args.max_message_bytes),
                                       ("grpc.max_send_message_length", args.max_message_bytes)])
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
-    if not server.add_insecure_port(f"{args.host}:{args.port}"):
+    if not tls.bind(server, f"{args.host}:{args.port}", args.tls):
         print(f"cannot bind {args.host}:{args.port}", file=sys.stderr)
         return 2
     await server.start()
@@ -139,10 +146,11 @@ async def run(args: argparse.Namespace) -> int:
         Subscription(TENANT_TYPE_URL, lambda res: table.tenants.replace(unpack_all(res, policy_pb2.Tenant))),
         Subscription(POLICY_TYPE_URL, lambda res: table.replace(policies_from(res))),
         Subscription(BUDGET_SHARES_TYPE_URL, lambda res: apply_share(table, node, res)),
-    ], log=log)
+    ], log=log, tls_files=args.xds_tls)
     tasks = [asyncio.create_task(subscriber.run()), asyncio.create_task(sweep(servicer)),
              asyncio.create_task(reconciler.run())]
-    log.info("ext_proc.serving", port=args.port, xds=args.xds, metrics_port=args.metrics_port)
+    log.info("ext_proc.serving", port=args.port, xds=args.xds, metrics_port=args.metrics_port,
+             tls=tls.describe(args.tls, server=True), xds_tls=tls.describe(args.xds_tls, server=False))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

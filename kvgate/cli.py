@@ -16,7 +16,7 @@ import watchfiles
 import yaml
 from google.protobuf import json_format
 
-from kvgate import admin_client, api_keys
+from kvgate import admin_client, api_keys, tls
 from kvgate.catalog import SIM, Address, Catalog, CatalogError, Model, bundled_catalog_path, load_catalog
 from kvgate.gateway import Gateway, NotReady
 from kvgate.processes import ProcessDied
@@ -134,6 +134,18 @@ models = typer.Typer(help="Read and change the served catalog through the contro
                      no_args_is_help=True)
 app.add_typer(models, name="models")
 ServerOption = Annotated[str, typer.Option(help="Control plane (xds_server) address")]
+# The admin API over TLS: --ca turns it on; --cert/--key answer a control plane that requires mutual TLS.
+CaOption = Annotated[Path | None, typer.Option(help="PEM CA that signed the control plane's certificate (TLS)")]
+CertOption = Annotated[Path | None, typer.Option(help="PEM client certificate, for mutual TLS (with --ca)")]
+KeyOption = Annotated[Path | None, typer.Option(help="PEM private key of --cert")]
+
+
+def _tls(ca: Path | None, cert: Path | None, key: Path | None) -> tls.TlsFiles | None:
+    try:
+        return tls.client_tls(ca, cert, key)
+    except tls.TlsError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
 
 
 def _admin(call: Callable[[], T]) -> T:
@@ -145,24 +157,30 @@ def _admin(call: Callable[[], T]) -> T:
 
 
 @models.command("list")
-def models_list(server: ServerOption = admin_client.DEFAULT_SERVER) -> None:
+def models_list(server: ServerOption = admin_client.DEFAULT_SERVER,
+                ca: CaOption = None, cert: CertOption = None, key: KeyOption = None) -> None:
     """Print the catalog being served (catalog YAML)."""
-    resp = _admin(lambda: admin_client.list_models(server))
+    files = _tls(ca, cert, key)
+    resp = _admin(lambda: admin_client.list_models(server, files))
     typer.echo(f"# version {resp.version}\n{resp.catalog_yaml}", nl=False)
 
 
 @models.command("apply")
 def models_apply(file: Annotated[Path, typer.Argument(help="YAML: a list of models, or a catalog")],
-                 server: ServerOption = admin_client.DEFAULT_SERVER) -> None:
+                 server: ServerOption = admin_client.DEFAULT_SERVER,
+                 ca: CaOption = None, cert: CertOption = None, key: KeyOption = None) -> None:
     """Add or replace models; the whole resulting catalog is validated before anything changes."""
-    resp = _admin(lambda: admin_client.apply_models(server, file.read_text()))
+    files = _tls(ca, cert, key)
+    resp = _admin(lambda: admin_client.apply_models(server, file.read_text(), files))
     typer.echo(f"{'applied' if resp.changed else 'unchanged'}: version {resp.version}")
 
 
 @models.command("remove")
-def models_remove(name: str, server: ServerOption = admin_client.DEFAULT_SERVER) -> None:
+def models_remove(name: str, server: ServerOption = admin_client.DEFAULT_SERVER,
+                  ca: CaOption = None, cert: CertOption = None, key: KeyOption = None) -> None:
     """Stop serving a model."""
-    resp = _admin(lambda: admin_client.remove_model(server, name))
+    files = _tls(ca, cert, key)
+    resp = _admin(lambda: admin_client.remove_model(server, name, files))
     typer.echo(f"removed {name}: version {resp.version}")
 
 
@@ -178,9 +196,11 @@ def keys_new() -> None:
 
 
 @app.command()
-def status(server: ServerOption = admin_client.DEFAULT_SERVER) -> None:
+def status(server: ServerOption = admin_client.DEFAULT_SERVER,
+           ca: CaOption = None, cert: CertOption = None, key: KeyOption = None) -> None:
     """Every Envoy and ext_proc replica connected to the control plane, and what each has ACKed."""
-    resp = _admin(lambda: admin_client.status(server))
+    files = _tls(ca, cert, key)
+    resp = _admin(lambda: admin_client.status(server, files))
     typer.echo(f"serving version {resp.version}; {len(resp.nodes)} nodes")
     for n in resp.nodes:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(n.connected_since_unix))

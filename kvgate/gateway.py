@@ -17,6 +17,7 @@ from pathlib import Path
 from kvgate.catalog import SIM, Address, Catalog, Model
 from kvgate.envoy_bootstrap import envoy_binary, render_bootstrap
 from kvgate.processes import Supervisor, free_port, port_is_free
+from kvgate.tls import DEFAULT_SERVER_NAME, TlsBundle, TlsFiles, client_flags, server_flags
 from xds_server.settings import GatewaySettings
 
 ENVOY_NODE_CLUSTER = "kvgate-envoy"
@@ -100,6 +101,9 @@ class Gateway:
     extra_ext_procs: int = 0
     # Envoys speak incremental (Delta) ADS instead of state of the world.
     delta_xds: bool = False
+    # TLS (mutual TLS if it has a client certificate) on every gRPC connection between the parts:
+    # Envoy and ext_proc to xds_server, Envoy to ext_proc, and the admin API. None: plaintext.
+    tls: TlsBundle | None = None
     # Sent with the readiness probes: a tenant's key when the catalog has tenants. Without one, a 401
     # from ext_proc is taken as ready (it answered with policies and tenants loaded), the engines'
     # health having been checked directly.
@@ -133,6 +137,20 @@ class Gateway:
         return f"127.0.0.1:{self.xds_port}"
 
     @property
+    def server_tls(self) -> TlsFiles | None:
+        """What xds_server and ext_proc serve with."""
+        return self.tls.server if self.tls else None
+
+    @property
+    def client_tls(self) -> TlsFiles | None:
+        """What their clients present: Envoy, ext_proc to xds_server, and the admin API's (kvgate status)."""
+        return self.tls.client if self.tls else None
+
+    @property
+    def tls_server_name(self) -> str:
+        return self.tls.server_name if self.tls else DEFAULT_SERVER_NAME
+
+    @property
     def status_url(self) -> str:
         """The status page (xds_server binds 127.0.0.1, its default)."""
         return f"http://127.0.0.1:{self.xds_http_port}/"
@@ -140,6 +158,11 @@ class Gateway:
     @property
     def ext_proc_metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.ext_proc_metrics_port}/metrics"
+
+    @property
+    def access_log_path(self) -> Path:
+        """Envoy's JSON access log (every Envoy of the gateway appends to it; `listener` tells them apart)."""
+        return self.run_dir / "access.log"
 
     def start(self, timeout_s: float = 60.0) -> None:
         if not port_is_free(self.host, self.port):
@@ -214,21 +237,27 @@ class Gateway:
             py, "-m", "xds_server", "--catalog", str(self.catalog_path), "--port", str(self.xds_port),
             "--http-port", str(self.xds_http_port),
             "--listen", f"{self.host}:{self.port}", "--max-request-bytes", str(self.max_request_bytes),
+            "--access-log", str(self.access_log_path),
             *(a for port, _ in self.ext_procs for a in ("--ext-proc", f"127.0.0.1:{port}")),
-            *(a for e in fleet for a in ("--group-listen", f"{e.group}={self.host}:{e.port}"))])
+            *(a for e in fleet for a in ("--group-listen", f"{e.group}={self.host}:{e.port}")),
+            *server_flags(self.server_tls), *client_flags(self.client_tls, "ext-proc-tls"),
+            *(["--ext-proc-tls-server-name", self.tls_server_name] if self.tls else [])])
         for i, (port, metrics_port) in enumerate(self.ext_procs):
             self.supervisor.start(f"ext_proc-{i}", [
                 py, "-m", "ext_proc", "--port", str(port), "--xds", self.admin_address, "--node-id", f"ext-proc-{i}",
                 "--metrics-port", str(metrics_port),
                 # gRPC must take any body Envoy buffered, plus the message's own framing.
-                "--max-message-bytes", str(self.max_request_bytes + 64 * 1024)])
+                "--max-message-bytes", str(self.max_request_bytes + 64 * 1024),
+                *server_flags(self.server_tls), *client_flags(self.client_tls, "xds")])
         xds = Address(host="127.0.0.1", port=self.xds_port)
         for e in self.envoys:
             bootstrap = self.run_dir / f"{e.node_id}.yaml"
             bootstrap.write_text(render_bootstrap(node_id=e.node_id, node_cluster=e.group, admin_port=e.admin_port,
-                                                  xds=xds, delta=self.delta_xds))
+                                                  xds=xds, delta=self.delta_xds, xds_tls=self.client_tls,
+                                                  xds_server_name=self.tls_server_name))
+            # The access log reaches its file within a second (Envoy's default flush interval is 10 s).
             self.supervisor.start(e.node_id, [envoy_binary(), "-c", str(bootstrap), "--log-level", "warn",
-                                              "--disable-hot-restart"])
+                                              "--disable-hot-restart", "--file-flush-interval-msec", "1000"])
 
     def _wait_ready(self, deadline: float) -> None:
         """Every Envoy LIVE (it applied, so ACKed, its first config); then one request per model

@@ -22,6 +22,21 @@ def node_status(client: Client, last_nack: admin_pb2.Nack | None, budget_share: 
         last_nack=last_nack, budget_share=budget_share)
 
 
+def fleet_status(controller: Controller) -> admin_pb2.GetStatusResponse:
+    """Every connected node as the ADS server sees it: `kvgate status` and the status page show this."""
+    ads = controller.server.servicer
+    last_nacks = {node: admin_pb2.Nack(type_url=n.type_url, version=n.version, error_detail=n.message)
+                  for node, n in ads.nacks}  # later entries win: the last NACK per node
+    shares = controller.shares.select(None)
+
+    def share(c: Client) -> float | None:
+        return (share_of(shares, c.node_id) or 0.0) if c.cluster == EXT_PROC_GROUP else None
+
+    nodes = sorted((node_status(c, last_nacks.get(c.node_id), share(c)) for c in ads.clients.values()),
+                   key=lambda n: (n.group, n.id))
+    return admin_pb2.GetStatusResponse(version=controller.server.cache.snapshot.version, nodes=nodes)
+
+
 @dataclass
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     controller: Controller
@@ -40,17 +55,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     async def GetStatus(self, request: admin_pb2.GetStatusRequest,
                         context: grpc.aio.ServicerContext) -> admin_pb2.GetStatusResponse:
-        ads = self.controller.server.servicer
-        last_nacks = {node: admin_pb2.Nack(type_url=n.type_url, version=n.version, error_detail=n.message)
-                      for node, n in ads.nacks}  # later entries win: the last NACK per node
-        shares = self.controller.shares.select(None)
-
-        def share(c: Client) -> float | None:
-            return (share_of(shares, c.node_id) or 0.0) if c.cluster == EXT_PROC_GROUP else None
-
-        nodes = sorted((node_status(c, last_nacks.get(c.node_id), share(c)) for c in ads.clients.values()),
-                       key=lambda n: (n.group, n.id))
-        return admin_pb2.GetStatusResponse(version=self._version(), nodes=nodes)
+        return fleet_status(self.controller)
 
     async def _change(self, change: Awaitable[bool], context: grpc.aio.ServicerContext) -> admin_pb2.ChangeResponse:
         try:
