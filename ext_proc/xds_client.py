@@ -22,6 +22,7 @@ from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceStub
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
 from google.rpc.status_pb2 import Status
+from kvgate import tls
 
 _CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 15_000), ("grpc.keepalive_timeout_ms", 5_000),
                     ("grpc.keepalive_permit_without_calls", 1)]
@@ -44,6 +45,8 @@ class AdsSubscriber:
     log: structlog.typing.FilteringBoundLogger = field(
         default_factory=lambda: structlog.get_logger(component="xds_client"))
     max_backoff_s: float = 5.0
+    # TLS to the control plane (None: plaintext); a client certificate in it for mutual TLS.
+    tls_files: tls.TlsFiles | None = None
     _backoff_s: float = 0.1
 
     def subscription(self, type_url: str) -> Subscription | None:
@@ -60,7 +63,7 @@ class AdsSubscriber:
             self._backoff_s = min(self.max_backoff_s, self._backoff_s * 2)
 
     async def _stream(self) -> None:
-        async with grpc.aio.insecure_channel(self.target, options=_CHANNEL_OPTIONS) as channel:
+        async with tls.aio_channel(self.target, self.tls_files, _CHANNEL_OPTIONS) as channel:
             call = AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources()
             for i, sub in enumerate(self.subscriptions):
                 # The server reads the node from a stream's first request only, as Envoy sends it.

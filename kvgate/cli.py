@@ -16,13 +16,14 @@ import watchfiles
 import yaml
 from google.protobuf import json_format
 
+from engines import assets
 from kvgate import admin_client, api_keys, tls
 from kvgate.catalog import SIM, Address, Catalog, CatalogError, Model, bundled_catalog_path, load_catalog
 from kvgate.gateway import Gateway, NotReady
 from kvgate.processes import ProcessDied
 from xds_server.settings import GatewaySettings
 from xds_server.control import render
-from xds_server.snapshot import PUSH_ORDER, Snapshot
+from xds_server.snapshot import BUDGET_SHARES, PUSH_ORDER, Snapshot
 
 T = TypeVar("T")
 
@@ -125,7 +126,7 @@ def check(catalog: Annotated[Path, typer.Argument(help="Catalog file to validate
     docs = [{"type_url": t, "version_info": snapshot.get(t).version,
              "resources": [json.loads(json_format.MessageToJson(r, preserving_proto_field_name=True))
                            for r in snapshot.get(t).items.values()]}
-            for t in PUSH_ORDER]
+            for t in PUSH_ORDER if t != BUDGET_SHARES]  # shares follow the running replicas, not the catalog
     yaml.safe_dump_all(docs, sys.stdout, sort_keys=False, explicit_start=True)
     typer.echo(f"# catalog OK: {len(cat.models)} models; `sim` endpoints shown at placeholder ports", err=True)
 
@@ -182,6 +183,17 @@ def models_remove(name: str, server: ServerOption = admin_client.DEFAULT_SERVER,
     files = _tls(ca, cert, key)
     resp = _admin(lambda: admin_client.remove_model(server, name, files))
     typer.echo(f"removed {name}: version {resp.version}")
+
+
+engines_app = typer.Typer(help="What real engines need, generated from the catalog.", no_args_is_help=True)
+app.add_typer(engines_app, name="engines")
+
+
+@engines_app.command("render", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                                  "help_option_names": []})
+def engines_render(ctx: typer.Context) -> None:
+    """CATALOG OUT_DIR [options]: Triton model repositories and trtllm-serve commands (--help for options)."""
+    raise typer.Exit(assets.main(list(ctx.args)))
 
 
 keys = typer.Typer(help="API keys of tenants (catalog `tenants:`).", no_args_is_help=True)

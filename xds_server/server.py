@@ -15,6 +15,7 @@ from google.protobuf import json_format
 
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
+from kvgate import tls
 from xds_server.cache import SnapshotCache
 from xds_server.delta import DeltaStream
 from xds_server.shares import EXT_PROC_GROUP
@@ -139,8 +140,9 @@ class XdsServer:
         self.grpc = grpc.aio.server(options=_KEEPALIVE)
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.servicer, self.grpc)
 
-    async def start(self, host: str, port: int) -> int:
-        bound = self.grpc.add_insecure_port(f"{host}:{port}")
+    async def start(self, host: str, port: int, tls_files: tls.TlsFiles | None = None) -> int:
+        """Listen for ADS and the admin API, over TLS if `tls_files` (mutual TLS if it has a CA)."""
+        bound = tls.bind(self.grpc, f"{host}:{port}", tls_files)
         if not bound:
             raise OSError(f"cannot bind xDS server to {host}:{port}")
         await self.grpc.start()

@@ -165,7 +165,8 @@ def test_check_prints_every_resource_type_in_ads_order() -> None:
     assert result.returncode == 0, result.stderr
     docs = list(yaml.safe_load_all(result.stdout))
     assert [d["type_url"].rsplit(".", 1)[1] for d in docs] == [
-        "Cluster", "ClusterLoadAssignment", "Listener", "RouteConfiguration", "ModelPolicy"]
+        "Cluster", "ClusterLoadAssignment", "Listener", "RouteConfiguration", "Tenant", "ModelPolicy"]
+    assert docs[4]["resources"] == []  # no tenants: an open gateway
     policies = {p["name"]: p for p in docs[-1]["resources"]}
     assert policies["llama-3-8b"]["kv_bytes_per_token"] == str(128 * 1024)
 

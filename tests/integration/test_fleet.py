@@ -61,5 +61,5 @@ def test_every_node_acks_the_served_versions(fleet: Gateway) -> None:
         by_group_kind.setdefault("envoy" if n.id.startswith("envoy") else "ext_proc", set()).update(
             f"{t}={v}" for t, v in n.acked_versions.items() if not t.endswith("Listener"))
     # Apart from each group's own listener, every Envoy ACKed the same versions; likewise ext_proc
-    # (its policies and its budget shares).
-    assert len(by_group_kind["envoy"]) == 3 and len(by_group_kind["ext_proc"]) == 2
+    # (its tenants, policies and budget shares).
+    assert len(by_group_kind["envoy"]) == 3 and len(by_group_kind["ext_proc"]) == 3

@@ -103,7 +103,8 @@ def test_status_shows_every_node_and_what_it_acked(gateway: Gateway) -> None:
         "Cluster", "ClusterLoadAssignment", "Listener", "RouteConfiguration"}
     ext_proc = next(n for n in current.nodes if n.id == "ext-proc-0")
     assert sorted(ext_proc.acked_versions) == ["type.googleapis.com/kvgate.v1.BudgetShares",
-                                               "type.googleapis.com/kvgate.v1.ModelPolicy"]
+                                               "type.googleapis.com/kvgate.v1.ModelPolicy",
+                                               "type.googleapis.com/kvgate.v1.Tenant"]
     assert ext_proc.budget_share == 1.0 and not envoy.HasField("budget_share")  # the only replica
     printed = subprocess.run([sys.executable, "-m", "kvgate.cli", "status", "--server", gateway.admin_address],
                              capture_output=True, text=True, timeout=30)

@@ -31,7 +31,9 @@ CATALOG = {"models": [
     {"name": "chatty", "endpoints": ["sim"], "max_context_tokens": 1024, "max_output_tokens": 16,
      "kv": {"bytes_per_token": 1024, "budget_per_endpoint": "16MiB"},
      "sim": {"ttft_base_ms": 0, "ttft_per_token_ms": 0, "itl_ms": 0, "batch_slowdown": 0}},
-]}
+],
+    # A request that does not fit is refused at once, not after waiting for budget.
+    "priority_classes": [{"name": "interactive", "max_wait_s": 0}]}
 
 
 @pytest.fixture(scope="module")

@@ -456,3 +456,22 @@ def test_model_routes_retry_only_before_an_engine_started_and_elsewhere() -> Non
                                                    "retriable-status-codes"}
         assert list(policy.retriable_status_codes) == [503] and policy.num_retries.value == 2
         assert [p.name for p in policy.retry_host_predicate] == ["envoy.retry_host_predicates.previous_hosts"]
+
+
+def test_the_same_catalog_gives_the_same_versions_in_another_process() -> None:
+    """Nested typed configs (access log formats are maps) serialize in per-process order unless
+    re-packed: a restarted control plane would then re-send every Envoy its listener."""
+    import subprocess
+    import sys
+
+    script = ("from kvgate.catalog import load_catalog, bundled_catalog_path, Address\n"
+              "from xds_server.snapshot import build_snapshot\n"
+              "from xds_server.settings import GatewaySettings\n"
+              "c = load_catalog(bundled_catalog_path())\n"
+              "c = c.with_endpoints({m.name: [Address(host='127.0.0.1', port=9000 + i, grpc_port=9100 + i "
+              "if m.protocol == 'triton' else None)] for i, m in enumerate(c.models)})\n"
+              "s = build_snapshot(c, GatewaySettings())\n"
+              "print(' '.join(s.get(t).version for t in sorted(s.by_type)))\n")
+    versions = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                               timeout=60).stdout for _ in range(3)}
+    assert len(versions) == 1, versions
