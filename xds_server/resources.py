@@ -14,12 +14,15 @@ import orjson
 from kvgate import __version__
 from kvgate.catalog import Address, Catalog, Model
 from kvgate.headers import ENDPOINT_HEADER, MAX_TOKENS_HEADER, MODEL_HEADER
+from kvgate.tls import envoy_upstream_tls
 from xds_server.settings import GatewaySettings
 
 LISTENER_NAME = "kvgate_http"
 ROUTE_CONFIG_NAME = "kvgate_routes"
 EXT_PROC_CLUSTER = "kvgate_ext_proc"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+# The dynamic-metadata namespace ext_proc writes its decision into (ext_proc/decision_metadata.py).
+DECISION_NAMESPACE = "kvgate"
 
 _ADS = {"ads": {}, "resource_api_version": "V3"}
 _T = "type.googleapis.com/"
@@ -66,6 +69,8 @@ def ext_proc_cluster(settings: GatewaySettings) -> dict[str, Any]:
         "typed_extension_protocol_options": _http2(),
         "circuit_breakers": _circuit_breakers(settings.ext_proc_max_requests),
         "load_assignment": {"cluster_name": EXT_PROC_CLUSTER, "endpoints": _lb_endpoints(settings.ext_proc)},
+        **({"transport_socket": envoy_upstream_tls(settings.ext_proc_tls, settings.ext_proc_tls_server_name)}
+           if settings.ext_proc_tls else {}),
     }
 
 
@@ -177,8 +182,47 @@ def ext_proc_filter(settings: GatewaySettings) -> dict[str, Any]:
             # For gRPC streams (GRPC body mode): the first message must reach ext_proc before it
             # answers the headers, since that message names the model. No effect on BUFFERED bodies.
             "send_body_without_waiting_for_header_response": True,
+            # Envoy drops dynamic metadata from ext_proc in namespaces not listed here.
+            "metadata_options": {"receiving_namespaces": {"untyped": [DECISION_NAMESPACE]}},
         },
     }
+
+
+# One JSON line per request. `kvgate` is ext_proc's decision as it sent it (dynamic metadata); the
+# ext_proc_*_us fields are Envoy's own timing of each ext_proc round trip (the filter's filter state),
+# gRPC transport included, unlike ext_proc's kvgate_ext_proc_processing_seconds.
+ACCESS_LOG_FORMAT = {
+    "start_time": "%START_TIME%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "protocol": "%PROTOCOL%",
+    "status": "%RESPONSE_CODE%",
+    "grpc_status": "%GRPC_STATUS_NUMBER%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "flags": "%RESPONSE_FLAGS%",
+    "duration_ms": "%DURATION%",
+    "upstream_ms": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+    "bytes_received": "%BYTES_RECEIVED%",
+    "bytes_sent": "%BYTES_SENT%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    "upstream_cluster": "%UPSTREAM_CLUSTER%",
+    "listener": "%DOWNSTREAM_LOCAL_ADDRESS%",
+    "client": "%DOWNSTREAM_REMOTE_ADDRESS%",
+    DECISION_NAMESPACE: f"%DYNAMIC_METADATA({DECISION_NAMESPACE})%",
+    "ext_proc_headers_us": f"%FILTER_STATE({EXT_PROC_FILTER}:FIELD:request_header_latency_us)%",
+    "ext_proc_body_us": f"%FILTER_STATE({EXT_PROC_FILTER}:FIELD:request_body_total_latency_us)%",
+}
+
+
+def access_log(settings: GatewaySettings) -> dict[str, Any]:
+    log_format = {"json_format": ACCESS_LOG_FORMAT}
+    if settings.access_log_path is None:
+        return {"name": "envoy.access_loggers.stdout", "typed_config": {
+            "@type": _T + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", "log_format": log_format}}
+    return {"name": "envoy.access_loggers.file", "typed_config": {
+        "@type": _T + "envoy.extensions.access_loggers.file.v3.FileAccessLog", "path": settings.access_log_path,
+        "log_format": log_format}}
 
 
 def _hcm(stat_prefix: str, route_config_name: str, filters: list[dict[str, Any]]) -> dict[str, Any]:
@@ -197,6 +241,9 @@ def listener(settings: GatewaySettings) -> dict[str, Any]:
         "codec_type": "AUTO",  # HTTP/1.1 and HTTP/2 (h2c) on one port
         # HTTP/2 buffers per stream up to its window: the same cap as HTTP/1.1's buffer limit.
         "http2_protocol_options": {"initial_stream_window_size": max(65535, settings.max_request_bytes)},
+        "access_log": [access_log(settings)],
+        # Clients can quote the id that every log line about their request carries.
+        "always_set_request_id_in_response": True,
     }
     return {
         "name": LISTENER_NAME,
