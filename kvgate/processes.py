@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,11 +13,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
+# util-linux's setpriv sets the parent-death signal and execs the child. Python then spawns without
+# a preexec_fn (vfork/exec, no Python code between fork and exec): a plain fork of a process whose
+# grpc threads are running sometimes crashed the child before exec.
+_SETPRIV = shutil.which("setpriv")
 
 
 def _die_with_parent() -> None:
     # Linux: the kernel sends SIGTERM to the child if the parent dies, even by SIGKILL.
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _dying_with_parent(argv: list[str]) -> tuple[list[str], dict[str, object]]:
+    """argv and Popen options under which the child gets SIGTERM when its parent (thread) dies."""
+    if _SETPRIV:
+        return [_SETPRIV, "--pdeathsig", "TERM", "--", *argv], {}
+    return argv, {"preexec_fn": _die_with_parent}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -60,9 +72,10 @@ class Supervisor:
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
         log_path = self.log_dir / f"{name}.log"
+        command, options = _dying_with_parent(argv)
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, **(env or {})}, preexec_fn=_die_with_parent)
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**os.environ, **(env or {})}, **options)  # type: ignore[call-overload]
         child = Child(name, proc, log_path, argv, env)
         self.children.append(child)
         return child

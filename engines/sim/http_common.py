@@ -3,13 +3,17 @@ responses, and the simulator-only test hooks under /sim/."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import socket
+import struct
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
 
 import orjson
 from aiohttp import web
 
 from engines.sim.config import SimConfig
-from engines.sim.engine import SimEngine
+from engines.sim.engine import Chunk, SimEngine
 from engines.sim.records import Records, record
 
 CONFIG = web.AppKey("config", SimConfig)
@@ -68,6 +72,52 @@ class SseWriter:
 
 
 # Simulator-only test hooks; neither trtllm-serve nor Triton has such routes.
+
+# Fault injection, off unless a request asks for it: the engine resets the connection of a request
+# carrying this header once its generation has produced that many chunks (0: before the first), as
+# an engine that crashes mid-response would. Tests send it through the gateway to exercise upstream
+# resets on chosen requests; a real engine ignores the header. OpenAI front only, for now.
+RESET_AFTER_HEADER = "x-sim-reset-after-chunks"
+
+
+def requested_reset(request: web.Request) -> int | None:
+    """The request's RESET_AFTER_HEADER; None without one. ValueError if it is not a count."""
+    value = request.headers.get(RESET_AFTER_HEADER)
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()):
+        raise ValueError(f"{RESET_AFTER_HEADER} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+async def reset_connection(request: web.Request) -> NoReturn:
+    """Reset the client's TCP connection (RST, not a polite FIN), then end the handler the way
+    a client disconnect does: cancelled, so every `async with generation.run(...)` frees its
+    blocks."""
+    transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # linger 0: close() sends RST
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    task = asyncio.current_task()
+    assert task is not None
+    task.cancel()
+    await asyncio.sleep(0)  # the cancellation is delivered here
+    raise AssertionError("unreachable: the handler was cancelled")
+
+
+async def reset_after(
+    request: web.Request, chunks: AsyncIterator[Chunk], count: int
+) -> AsyncIterator[Chunk]:
+    """The generation's chunks, but the connection is reset instead of handing over chunk
+    `count` + 1. A generation with at most `count` chunks finishes normally."""
+    handed = 0
+    async for chunk in chunks:
+        if handed == count:
+            await reset_connection(request)
+        yield chunk
+        handed += 1
 
 
 async def _get_records(request: web.Request) -> web.Response:

@@ -21,6 +21,8 @@ from engines.sim.http_common import (
     SseWriter,
     json_response,
     read_json_and_record,
+    requested_reset,
+    reset_after,
     setup_sim_app,
 )
 from engines.sim.metrics import SimMetrics
@@ -238,8 +240,14 @@ async def _complete(request: web.Request, dialect: Dialect) -> web.StreamRespons
     if not valid:
         raise ApiError(400, "request body is not valid JSON")
     call = _parse_call(body, dialect, request.app[CONFIG].model)
+    try:
+        reset = requested_reset(request)  # a test hook; None for every ordinary request
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
     # run() frees the KV blocks even when the client goes away mid-stream.
     async with generation.run(request.app[ENGINE], call.gen) as chunks:
+        if reset is not None:
+            chunks = reset_after(request, chunks, reset)
         if call.stream:
             return await _stream(request, call, chunks)
         done = await generation.collect(chunks)
