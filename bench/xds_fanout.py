@@ -107,7 +107,7 @@ def run(clients: int, changes: int, per_channel: int, run_dir: Path,
     server = f"127.0.0.1:{port}"
     supervisor = Supervisor(run_dir)
     xds = supervisor.start("xds_server", [sys.executable, "-m", "xds_server", "--catalog", str(catalog),
-                                          "--port", str(port), "--no-watch"])
+                                          "--port", str(port), "--no-watch", "--http-port", "0"])
     pid = xds.proc.pid
     errors: list[str] = []
     all_acked, first_acked, admin_s, server_cpu, client_cpu = [], [], [], [], []
