@@ -6,6 +6,7 @@ with the most headroom; `admit` reserves there or says why not. Waiting is serve
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -89,7 +90,11 @@ def admit(p: Plan, policy: Policy, ledgers: list[Ledger], now: float, ttl_s: flo
 
 
 def busy(p: Plan, policy: Policy, ledgers: list[Ledger], now: float) -> Refusal:
-    """The 429 of a request that waited its class's longest and still does not fit."""
+    """The 429 of a request that waited its class's longest and still does not fit; a 503 when no
+    engine of the model can be seen at all (every one's metrics stale): that is not a full cache."""
+    if ledgers and all(lg.blind for lg in ledgers):
+        return Refusal(503, "engine_unavailable", f"No engine of model {policy.name!r} is reachable right now.",
+                       type_="service_unavailable", retry_after=max(1, min(60, math.ceil(policy.metrics_stale_after_s))))
     retry = min((lg.retry_after(p.nbytes, now) for lg in ledgers), default=60)
     return Refusal(429, "rate_limit_exceeded",
                    f"Model {policy.name!r} has no KV-cache budget free for this request "

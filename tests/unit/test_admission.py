@@ -319,3 +319,14 @@ def test_from_proto_rejects_zero_bytes_per_token_estimate() -> None:
 def test_policy_from_proto_plans_like_the_catalog_says() -> None:
     pol = Policy.from_proto(proto_policy())
     assert planned(completion(ids(10), max_tokens=20), pol).nbytes == 2 * BLOCK * BPT
+
+
+def test_when_no_engine_can_be_seen_the_refusal_is_503_not_429() -> None:
+    p = planned(completion(ids(10), max_tokens=20))
+    lgs = [ledger(10 * p.nbytes, "a:1"), ledger(10 * p.nbytes, "b:1")]
+    for lg in lgs:
+        lg.blind = True
+    r = busy(p, policy(metrics_stale_after_s=5.0), lgs, now=0.0)
+    assert (r.status, r.code, r.retry_after) == (503, "engine_unavailable", 5)
+    lgs[1].blind = False
+    assert busy(p, policy(), lgs, now=0.0).status == 429  # one engine seen, and full: a real 429
