@@ -84,7 +84,7 @@ def to_json(report: Report) -> str:
     return json.dumps({**asdict(report), "errors": report.errors}, indent=2)
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
@@ -106,7 +106,7 @@ def _errors(c: Comparison) -> str:
 
 
 def _latency_table(cs: Sequence[Comparison]) -> str:
-    return _table(
+    return markdown_table(
         ["protocol", "load", "baseline p50", "baseline p99", "gateway p50", "gateway p99", "added p50", "added p99",
          "ratio p50", "ratio p99", "done req/s b / g", "errors b / g"],
         [[c.protocol, c.load, _ms(c.baseline.p50_ms), _ms(c.baseline.p99_ms), _ms(c.gateway.p50_ms),
@@ -115,7 +115,7 @@ def _latency_table(cs: Sequence[Comparison]) -> str:
 
 
 def _throughput_table(cs: Sequence[Comparison]) -> str:
-    return _table(
+    return markdown_table(
         ["protocol", "load", "baseline req/s", "gateway req/s", "ratio", "baseline p50 / p99", "gateway p50 / p99",
          "errors b / g"],
         [[c.protocol, c.load, f"{c.baseline.throughput_rps:.0f}", f"{c.gateway.throughput_rps:.0f}",
@@ -128,7 +128,7 @@ def _cpu_table(cs: Sequence[Comparison]) -> str:
     rows = [[c.protocol, c.load, name, *(_ms(side.cpu_ms_per_request[r]) if r in side.cpu_ms_per_request else "-"
                              for r in roles)]
             for c in cs for name, side in (("baseline", c.baseline), ("gateway", c.gateway))]
-    return _table(["protocol", "load", "set-up", *roles], rows)
+    return markdown_table(["protocol", "load", "set-up", *roles], rows)
 
 
 def render(report: Report) -> str:
