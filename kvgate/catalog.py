@@ -7,6 +7,7 @@ Everything downstream (Envoy resources, ModelPolicy resources, simulated engines
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 from decimal import Decimal
 from functools import cached_property
@@ -100,6 +101,14 @@ def parse_endpoint(value: Any) -> str | Address | dict[str, Any]:
 
 
 Endpoint = Annotated[str | Address, BeforeValidator(parse_endpoint)]
+
+
+def is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _resolve(path: Path | None, info: ValidationInfo) -> Path | None:
@@ -330,6 +339,16 @@ class Model(_Strict):
             raise ValueError("triton endpoints need both ports: {host: ..., port: HTTP, grpc_port: GRPC}")
         if self.protocol == "openai" and any(a.grpc_port is not None for a in addrs):
             raise ValueError("grpc_port is for triton endpoints only")
+        return self
+
+    @model_validator(mode="after")
+    def _endpoints_are_ips(self) -> Model:
+        # Envoy's EDS does not resolve names: one named endpoint made Envoy reject every model's
+        # endpoints (seen on 1.40), a silent outage. ext_proc's choice is matched by IP too.
+        named = [a.host for a in self.endpoints if isinstance(a, Address) and not is_ip_address(a.host)]
+        if named:
+            raise ValueError(f"endpoint host {named[0]!r} is not an IP address: engines are given to Envoy "
+                             "by address (EDS does not resolve names); use the engine's IP")
         return self
 
     @model_validator(mode="after")

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from kvgate import __version__
-from kvgate.catalog import Address, Catalog, Model
+from kvgate.catalog import Address, Catalog, Model, is_ip_address
 from kvgate.headers import ENDPOINT_HEADER, MAX_TOKENS_HEADER, MODEL_HEADER
 from kvgate.tls import envoy_upstream_tls
 from xds_server.settings import GatewaySettings
@@ -61,9 +61,13 @@ def _circuit_breakers(limit: int) -> dict[str, Any]:
 # --- CDS -------------------------------------------------------------------------------------
 
 def ext_proc_cluster(settings: GatewaySettings) -> dict[str, Any]:
+    named = any(not is_ip_address(a.host) for a in settings.ext_proc)
     return {
         "name": EXT_PROC_CLUSTER,
-        "type": "STATIC",
+        # Replicas named by DNS (a compose service, a headless Kubernetes service) are resolved by
+        # Envoy; STATIC clusters take IPs only.
+        "type": "STRICT_DNS" if named else "STATIC",
+        **({"dns_lookup_family": "V4_ONLY"} if named else {}),
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
         "typed_extension_protocol_options": _http2(),

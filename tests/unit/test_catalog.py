@@ -236,28 +236,28 @@ def test_load_catalog_reports_missing_file(tmp_path: Path) -> None:
 # --- endpoints -------------------------------------------------------------------------------
 
 def test_endpoints_parse_host_port_and_sim() -> None:
-    cat = parse_catalog(catalog_dict(model_dict(endpoints=["engine-a:8000", SIM, "[::1]:9000"])))
-    assert cat.models[0].endpoints == [Address(host="engine-a", port=8000), SIM, Address(host="::1", port=9000)]
+    cat = parse_catalog(catalog_dict(model_dict(endpoints=["10.0.0.7:8000", SIM, "[::1]:9000"])))
+    assert cat.models[0].endpoints == [Address(host="10.0.0.7", port=8000), SIM, Address(host="::1", port=9000)]
 
 
 def test_addresses_returns_real_endpoints() -> None:
-    cat = parse_catalog(catalog_dict(model_dict(endpoints=["a:1", "b:2"])))
-    assert [str(a) for a in cat.models[0].addresses()] == ["a:1", "b:2"]
+    cat = parse_catalog(catalog_dict(model_dict(endpoints=["10.0.0.1:1", "10.0.0.2:2"])))
+    assert [str(a) for a in cat.models[0].addresses()] == ["10.0.0.1:1", "10.0.0.2:2"]
 
 
 def test_addresses_raises_on_unresolved_sim() -> None:
-    cat = parse_catalog(catalog_dict(model_dict(endpoints=["a:1", SIM])))
+    cat = parse_catalog(catalog_dict(model_dict(endpoints=["10.0.0.1:1", SIM])))
     with pytest.raises(CatalogError) as e:
         cat.models[0].addresses()
     assert "'m1'" in e.value.problems[0] and "sim" in e.value.problems[0]
 
 
 def test_with_endpoints_replaces_sims_in_order() -> None:
-    cat = parse_catalog(catalog_dict(model_dict(endpoints=[SIM, "real:8000", SIM])))
+    cat = parse_catalog(catalog_dict(model_dict(endpoints=[SIM, "10.0.0.8:8000", SIM])))
     started = [Address(host="127.0.0.1", port=18001), Address(host="127.0.0.1", port=18002)]
     resolved = cat.with_endpoints({"m1": started})
-    assert resolved.models[0].endpoints == [started[0], Address(host="real", port=8000), started[1]]
-    assert [str(a) for a in resolved.models[0].addresses()] == ["127.0.0.1:18001", "real:8000", "127.0.0.1:18002"]
+    assert resolved.models[0].endpoints == [started[0], Address(host="10.0.0.8", port=8000), started[1]]
+    assert [str(a) for a in resolved.models[0].addresses()] == ["127.0.0.1:18001", "10.0.0.8:8000", "127.0.0.1:18002"]
 
 
 def test_with_endpoints_leaves_the_original_unchanged() -> None:
@@ -364,7 +364,7 @@ def round_trip(cat: Catalog) -> Catalog:
 
 def test_to_yaml_round_trips() -> None:
     cat = parse_catalog(catalog_dict(
-        model_dict("a", endpoints=["10.0.0.1:8000", "engine-b:9000", "[::1]:9001"],
+        model_dict("a", endpoints=["10.0.0.1:8000", "10.0.0.2:9000", "[::1]:9001"],
                    max_output_tokens=512, tokens_per_block=64,
                    prompt_estimate={"bytes_per_token": 2.5, "per_message_tokens": 4},
                    sim={"itl_ms": 3.0, "on_full": "fail"}),
@@ -682,3 +682,9 @@ def test_keys_new_prints_a_key_and_its_digest() -> None:
     key = out.split("key:")[1].split()[0]
     digest = out.split("sha256:")[1].split()[0]
     assert key.startswith("kvg-") and len(key) > 40 and key_hash(key) == digest
+
+
+def test_engine_hosts_must_be_ip_addresses() -> None:
+    """Envoy's EDS does not resolve names; one named endpoint would empty every model's cluster."""
+    problems = problems_of(lambda m: m.update(endpoints=["10.0.0.1:8000", "engine-b:9000"]))
+    assert any("'engine-b' is not an IP address" in p for p in problems)

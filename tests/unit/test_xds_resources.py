@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import orjson
 import pytest
-from google.protobuf import message
+from google.protobuf import json_format, message
 
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
@@ -47,7 +47,7 @@ def catalog(alpha: dict[str, Any] | None = None, *extra: dict[str, Any]) -> Cata
     """Two models: alpha on two engines, beta on one (override alpha's fields with `alpha`)."""
     return parse_catalog({"models": [
         model("alpha", "10.0.0.1:8000", "10.0.0.2:8000", **(alpha or {})),
-        model("beta", "engine-b:9000", max_context_tokens=32768, max_output_tokens=2048,
+        model("beta", "10.0.0.5:9000", max_context_tokens=32768, max_output_tokens=2048,
               kv={"bytes_per_token": 131072, "budget_per_endpoint": "8GiB"}),
         *extra]})
 
@@ -305,7 +305,7 @@ def test_policy_per_model_with_protocol_and_estimate() -> None:
     assert set(pols) == {"alpha", "beta"}
     beta = pols["beta"]
     assert beta.protocol == "openai"
-    assert [e.address for e in beta.endpoints] == ["engine-b:9000"]
+    assert [e.address for e in beta.endpoints] == ["10.0.0.5:9000"]
     assert beta.prompt_estimate.bytes_per_token == 1.0
     assert beta.prompt_estimate.per_message_tokens == 8
 
@@ -475,3 +475,10 @@ def test_the_same_catalog_gives_the_same_versions_in_another_process() -> None:
     versions = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                                timeout=60).stdout for _ in range(3)}
     assert len(versions) == 1, versions
+
+
+def test_ext_proc_replicas_named_by_dns_get_a_strict_dns_cluster() -> None:
+    by_ip = resources.ext_proc_cluster(GatewaySettings())
+    named = resources.ext_proc_cluster(GatewaySettings(ext_proc=(Address(host="ext_proc", port=9002),)))
+    assert (by_ip["type"], named["type"], named["dns_lookup_family"]) == ("STATIC", "STRICT_DNS", "V4_ONLY")
+    assert json_format.ParseDict(named, Cluster()).type == Cluster.STRICT_DNS  # a valid Cluster
