@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from bench.machine import Machine
-from bench.report import _table
+from bench.report import markdown_table
 
 # The goals, checked against the conservative numbers (upper bounds, worst case).
 GOAL_PROPAGATION_P99_MS = 100.0
@@ -135,13 +135,13 @@ def _propagation_table(p: Propagation) -> str:
             for k in p.kinds]
     a = p.all_changes
     rows.append(["all", str(a.n), _ms(a.p50_ms), _ms(a.p99_ms), _ms(a.max_ms), *[""] * 13])
-    return _table(["change", "n", "p50", "p99", "max", "envoy-0 p50", "envoy-0 p99", "envoy-0 max", "lower p50",
+    return markdown_table(["change", "n", "p50", "p99", "max", "envoy-0 p50", "envoy-0 p99", "envoy-0 max", "lower p50",
                    "lower max", "admin p50", "admin p99", "admin max", "p50 - admin", "max - admin", "other answers",
                    "flaps", "errors"], rows)
 
 
 def _fanout_table(fs: Sequence[Fanout]) -> str:
-    return _table(
+    return markdown_table(
         ["clients", "channels", "changes", "connect s", "all ACKed p50", "all ACKed max", "first ACK p50",
          "admin p50", "server CPU ms/change", "fleet CPU ms/change", "RSS idle MiB", "RSS connected MiB",
          "RSS after MiB", "peak MiB", "errors"],
@@ -202,7 +202,7 @@ def render(report: XdsReport) -> str:
             _fanout_table(report.fanout),
         ]
     if g := goals(report):
-        parts += ["### The issue's goals", _table(["goal", "measured", "met"], [list(r) for r in g])]
+        parts += ["### The issue's goals", markdown_table(["goal", "measured", "met"], [list(r) for r in g])]
     errors = (p.errors if p else []) + [e for f in report.fanout for e in f.errors]
     parts += [f"Errors: {report.errors}" + "".join(f"\n- {e}" for e in errors[:20]),
               "\n".join([f"command: {report.command}", f"date: {m.date}",
