@@ -55,8 +55,8 @@ class RateLimits:
         limit = per_minute * self.share
         bucket = self._buckets.get((tenant, what))
         if bucket is None or bucket.per_minute != limit:
-            # New, or its limit or share changed: start full, within the new limit.
-            level = limit if bucket is None else min(bucket.level, limit)
+            # New: full. Its limit or share changed: as full as it was, in proportion.
+            level = limit if bucket is None or bucket.per_minute <= 0 else bucket.level * limit / bucket.per_minute
             bucket = self._buckets[(tenant, what)] = Bucket(limit, level, now)
         bucket.refill(now)
         return bucket

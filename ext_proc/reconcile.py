@@ -25,6 +25,9 @@ from ext_proc.scraper import EngineScraper
 from ext_proc.server import PolicyTable
 
 
+IDLE_GRACE_S = 5.0
+
+
 def engine_used_bytes(load: EngineLoad, endpoint: EndpointPolicy, policy: Policy) -> int:
     """KV bytes in use on the engine: from its block counts when it publishes them (exact), else
     from its utilisation fraction of the budget (vLLM publishes only that)."""
@@ -44,8 +47,9 @@ def apply_sample(ledger: Ledger, load: EngineLoad, taken_at: float, endpoint: En
     ledger.observe_engine(int(ledger.share * engine_used_bytes(load, endpoint, policy)), ledger.reserved)
     if not is_idle(load):
         return 0
-    # Admitted this long before the engine was seen idle: on the engine and finished, not on the way.
-    grace_s = policy.metrics_stale_after_s
+    # Admitted this long before the engine was seen idle: on the engine and finished, not on the way
+    # (engines refresh their gauges every second or two: Triton every 2 s by default).
+    grace_s = max(IDLE_GRACE_S, policy.metrics_stale_after_s)
     return len(ledger.release_where(lambda r: r.started < taken_at - grace_s, now))
 
 
@@ -79,7 +83,9 @@ class Reconciler:
                 continue
             self._applied[(policy.name, endpoint.address)] = sample.taken_at
             if sample.load is None:  # up, but no numbers yet: the ledger alone counts
-                ledger.blind = False
+                if ledger.blind:
+                    ledger.blind = False
+                    self.table.wake(policy.name)
                 continue
             released = apply_sample(ledger, sample.load, sample.taken_at, endpoint, policy, now)
             if released:

@@ -54,7 +54,9 @@ class PolicyTable:
         keys = {(p.name, e.address) for p in policies for e in p.endpoints}
         for p in policies:
             for e in p.endpoints:
-                self.ledgers.set_budget(p.name, e.address, e.budget_bytes)
+                ledger = self.ledgers.set_budget(p.name, e.address, e.budget_bytes)
+                if not p.metrics_interval_s:  # not scraped (any more): the ledger alone counts
+                    ledger.blind, ledger.excess = False, 0
         self.ledgers.retain(keys)
         self.policies = {p.name: p for p in policies}
         self.queues = {p.name: self.queues.get(p.name) or WaitQueue(self.max_waiting) for p in policies}
@@ -184,11 +186,9 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
                     yield reply
         finally:
             structlog.contextvars.unbind_contextvars("request_id")
-            now = self.clock()
             for r in req.reservations:
-                if r.ledger.release(r, now):
-                    self.table.wake(r.ledger.model)
-            self.decisions.finished(req.decision, now - req.started)
+                self._release(r)
+            self.decisions.finished(req.decision, self.clock() - req.started)
 
     async def _replies(self, msg: ProcessingRequest, req: _Request) -> AsyncIterator[ProcessingResponse]:
         kind = msg.WhichOneof("request")
@@ -265,9 +265,12 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
             # Envoy would give up on us after its message timeout: tell it how long this may take.
             yield responses.wait_longer(wait_s + 1)
             started = self.clock()
-            held = await queue.wait(planned.policy.rank(planned.priority_class),
-                                    lambda: self._try(planned, ledgers), wait_s,
-                                    release=lambda r: r.ledger.release(r, self.clock()))
+            try:
+                held = await queue.wait(planned.policy.rank(planned.priority_class),
+                                        lambda: self._try(planned, ledgers), wait_s, release=self._release)
+            except asyncio.CancelledError:  # the client left while waiting: it never ran
+                self._refund(planned)
+                raise
             req.decision.waited_s = self.clock() - started
             self.decisions.waited(planned.policy.name, req.decision.waited_s, held is not None)
         settled = self._settle(req, planned, held, ledgers)
@@ -285,6 +288,15 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
         if counter is not None and sum(map(len, pieces)) > self.inline_count_chars:
             await counter.prefetch(pieces)
 
+    def _release(self, held: Reservation | admission.Refusal) -> None:
+        """Gives a reservation back (once) and offers the freed budget to the requests waiting for it."""
+        if isinstance(held, Reservation) and held.ledger.release(held, self.clock()):
+            self.table.wake(held.ledger.model)
+
+    def _refund(self, planned: _Planned) -> None:
+        if planned.charge is not None:
+            self.table.limits.refund(planned.charge, self.clock())
+
     def _try(self, planned: _Planned, ledgers: list[Ledger]) -> Reservation | admission.Refusal | None:
         return admission.admit(planned.plan, planned.policy, ledgers, self.clock(), self.reservation_ttl_s)
 
@@ -297,8 +309,7 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
             self.log.info("admission.refused", model=model, wanted=planned.plan.nbytes,
                           headroom=[lg.headroom for lg in ledgers])
         if isinstance(held, admission.Refusal):
-            if planned.charge is not None:  # it never ran: the tenant gets its tokens back
-                self.table.limits.refund(planned.charge, self.clock())
+            self._refund(planned)  # it never ran: the tenant gets its tokens back
             return self._refuse(req, model, held)
         req.reservations.append(held)
         req.decision.admitted(held)
@@ -342,13 +353,14 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
         found = self._parse(req, raw)
         if not isinstance(found, tuple):
             return found
-        planned = self._plan(req, *found)
+        policy, parsed = found
+        if req.stream_model is not None and policy.name != req.stream_model:  # before any charge
+            return self._refuse(req, policy.name, admission.Refusal(
+                400, "invalid_request", f"this stream serves model {req.stream_model!r}, not "
+                f"{policy.name!r}", param="model_name"))
+        planned = self._plan(req, policy, parsed)
         if not isinstance(planned, _Planned):
             return planned
-        if req.stream_model is not None and planned.policy.name != req.stream_model:
-            return self._refuse(req, planned.policy.name, admission.Refusal(
-                400, "invalid_request", f"this stream serves model {req.stream_model!r}, not "
-                f"{planned.policy.name!r}", param="model_name"))
         ledgers = [req.stream_ledger] if req.stream_ledger else self.table.ledgers_of(planned.policy)
         return self._settle(req, planned, self._try(planned, ledgers), ledgers)
 
@@ -377,6 +389,9 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
         llm = parsed.request
         priority_class = (req.headers.get(PRIORITY_HEADER) or (req.tenant and req.tenant.priority_class)
                           or policy.default_priority_class)
+        ceiling = req.tenant.priority_class if req.tenant else ""
+        if ceiling and policy.max_wait_s(priority_class) is not None and policy.rank(priority_class) < policy.rank(ceiling):
+            priority_class = ceiling  # a tenant's class is the highest its requests may ask for
         if policy.max_wait_s(priority_class) is None:
             return self._refuse(req, policy.name, admission.Refusal(
                 400, "invalid_priority_class", f"{PRIORITY_HEADER} {priority_class!r} is not a priority class "
@@ -388,7 +403,8 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
             return self._refuse(req, llm.model, planned)
         req.decision.planned(policy, llm, planned, priority_class, counted=counter is not None)
         charge = None
-        if req.tenant is not None:
+        # With no share yet (a replica just joined) the request waits for one; its limit would be 0.
+        if req.tenant is not None and self.table.limits.share > 0:
             charge = self.table.limits.charge(req.tenant, planned.tokens, self.clock())
             if isinstance(charge, OverLimit):
                 return self._refuse(req, policy.name, admission.Refusal(
@@ -403,4 +419,5 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
         expired = self.table.ledgers.expire(self.clock())
         for r in expired:
             self.log.warning("ledger.expired", ledger=r.key, nbytes=r.nbytes)
+            self.table.wake(r.ledger.model)
         return len(expired)

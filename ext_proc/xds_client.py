@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceStub
@@ -59,6 +60,8 @@ class AdsSubscriber:
             except grpc.aio.AioRpcError as e:
                 self.log.warning("xds_client.disconnected", target=self.target, code=e.code().name,
                                  retry_in_s=round(self._backoff_s, 2))
+            except Exception:  # noqa: BLE001  a bug must not end the subscription: the stream restarts
+                self.log.exception("xds_client.failed", target=self.target, retry_in_s=round(self._backoff_s, 2))
             await asyncio.sleep(self._backoff_s * random.uniform(0.5, 1.0))
             self._backoff_s = min(self.max_backoff_s, self._backoff_s * 2)
 
@@ -85,7 +88,7 @@ class AdsSubscriber:
             sub.accepted_version = resp.version_info
             self.log.info("xds_client.applied", type_url=sub.type_url, version=resp.version_info,
                           resources=len(resp.resources))
-        except ValueError as e:
+        except (ValueError, DecodeError) as e:  # a resource that does not decode is NACKed like a bad one
             reply.error_detail.CopyFrom(Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(e)))
             self.log.warning("xds_client.nack", type_url=sub.type_url, version=resp.version_info, error=str(e))
         reply.version_info = sub.accepted_version

@@ -72,6 +72,9 @@ class Address(_Strict):
     grpc_port: int | None = Field(default=None, gt=0, lt=65536)
     # Where the engine publishes Prometheus metrics: trtllm-serve on its HTTP port, Triton on 8002.
     metrics_port: int | None = Field(default=None, gt=0, lt=65536)
+    # The path of those metrics, when the engine is not trtllm-serve (/prometheus/metrics) or Triton
+    # (/metrics): vLLM serves /metrics on its HTTP port.
+    metrics_path: str | None = Field(default=None, pattern=r"^/")
     # Failover level: 0 primary GPUs, 1 overflow, ...; Envoy and admission use a level only when the
     # ones above it are unhealthy or full.
     priority: int = Field(default=0, ge=0, le=7)
@@ -81,8 +84,8 @@ class Address(_Strict):
 
     def metrics_url(self, protocol: str) -> str:
         if protocol == "triton":
-            return f"http://{self.host}:{self.metrics_port or TRITON_METRICS_PORT}/metrics"
-        return f"http://{self.host}:{self.metrics_port or self.port}/prometheus/metrics"
+            return f"http://{self.host}:{self.metrics_port or TRITON_METRICS_PORT}{self.metrics_path or '/metrics'}"
+        return f"http://{self.host}:{self.metrics_port or self.port}{self.metrics_path or '/prometheus/metrics'}"
 
     def grpc(self) -> Address:
         if self.grpc_port is None:
@@ -206,8 +209,11 @@ class EngineMetrics(_Strict):
 
     @model_validator(mode="after")
     def _stale_after_interval(self) -> EngineMetrics:
-        if self.stale_after_s <= self.interval_s:
-            raise ValueError(f"stale_after_s ({self.stale_after_s}) must exceed interval_s ({self.interval_s})")
+        # A scrape may take up to ~1 s (its timeout) on top of the interval: anything tighter would
+        # count a healthy engine as full between two scrapes.
+        if self.stale_after_s < self.interval_s + 1.0:
+            raise ValueError(f"stale_after_s ({self.stale_after_s}) must be at least interval_s + 1 "
+                             f"({self.interval_s + 1.0:g})")
         return self
 
 
@@ -264,7 +270,8 @@ class Tenant(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     api_key_sha256: tuple[str, ...] = ()
-    # A file of sha256 digests, one per line ('#' comments): keys rotate without editing the catalog.
+    # A file of sha256 digests, one per line ('#' comments), read whenever the catalog is (re)loaded:
+    # after editing it, reload the catalog (save it, or `kvgate models apply`).
     api_keys_file: Path | None = None
     models: tuple[str, ...] = ("*",)  # model names, or "*" for all
     requests_per_minute: int | None = Field(default=None, gt=0)

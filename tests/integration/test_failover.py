@@ -19,7 +19,7 @@ from tests.integration.conftest import ledger_metrics, reserved, start_gateway, 
 CATALOG = {"models": [{
     "name": "ha", "endpoints": ["sim", "sim"], "max_context_tokens": 2048, "max_output_tokens": 64,
     "kv": {"bytes_per_token": 4096, "budget_per_endpoint": "256MiB"},
-    "engine_metrics": {"interval_s": 0.2, "stale_after_s": 1.0},
+    "engine_metrics": {"interval_s": 0.2, "stale_after_s": 1.2},
     "sim": {"ttft_base_ms": 2, "ttft_per_token_ms": 0, "itl_ms": 5, "batch_slowdown": 0}}]}
 CLIENTS = 4
 

@@ -17,7 +17,7 @@ from tests.integration.conftest import ledger_metrics, reserved, start_gateway, 
 CATALOG = {"models": [{
     "name": "pair", "endpoints": ["sim", "sim"], "max_context_tokens": 1024, "max_output_tokens": 512,
     "tokens_per_block": 16, "kv": {"bytes_per_token": 1024, "budget_per_endpoint": "1MiB"},
-    "engine_metrics": {"interval_s": 0.2, "stale_after_s": 1.0},
+    "engine_metrics": {"interval_s": 0.2, "stale_after_s": 1.2},
     "long_requests": {"max_share": 1.0},
     "sim": {"ttft_base_ms": 1, "ttft_per_token_ms": 0, "itl_ms": 50, "batch_slowdown": 0}}],
     "priority_classes": [{"name": "interactive", "max_wait_s": 0}]}

@@ -32,7 +32,7 @@ TINY = next(m for m in TEST_CATALOG["models"] if m["name"] == "org/tiny")
 SLOW_TINY = {**TINY, "sim": {**TINY["sim"], "itl_ms": 100}}
 DOOMED = {"name": "doomed", "endpoints": ["sim"], "max_context_tokens": 2048, "max_output_tokens": 64,
           "kv": {"bytes_per_token": 4096, "budget_per_endpoint": "64MiB"},
-          "engine_metrics": {"interval_s": 0.2, "stale_after_s": 1.0},
+          "engine_metrics": {"interval_s": 0.2, "stale_after_s": 1.2},
           "sim": {"ttft_base_ms": 0, "ttft_per_token_ms": 0, "itl_ms": 0, "batch_slowdown": 0}}
 # The page polls every second; a change shows within a few polls.
 PAGE_TIMEOUT_S = 10

@@ -423,3 +423,49 @@ def grpc_unary_headers() -> ProcessingRequest:
     hs = [HeaderValue(key=":path", raw_value=b"/inference.GRPCInferenceService/ModelInfer"),
           HeaderValue(key=":method", raw_value=b"POST"), HeaderValue(key="content-type", raw_value=b"application/grpc")]
     return ProcessingRequest(request_headers=HttpHeaders(headers=HeaderMap(headers=hs)))
+
+
+@pytest.mark.asyncio
+async def test_a_client_leaving_while_queued_gets_its_tokens_back() -> None:
+    s = guarded(tenant(tpm=1200))
+    s.table.replace([dataclasses.replace(POLICY, priority_classes=(("interactive", 5.0),),
+                                         default_priority_class="interactive")])
+    holder = s.Process(feed(keyed(headers()), prompt_body(460)), None)  # fills the one endpoint
+    await holder.__anext__()
+    await holder.__anext__()
+    waiter = s.Process(feed(keyed(headers()), prompt_body(460)), None)
+    await waiter.__anext__()
+    await waiter.__anext__()  # told Envoy to wait longer: it is queued, charged 560 tokens
+    pending = asyncio.ensure_future(waiter.__anext__())
+    await asyncio.sleep(0.05)
+    pending.cancel()  # the client goes away
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+    await holder.aclose()
+    # 1200 - 560 (holder) = 640 left only if the waiter's 560 came back (else 80).
+    (_, ok) = await run(s, keyed(headers()), prompt_body(340))
+    assert ok.HasField("request_body")
+
+
+@pytest.mark.asyncio
+async def test_a_tenants_class_is_the_highest_it_may_ask_for() -> None:
+    pinned = tenant()
+    pinned.priority_class = "batch"
+    s = guarded(pinned)
+    s.table.replace([TWO_ENDPOINTS])
+    holders = [(await admitted_to(s, keyed(headers()), prompt_body(460)))[0] for _ in range(2)]
+    asks_more = keyed(headers())
+    asks_more.request_headers.headers.headers.add(key=PRIORITY_HEADER, raw_value=b"interactive")
+    replies = await run(s, asks_more, prompt_body(460))
+    assert replies[1].override_message_timeout.seconds == 1  # batch's 0.3 s wait, not interactive's 5 s
+    assert replies[2].immediate_response.status.code == 429
+    for g in holders:
+        await g.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_replica_without_a_share_yet_does_not_refuse_on_rate_limits() -> None:
+    s = guarded(tenant(rpm=5))
+    s.table.set_share(0.0)
+    (_, reply) = await run(s, keyed(headers()), body({"model": "m", "prompt": "hi"}))
+    assert reply.immediate_response.status.code != 429 or b"per minute" not in reply.immediate_response.body
