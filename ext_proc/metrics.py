@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -30,34 +31,50 @@ def operation_name(path: str) -> str:
     return "chat" if path == CHAT_PATH else "text_completion"
 
 
+class _Children:
+    """A labelled metric whose children are looked up once: prometheus_client's labels() validates and
+    takes a lock on every call, which was a third of ext_proc's metric cost per request. Label values
+    are catalog names and fixed codes, so the cache stays small."""
+
+    def __init__(self, metric: Counter | Histogram):
+        self._metric = metric
+        self._by_labels: dict[tuple[str, ...], Any] = {}
+
+    def labels(self, *labels: str) -> Any:
+        child = self._by_labels.get(labels)
+        if child is None:
+            child = self._by_labels[labels] = self._metric.labels(*labels)
+        return child
+
+
 class Decisions:
     """What happens to requests as it happens: admission outcomes by model and reason ('admitted' or the
     refusal code), clamps, queue waits, ext_proc's own processing time, and the GenAI-convention metrics."""
 
     def __init__(self, registry: CollectorRegistry):
-        self._counter = Counter("kvgate_admission_decisions", "Admission decisions by outcome",
-                                ["model", "outcome"], registry=registry)
-        self._wait = Histogram("kvgate_admission_queue_wait_seconds",
+        self._counter = _Children(Counter("kvgate_admission_decisions", "Admission decisions by outcome",
+                                ["model", "outcome"], registry=registry))
+        self._wait = _Children(Histogram("kvgate_admission_queue_wait_seconds",
                                "Time a request waited for KV budget, by whether it got it",
                                ["model", "admitted"], registry=registry,
-                               buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
-        self._clamps = Counter("kvgate_admission_clamps", "Admitted requests whose max_tokens was lowered, by the "
-                               "limit that lowered it", ["model", "limit"], registry=registry)
-        self._tokens = Histogram("kvgate_admission_tokens", "Tokens an admitted request's KV reservation is sized for: "
+                               buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)))
+        self._clamps = _Children(Counter("kvgate_admission_clamps", "Admitted requests whose max_tokens was lowered, by the "
+                               "limit that lowered it", ["model", "limit"], registry=registry))
+        self._tokens = _Children(Histogram("kvgate_admission_tokens", "Tokens an admitted request's KV reservation is sized for: "
                                  "input = its longest prompt (counted or bounded), output = the granted max_tokens",
-                                 ["model", "token_type"], registry=registry, buckets=GEN_AI_TOKEN_BUCKETS)
-        self._processing = Histogram("kvgate_ext_proc_processing_seconds",
+                                 ["model", "token_type"], registry=registry, buckets=GEN_AI_TOKEN_BUCKETS))
+        self._processing = _Children(Histogram("kvgate_ext_proc_processing_seconds",
                                      "ext_proc's own time per message, from receiving it to handing back its answer, "
-                                     "queue wait excluded", ["phase"], registry=registry, buckets=PROCESSING_BUCKETS)
+                                     "queue wait excluded", ["phase"], registry=registry, buckets=PROCESSING_BUCKETS))
         # OpenTelemetry GenAI instruments in their Prometheus form (dots to underscores, unit suffix).
-        self._gen_ai_tokens = Histogram("gen_ai_client_token_usage", "Input tokens of admitted requests, counted with "
+        self._gen_ai_tokens = _Children(Histogram("gen_ai_client_token_usage", "Input tokens of admitted requests, counted with "
                                         "the model's tokenizer (bounds are not reported)",
                                         [*_GEN_AI_LABELS, "gen_ai_token_type"], registry=registry,
-                                        buckets=GEN_AI_TOKEN_BUCKETS)
-        self._gen_ai_duration = Histogram("gen_ai_server_request_duration_seconds", "Request duration at the "
+                                        buckets=GEN_AI_TOKEN_BUCKETS))
+        self._gen_ai_duration = _Children(Histogram("gen_ai_server_request_duration_seconds", "Request duration at the "
                                           "gateway: request headers to the end of the exchange (ext_proc stream end)",
                                           [*_GEN_AI_LABELS, "error_type"], registry=registry,
-                                          buckets=GEN_AI_DURATION_BUCKETS)
+                                          buckets=GEN_AI_DURATION_BUCKETS))
 
     def record(self, model: str, outcome: str) -> None:
         self._counter.labels(model, outcome).inc()
