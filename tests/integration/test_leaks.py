@@ -297,18 +297,23 @@ async def completed(gw: Gateway, rng: random.Random, stream: bool) -> str:
     return "ok" if r.json["usage"]["completion_tokens"] == wanted else describe(r)
 
 
-async def abort_before_response(gw: Gateway, rng: random.Random) -> str:
-    # Non-streaming: the engine answers after the whole ~100 ms generation; abort well before.
-    path, body = openai_body(rng, ROOMY, stream=False, max_tokens=ROOMY_MAX_OUTPUT)
-    conn = await Conn.open(gw)
-    await conn.send(path, orjson.dumps(body))
+async def abort_unless_answered(conn: Conn, rng: random.Random, timeout_s: float) -> str:
+    """The client goes away (RST or FIN) unless the gateway answers within `timeout_s`."""
     try:
-        first = await asyncio.wait_for(conn.reader.read(1), timeout=rng.uniform(0.003, 0.04))
+        first = await asyncio.wait_for(conn.reader.read(1), timeout=timeout_s)
     except TimeoutError:
         conn.abort(rst=rng.random() < 0.5)
         return "aborted"
     conn.close()
     return "answered first" if first else "closed by the gateway"
+
+
+async def abort_before_response(gw: Gateway, rng: random.Random) -> str:
+    # Non-streaming: the engine answers after the whole ~100 ms generation; abort well before.
+    path, body = openai_body(rng, ROOMY, stream=False, max_tokens=ROOMY_MAX_OUTPUT)
+    conn = await Conn.open(gw)
+    await conn.send(path, orjson.dumps(body))
+    return await abort_unless_answered(conn, rng, rng.uniform(0.003, 0.04))
 
 
 async def abort_mid_stream(gw: Gateway, rng: random.Random) -> str:
@@ -360,13 +365,7 @@ async def abort_while_waiting(gw: Gateway, rng: random.Random) -> str:
     # Often in ext_proc's wait queue when the client goes: the scarce model is mostly full.
     conn = await Conn.open(gw)
     await conn.send("/v1/completions", orjson.dumps(scarce_body(rng.random() < 0.5)), {PRIORITY_HEADER: "wait"})
-    try:
-        first = await asyncio.wait_for(conn.reader.read(1), timeout=rng.uniform(0.05, 0.4))
-    except TimeoutError:
-        conn.abort(rst=rng.random() < 0.5)
-        return "aborted"
-    conn.close()
-    return "answered first" if first else "closed by the gateway"
+    return await abort_unless_answered(conn, rng, rng.uniform(0.05, 0.4))
 
 
 async def refused(gw: Gateway, rng: random.Random) -> str:
