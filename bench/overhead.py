@@ -25,7 +25,7 @@ from bench.machine import describe
 from bench.protocols import PROTOCOLS, Protocol
 from bench.report import Comparison, Report, Settings, Side, render, to_json
 from bench.targets import MAX_OUTPUT_TOKENS, Target, started
-from kvgate.envoy_bootstrap import envoy_binary
+from kvgate.cli.envoy_bootstrap import envoy_binary
 
 # Default run ~3 minutes on 2 cores: 2 protocols x 5 loads x 2 set-ups x 2 rounds x 4 s, plus start-up.
 # No 400 req/s: on 2 cores the gateway tops out near 400 req/s even closed loop, and an open loop

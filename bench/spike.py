@@ -40,7 +40,7 @@ from bench.spike_report import Run, RequestResult, SpikeReport, goals, render, s
 from bench.spike_scenario import BURST, QUICK, STEADY, Planned, Scenario, build_plan, catalog, without_burst
 from bench.spike_setups import SETUPS, Setup, Target, started
 from kvgate.catalog import parse_catalog
-from kvgate.envoy_bootstrap import envoy_binary
+from kvgate.cli.envoy_bootstrap import envoy_binary
 
 PLOT_NAME = "spike-latency.png"
 QUICK_SETUPS = ["envoy", "shedding", "kvgate", "kvgate-noburst"]

@@ -1,9 +1,9 @@
 """The data paths bench/spike compares, each started fresh with its own simulated engine (identical
-config: kvgate.gateway.sim_argv of the same catalog entry) and stopped on exit:
+config: kvgate.cli.gateway.sim_argv of the same catalog entry) and stopped on exit:
 
 - envoy: Envoy alone, routing straight to the engine (envoy/bench-baseline.yaml, as bench/overhead).
 - shedding: the same Envoy with the ext_proc filter kvgate uses, calling bench/spike_shedding.py.
-- kvgate: a whole kvgate.gateway.Gateway (xds_server, ext_proc, Envoy) serving the catalog.
+- kvgate: a whole kvgate.cli.gateway.Gateway (xds_server, ext_proc, Envoy) serving the catalog.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import yaml
 from bench.cpu import SELF
 from bench.targets import render_baseline
 from kvgate.catalog import Address, Catalog, Model
-from kvgate.envoy_bootstrap import envoy_binary
-from kvgate.gateway import Gateway, NotReady, health_url, probe, sim_argv
-from kvgate.processes import Supervisor, free_port
+from kvgate.cli.envoy_bootstrap import envoy_binary
+from kvgate.cli.gateway import Gateway, NotReady, health_url, probe, sim_argv
+from kvgate.cli.processes import Supervisor, free_port
 from xds_server.resources import ext_proc_cluster, ext_proc_filter
 from xds_server.settings import GatewaySettings
 

@@ -16,9 +16,9 @@ from typing import Any
 
 from bench.cpu import SELF
 from kvgate.catalog import Address, parse_catalog
-from kvgate.envoy_bootstrap import ENVOY_CONFIG_DIR, envoy_binary
-from kvgate.gateway import Gateway, NotReady
-from kvgate.processes import Supervisor, free_port
+from kvgate.cli.envoy_bootstrap import ENVOY_CONFIG_DIR, envoy_binary
+from kvgate.cli.gateway import Gateway, NotReady
+from kvgate.cli.processes import Supervisor, free_port
 from xds_server.settings import GatewaySettings
 
 OPENAI_MODEL = "bench-model"

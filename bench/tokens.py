@@ -4,7 +4,7 @@ For chat bodies of three sizes (short, ~2 KB, ~32 KB of prompt) it times `tokens
 parsed request: with no tokenizer (the upper bound), and with a `TokenCounter` when none of the
 request's pieces are cached (cold), when all but the newest message are (the usual next turn of a
 conversation), and when all are (warm). Parsing is timed too, as the scale of what ext_proc already
-spends. The tokenizers are trained here on the repository's own text (tests/tokenizer_util.py):
+spends. The tokenizers are trained here on the repository's own text (engines/real/tiny_tokenizer.py):
 byte-level BPE like Llama 3's, but with 2k-10k tokens instead of 128k, so a real tokenizer.json
 costs more to load and somewhat more per token (see docs/benchmarks.md).
 
@@ -32,8 +32,8 @@ from ext_proc.openai_protocol import CHAT_PATH, parse_request
 from ext_proc.policy import Policy
 from ext_proc.request import LLMRequest
 from ext_proc.tokenizer import TokenCounter, load_counter
-from kvgate.envoy_bootstrap import envoy_binary
-from tests import tokenizer_util
+from kvgate.cli.envoy_bootstrap import envoy_binary
+from engines.real import tiny_tokenizer
 
 # The catalog's defaults: what the bound and the exact count both add for the chat template.
 POLICY = Policy(name="m", protocol="openai", backend_model="m", max_context_tokens=1 << 20, max_output_tokens=1024,
@@ -61,7 +61,7 @@ class Corpus:
     what a cold cache needs (the tokenizer's own word cache stays warm, as it would in service)."""
 
     def __init__(self) -> None:
-        text = "\n".join(tokenizer_util.docs_corpus())
+        text = "\n".join(tiny_tokenizer.docs_corpus())
         self.text = text * (1 + 200_000 // len(text))
 
     def window(self, offset: int, size: int) -> str:
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for vocab, sources, what in ((2000, False, "docs"), (32000, True, "all repo text")):
-            path = tokenizer_util.write_tokenizer(Path(tmp), vocab, sources, f"{vocab}-{sources}.json")
+            path = tiny_tokenizer.write_tokenizer(Path(tmp), vocab, sources, f"{vocab}-{sources}.json")
             sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
             load_ms = timed_us(lambda: load_counter(str(path), sha256)) / 1000
             counter = load_counter(str(path), sha256)

@@ -22,7 +22,7 @@ from pathlib import Path
 from bench import xds_fanout, xds_propagation
 from bench.machine import describe
 from bench.xds_report import Settings, XdsReport, render, to_json
-from kvgate.envoy_bootstrap import envoy_binary
+from kvgate.cli.envoy_bootstrap import envoy_binary
 
 # Default run ~2 minutes on 2 cores.
 DEFAULTS = {"changes": 100, "envoys": 10, "fanout_changes": 10, "clients": [100, 1000], "per_channel": 50,

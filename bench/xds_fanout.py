@@ -23,8 +23,8 @@ import yaml
 
 from bench.cpu import cpu_seconds
 from bench.xds_report import Fanout, Stats
-from kvgate import admin_client
-from kvgate.processes import Supervisor, free_port
+from kvgate.cli import admin_client
+from kvgate.cli.processes import Supervisor, free_port
 
 CATALOG = {"models": [{"name": "alpha", "endpoints": ["127.0.0.1:9"], "max_context_tokens": 2048,
                        "max_output_tokens": 64, "kv": {"bytes_per_token": 1024, "budget_per_endpoint": "16GiB"}}]}

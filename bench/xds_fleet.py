@@ -29,7 +29,7 @@ import grpc
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceStub
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
-from xds_server.policies import POLICY_TYPE_URL
+from kvgate.wire import POLICY_TYPE_URL
 
 NODE_CLUSTER = "kvgate-bench-fleet"
 _OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]

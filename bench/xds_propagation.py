@@ -29,11 +29,11 @@ from typing import Any
 import yaml
 
 from bench.xds_report import ChangeKind, Propagation, Stats
-from kvgate import admin_client
+from kvgate.cli import admin_client
 from kvgate.catalog import parse_catalog
-from kvgate.gateway import Gateway
-from kvgate.headers import MAX_TOKENS_HEADER
-from kvgate.processes import free_port
+from kvgate.cli.gateway import Gateway
+from kvgate.wire import MAX_TOKENS_HEADER
+from kvgate.cli.processes import free_port
 
 BASE, ADDED = "alpha", "beta"
 CLAMPS = (7, 8)  # alpha's max_output_tokens, alternating

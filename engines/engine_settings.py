@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from engines import kv_math
+from kvgate import kv_math
 from kvgate.catalog import TRITON_METRICS_PORT, Address, Model
 
 # Where docker-compose.yml mounts the deployment folder (catalog, models, rendered assets) in every

@@ -31,9 +31,9 @@ from ext_proc.status import replica_status
 from ext_proc.xds_client import AdsSubscriber, Subscription
 from kvgate import logs, tls
 from kvgate.v1 import policy_pb2
-from xds_server.policies import POLICY_TYPE_URL, TENANT_TYPE_URL
-from xds_server.shares import BUDGET_SHARES_TYPE_URL, EXT_PROC_GROUP, HELD_SHARE_KEY, share_of
-from xds_server.status import STATUS_URL_KEY
+from kvgate.budget_shares import share_of
+from kvgate.wire import (BUDGET_SHARES_TYPE_URL, EXT_PROC_GROUP, HELD_SHARE_KEY, POLICY_TYPE_URL, STATUS_URL_KEY,
+                         TENANT_TYPE_URL)
 
 # Until the control plane gives it a share a replica admits nothing: the budget may all be held by others.
 INITIAL_SHARE = 0.0

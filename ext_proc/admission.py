@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from engines.kv_math import reservation_bytes
+from kvgate.kv_math import reservation_bytes
 from ext_proc import tokens
 from ext_proc.ledger import Ledger, Reservation
 from ext_proc.policy import Policy

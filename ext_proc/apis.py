@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ext_proc import openai_protocol, triton_grpc, triton_http
 from ext_proc.request import Parsed
+from kvgate.wire import TRITON_GRPC_SERVICE
 
 Parser = Callable[[str | None, Mapping[str, str], bytes], Parsed]
 
@@ -69,7 +70,7 @@ def is_lookup(method: str, path: str, content_type: str) -> bool:
     """What Envoy answers or routes by path without admission (models list, Triton server and model
     metadata, server-level gRPC calls): ext_proc sees only their headers, to check the API key."""
     if content_type.startswith("application/grpc"):
-        return method == "POST" and path.startswith(triton_grpc.SERVICE + "Server")
+        return method == "POST" and path.startswith(TRITON_GRPC_SERVICE + "Server")
     return method == "GET" and (path in ("/v1/models", "/v2") or path.startswith(("/v2/models/", "/v2/health/")))
 
 
@@ -77,8 +78,8 @@ def match(path: str, content_type: str) -> Call | None:
     """The API of a POST to `path`; None when the gateway admits nothing there."""
     if path in _OPENAI:
         return Call(_OPENAI[path], None)
-    if path.startswith(triton_grpc.SERVICE):
-        api = _TRITON_GRPC.get(path[len(triton_grpc.SERVICE):])
+    if path.startswith(TRITON_GRPC_SERVICE):
+        api = _TRITON_GRPC.get(path[len(TRITON_GRPC_SERVICE):])
         return Call(api, None) if api else None
     m = _TRITON_PATH.match(path)
     return Call(_TRITON_HTTP[m["op"]], m["model"]) if m else None

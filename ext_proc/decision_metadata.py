@@ -3,7 +3,7 @@
 One `DecisionRecord` per ext_proc stream (one HTTP request). server.py fills it as the request is
 parsed, planned and admitted or refused; the first answer to Envoy after each decision carries it as
 dynamic metadata in the `kvgate` namespace (the ext_proc filter must list that namespace in
-`metadata_options.receiving_namespaces`, xds_server/resources.py), and the access log prints it
+`metadata_options.receiving_namespaces`), and the access log prints it
 (`%DYNAMIC_METADATA(kvgate)%`). metrics.py reads the same record for the per-request metrics, so the
 log line and the counters cannot disagree about what happened.
 """
@@ -18,7 +18,7 @@ from ext_proc.admission import Plan
 from ext_proc.ledger import Reservation
 from ext_proc.policy import Policy
 from ext_proc.request import LLMRequest
-from xds_server.resources import DECISION_NAMESPACE as NAMESPACE
+from kvgate.wire import DECISION_NAMESPACE
 
 ADMITTED = "admitted"
 # A lookup (Triton's ModelReady, ModelMetadata...): routed to the model, nothing reserved.
@@ -109,6 +109,6 @@ class DecisionRecord:
             # Envoy merges each decision into what it holds, key by key: a field the previous message
             # of a stream had and this one lacks is cleared, or the log would show it for this one.
             fields.update(dict.fromkeys(self._sent - fields.keys()))
-            reply.dynamic_metadata.update({NAMESPACE: fields})
+            reply.dynamic_metadata.update({DECISION_NAMESPACE: fields})
             self._sent = frozenset(k for k, v in fields.items() if v is not None)
             self._unsent = False

@@ -21,7 +21,7 @@ from ext_proc.admission import Refusal
 from ext_proc.apis import Convention
 from ext_proc.openai_protocol import error_body
 from ext_proc.request import Rewrite
-from kvgate.headers import ENDPOINT_HEADER, MAX_TOKENS_HEADER, MODEL_HEADER
+from kvgate.wire import ENDPOINT_HEADER, MAX_TOKENS_HEADER, MODEL_HEADER
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _JSON = HeaderValueOption(header=HeaderValue(key="content-type", raw_value=b"application/json"),

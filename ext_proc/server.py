@@ -32,7 +32,7 @@ from ext_proc.triton_http import BINARY_HEADER
 from ext_proc.waitqueue import WaitQueue
 from ext_proc.ratelimit import Charge, OverLimit, RateLimits
 from ext_proc.tenants import KEY_HEADERS, Tenant, TenantTable, Unauthenticated
-from kvgate.headers import PRIORITY_HEADER
+from kvgate.wire import PRIORITY_HEADER
 
 
 @dataclass

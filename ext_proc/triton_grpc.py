@@ -18,7 +18,6 @@ from ext_proc import kserve
 from ext_proc.kserve import MAX_TOKENS, TEXT_INPUT
 from ext_proc.request import LLMRequest, ProtocolError, Rewrite
 
-SERVICE = "/inference.GRPCInferenceService/"
 _FRAME = struct.Struct(">BI")
 
 

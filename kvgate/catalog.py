@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from engines import kv_math
+from kvgate import kv_math
 
 SIM = "sim"  # endpoint placeholder: `kvgate up` starts a simulated engine and fills in its address
 TRITON_METRICS_PORT = 8002

@@ -12,7 +12,8 @@ from kvgate.catalog import CatalogError
 from kvgate.v1 import admin_pb2, admin_pb2_grpc
 from xds_server.control import Controller
 from xds_server.server import Client
-from xds_server.shares import EXT_PROC_GROUP, share_of
+from kvgate.budget_shares import share_of
+from kvgate.wire import EXT_PROC_GROUP
 
 
 def node_status(client: Client, last_nack: admin_pb2.Nack | None, budget_share: float | None) -> admin_pb2.NodeStatus:

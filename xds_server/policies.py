@@ -5,9 +5,6 @@ from __future__ import annotations
 from kvgate.catalog import Address, Catalog, Model
 from kvgate.v1 import policy_pb2
 
-POLICY_TYPE_URL = "type.googleapis.com/kvgate.v1.ModelPolicy"
-TENANT_TYPE_URL = "type.googleapis.com/kvgate.v1.Tenant"
-
 
 def _endpoint(model: Model, addr: Address) -> policy_pb2.Endpoint:
     return policy_pb2.Endpoint(

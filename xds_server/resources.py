@@ -13,7 +13,7 @@ import orjson
 
 from kvgate import __version__
 from kvgate.catalog import Address, Catalog, Model, is_ip_address
-from kvgate.headers import ENDPOINT_HEADER, MAX_TOKENS_HEADER, MODEL_HEADER
+from kvgate.wire import DECISION_NAMESPACE, ENDPOINT_HEADER, MAX_TOKENS_HEADER, MODEL_HEADER, TRITON_GRPC_SERVICE
 from kvgate.tls import envoy_upstream_tls
 from xds_server.settings import GatewaySettings
 
@@ -21,8 +21,6 @@ LISTENER_NAME = "kvgate_http"
 ROUTE_CONFIG_NAME = "kvgate_routes"
 EXT_PROC_CLUSTER = "kvgate_ext_proc"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
-# The dynamic-metadata namespace ext_proc writes its decision into (ext_proc/decision_metadata.py).
-DECISION_NAMESPACE = "kvgate"
 
 _ADS = {"ads": {}, "resource_api_version": "V3"}
 _T = "type.googleapis.com/"
@@ -298,7 +296,6 @@ def _lookup_filter(catalog: Catalog) -> dict[str, Any]:
 
 _GET = {"name": ":method", "string_match": {"exact": "GET"}}
 _GRPC = {"name": "content-type", "string_match": {"prefix": "application/grpc"}}
-TRITON_GRPC_SERVICE = "/inference.GRPCInferenceService/"
 
 
 def _direct(status: int, body: bytes, *, ext_proc: dict[str, Any] | None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, Disc
 from kvgate import tls
 from xds_server.cache import SnapshotCache
 from xds_server.delta import DeltaStream
-from xds_server.shares import EXT_PROC_GROUP
+from kvgate.wire import EXT_PROC_GROUP
 from xds_server.snapshot import Snapshot
 from xds_server.sotw import Nack, SotwStream
 

@@ -15,17 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import any_pb2
-
-from kvgate.v1 import policy_pb2
-
-BUDGET_SHARES_TYPE_URL = "type.googleapis.com/kvgate.v1.BudgetShares"
-BUDGET_SHARES_NAME = "budget-shares"
-# node.cluster of every ext_proc replica: the budget is divided among the streams of this group.
-EXT_PROC_GROUP = "kvgate-ext-proc"
-# Node metadata (a number): the share a replica holds when it (re)connects. A restarted control
-# plane divides from what the replicas hold, not from nothing.
-HELD_SHARE_KEY = "kvgate.held_share"
+from kvgate.wire import HELD_SHARE_KEY
 
 Shares = dict[str, float]  # node id -> fraction of every endpoint's budget
 
@@ -85,26 +75,3 @@ def all_holders_back(reported: Iterable[float]) -> bool:
     Dividing earlier could give away a share that a replica still reconnecting holds."""
     values = list(reported)
     return bool(values) and (sum(values) >= 1.0 - 1e-9 or not any(values))
-
-
-def budget_shares(shares: Mapping[str, float]) -> policy_pb2.BudgetShares:
-    return policy_pb2.BudgetShares(fraction=dict(shares))
-
-
-def share_of(resources: list[any_pb2.Any], node_id: str) -> float | None:
-    """This replica's fraction in a BudgetShares response; None when the budget is not divided yet
-    (keep what is held). Raises ValueError (the client NACKs) on anything malformed."""
-    if not resources:
-        return None
-    if len(resources) != 1:
-        raise ValueError(f"expected one {BUDGET_SHARES_NAME} resource, got {len(resources)}")
-    msg = policy_pb2.BudgetShares()
-    if not resources[0].Unpack(msg):
-        raise ValueError(f"unexpected resource type {resources[0].type_url}")
-    if not msg.fraction:
-        return None
-    if bad := {n: f for n, f in msg.fraction.items() if not 0.0 <= f <= 1.0}:
-        raise ValueError(f"fractions outside [0, 1]: {bad}")
-    if sum(msg.fraction.values()) > 1.0 + 1e-9:
-        raise ValueError(f"fractions sum to more than 1: {dict(msg.fraction)}")
-    return msg.fraction.get(node_id, 0.0)

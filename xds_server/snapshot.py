@@ -29,16 +29,18 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from kvgate.catalog import Address, Catalog
-from xds_server import policies, resources, shares
+from kvgate import wire
+from kvgate import budget_shares as budget_shares_resource
+from xds_server import policies, resources
 from xds_server.settings import GatewaySettings
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-POLICY = policies.POLICY_TYPE_URL
-BUDGET_SHARES = shares.BUDGET_SHARES_TYPE_URL
-TENANT = policies.TENANT_TYPE_URL
+POLICY = wire.POLICY_TYPE_URL
+BUDGET_SHARES = wire.BUDGET_SHARES_TYPE_URL
+TENANT = wire.TENANT_TYPE_URL
 
 # ADS push order: a cluster before its endpoints, both before the listener and routes that use them.
 # ext_proc's types last: a new model's policy, then the shares that size its ledgers.
@@ -143,7 +145,7 @@ def _repack_anys(msg: message.Message) -> None:
 
 
 def budget_shares(fractions: dict[str, float]) -> Resources:
-    return Resources.of({shares.BUDGET_SHARES_NAME: shares.budget_shares(fractions)})
+    return Resources.of({wire.BUDGET_SHARES_NAME: budget_shares_resource.encode(fractions)})
 
 
 def build_snapshot(catalog: Catalog, settings: GatewaySettings) -> Snapshot:

@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvgate.catalog import Catalog, Model
+from kvgate.wire import STATUS_URL_KEY
 
-# Node metadata (a string): where an ext_proc replica serves its /status.json. The control plane
-# learns its replicas from their ADS streams, so nothing else has to list them.
-STATUS_URL_KEY = "kvgate.status_url"
 # Newest first, across replicas: about one screen.
 REFUSALS_SHOWN = 50
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from kvgate.catalog import bundled_catalog_path, load_catalog
-from kvgate.gateway import Gateway
-from kvgate.processes import free_port
+from kvgate.cli.gateway import Gateway
+from kvgate.cli.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs" / "clients"

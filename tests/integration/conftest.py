@@ -11,8 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvgate.catalog import Catalog, parse_catalog
-from kvgate.gateway import Gateway
-from kvgate.processes import free_port
+from kvgate.cli.gateway import Gateway
+from kvgate.cli.processes import free_port
 
 # Two models: `fast` has room to spare; `tiny` has a budget for one long request at a time and a
 # slow engine, so reservations are held long enough to observe.

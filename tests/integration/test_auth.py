@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from kvgate.api_keys import key_hash
 from kvgate.catalog import parse_catalog
-from kvgate.gateway import Gateway
+from kvgate.cli.gateway import Gateway
 from tests.integration.conftest import start_gateway
 
 ALICE, BOB = "kvg-alice-key-0123456789", "kvg-bob-key-9876543210"

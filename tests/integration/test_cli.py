@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from kvgate.catalog import bundled_catalog_path
-from kvgate.processes import free_port
+from kvgate.cli.processes import free_port
 from tests.integration.conftest import wait_for
 
 KVGATE = [sys.executable, "-m", "kvgate.cli"]

@@ -8,9 +8,9 @@ import httpx
 import pytest
 import yaml
 
-from kvgate import admin_client
+from kvgate.cli import admin_client
 from kvgate.catalog import parse_catalog
-from kvgate.gateway import Gateway
+from kvgate.cli.gateway import Gateway
 from tests.integration.conftest import ALPHA, alias_of_alpha, envoy_stat, start_gateway, wait_for
 
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from kvgate.catalog import parse_catalog
-from kvgate.gateway import Gateway
+from kvgate.cli.gateway import Gateway
 from tests.integration.conftest import reserved, start_gateway, wait_for
 
 CATALOG = {"models": [{"name": "doomed", "endpoints": ["sim"], "max_context_tokens": 2048, "max_output_tokens": 64,

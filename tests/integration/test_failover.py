@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from kvgate.catalog import parse_catalog
-from kvgate.gateway import Gateway
+from kvgate.cli.gateway import Gateway
 from tests.integration.conftest import ledger_metrics, reserved, start_gateway, wait_for
 
 CATALOG = {"models": [{

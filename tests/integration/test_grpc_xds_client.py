@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from kvgate.catalog import Address, parse_catalog
-from kvgate.processes import Supervisor, free_port
+from kvgate.cli.processes import Supervisor, free_port
 from xds_server.server import XdsServer
 from xds_server.settings import GatewaySettings
 from xds_server.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, build_snapshot

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from kvgate.catalog import parse_catalog
-from kvgate.gateway import Gateway
+from kvgate.cli.gateway import Gateway
 from tests.integration.conftest import ledger_metrics, reserved, start_gateway, wait_for
 
 # Two engines of 64 blocks x 16 tokens x 1 KiB; slow decoding, so streams held open stay on the engine.

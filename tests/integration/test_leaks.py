@@ -43,7 +43,7 @@ from tritonclient.grpc import service_pb2
 
 from engines.sim.http_common import RESET_AFTER_HEADER
 from kvgate.catalog import parse_catalog
-from kvgate.gateway import Gateway
+from kvgate.cli.gateway import Gateway
 from tests.integration.conftest import sim_url, start_gateway
 
 ROOMY, SCARCE, SLOW, QUEUED, TRI = "roomy", "scarce", "slow", "queued", "tri"

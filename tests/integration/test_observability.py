@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvgate.gateway import Gateway
-from kvgate.headers import PRIORITY_HEADER
+from kvgate.cli.gateway import Gateway
+from kvgate.wire import PRIORITY_HEADER
 from tests.integration.conftest import reserved, wait_for
 
 # On org/tiny (640 KiB) a 300-byte prompt with 128 output tokens reserves 27 blocks (442 KiB): two

@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
-from kvgate.gateway import Gateway
-from kvgate.headers import MAX_TOKENS_HEADER, PRIORITY_HEADER
+from kvgate.cli.gateway import Gateway
+from kvgate.wire import MAX_TOKENS_HEADER, PRIORITY_HEADER
 from tests.integration.conftest import (
     MAX_REQUEST_BYTES,
     ledger_metrics,

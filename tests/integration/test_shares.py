@@ -12,12 +12,12 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvgate import admin_client
+from kvgate.cli import admin_client
 from kvgate.catalog import parse_catalog
-from kvgate.gateway import Gateway
-from kvgate.processes import free_port
+from kvgate.cli.gateway import Gateway
+from kvgate.cli.processes import free_port
 from tests.integration.conftest import ALPHA, start_gateway, wait_for
-from xds_server.shares import BUDGET_SHARES_TYPE_URL, EXT_PROC_GROUP
+from kvgate.wire import BUDGET_SHARES_TYPE_URL, EXT_PROC_GROUP
 
 BUDGET = 256 * 2**20  # ALPHA's one endpoint
 # One client, its connections kept: sampling must be fast to catch a moment that is milliseconds long.

@@ -16,8 +16,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.wait import WebDriverWait
 
 from kvgate.catalog import parse_catalog
-from kvgate.gateway import Gateway
-from kvgate.headers import PRIORITY_HEADER
+from kvgate.cli.gateway import Gateway
+from kvgate.wire import PRIORITY_HEADER
 from tests.integration.conftest import TEST_CATALOG, start_gateway, wait_for
 
 # Debian's packages (.ci/run installs them): selenium must not go looking for a browser to download.

@@ -18,10 +18,10 @@ from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceSt
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
-from kvgate import admin_client
+from kvgate.cli import admin_client
 from kvgate.catalog import parse_catalog
 from kvgate.cli import app
-from kvgate.gateway import Gateway
+from kvgate.cli.gateway import Gateway
 from kvgate.tls import TlsBundle, TlsFiles
 from tests.integration.conftest import ALPHA, envoy_stat, start_gateway
 from tests.tls_util import make_bundle

@@ -19,7 +19,7 @@ import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
 from kvgate.catalog import parse_catalog
-from kvgate.gateway import Gateway
+from kvgate.cli.gateway import Gateway
 from tests.integration.conftest import reserved, sim_requests, start_gateway, wait_for
 
 MODEL = "llama-tri"  # the gateway's name; the engine calls it `ensemble`

@@ -13,8 +13,8 @@ from structlog.testing import capture_logs
 
 from envoy.config.cluster.v3 import cluster_pb2
 from kvgate.catalog import Address, parse_catalog
-from kvgate.envoy_bootstrap import envoy_binary, render_bootstrap
-from kvgate.processes import Supervisor, free_port
+from kvgate.cli.envoy_bootstrap import envoy_binary, render_bootstrap
+from kvgate.cli.processes import Supervisor, free_port
 from xds_server.server import XdsServer
 from xds_server.settings import GatewaySettings
 from xds_server.snapshot import CLUSTER, Resources, Snapshot, build_snapshot

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
 from ext_proc.scraper import EngineScraper, Sample
-from kvgate.processes import free_port
+from kvgate.cli.processes import free_port
 
 from .helpers import MODEL, StartSim
 from .triton_helpers import TritonSim

@@ -9,7 +9,7 @@ from google.protobuf import json_format
 from envoy.extensions.access_loggers.file.v3.file_pb2 import FileAccessLog
 from envoy.extensions.access_loggers.stream.v3.stream_pb2 import StdoutAccessLog
 from tests.unit.test_xds_resources import ext_proc_config, hcm, snapshot
-from xds_server.resources import DECISION_NAMESPACE
+from kvgate.wire import DECISION_NAMESPACE
 from xds_server.settings import GatewaySettings
 
 

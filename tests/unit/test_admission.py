@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from engines.kv_math import reservation_bytes
+from kvgate.kv_math import reservation_bytes
 from ext_proc import tokens
 from ext_proc.admission import Plan, Refusal, admit, busy, choose, plan
 from ext_proc.ledger import Ledger, Reservation

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from engines import kv_math
+from kvgate import kv_math
 from kvgate.catalog import (
     SIM,
     Address,

@@ -27,8 +27,8 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from engines import assets
 from engines.sim.config import add_arguments, from_args
 from kvgate.catalog import Address, Catalog, load_catalog
-from kvgate.envoy_bootstrap import envoy_binary, render_bootstrap
-from kvgate.gateway import ENVOY_NODE_CLUSTER, sim_argv
+from kvgate.cli.envoy_bootstrap import envoy_binary, render_bootstrap
+from kvgate.cli.gateway import ENVOY_NODE_CLUSTER, sim_argv
 from tests.unit.test_engine_assets import gpu_deployment, templates_of
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,9 +17,9 @@ from ext_proc.decision_metadata import CLAMPED_BY_CONTEXT, CLAMPED_BY_MODEL, Dec
 from ext_proc.ledger import Ledgers
 from ext_proc.metrics import GEN_AI_PROVIDER, Decisions
 from ext_proc.server import ExtProcServicer, PolicyTable
-from kvgate.headers import PRIORITY_HEADER
+from kvgate.wire import PRIORITY_HEADER
 from tests.unit.test_ext_proc_servicer import POLICY, body, feed, headers, run
-from xds_server.resources import DECISION_NAMESPACE
+from kvgate.wire import DECISION_NAMESPACE
 
 # Two requests of 300 prompt + 100 output tokens (4,000 bytes each) do not fit POLICY's 6,400.
 BIG = {"model": "m", "prompt": "a" * 300, "max_tokens": 100}

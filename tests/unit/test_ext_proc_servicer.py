@@ -20,9 +20,9 @@ from ext_proc.policy import EndpointPolicy, Policy
 from ext_proc.server import ExtProcServicer, PolicyTable
 from ext_proc.tenants import TenantTable
 from kvgate.v1 import policy_pb2
-from kvgate.headers import ENDPOINT_HEADER, MAX_TOKENS_HEADER, MODEL_HEADER, PRIORITY_HEADER
-from tests.tokenizer_util import load as load_tokenizer
-from tests.tokenizer_util import write_tokenizer
+from kvgate.wire import ENDPOINT_HEADER, MAX_TOKENS_HEADER, MODEL_HEADER, PRIORITY_HEADER
+from engines.real.tiny_tokenizer import load as load_tokenizer
+from engines.real.tiny_tokenizer import write_tokenizer
 from tritonclient.grpc import service_pb2
 
 POLICY = Policy(name="m", protocol="openai", backend_model="m", max_context_tokens=1024, max_output_tokens=100, kv_bytes_per_token=10,

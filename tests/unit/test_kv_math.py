@@ -1,4 +1,4 @@
-"""engines/kv_math.py: KV bytes per token from HF and TensorRT-LLM config.json (DESIGN.md §6)."""
+"""kvgate/kv_math.py: KV bytes per token from HF and TensorRT-LLM config.json (DESIGN.md §6)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from engines.kv_math import (
+from kvgate.kv_math import (
     DEFAULT_FREE_FRACTION,
     DEFAULT_RESERVED_BYTES,
     ModelShapeError,

@@ -11,7 +11,7 @@ from ext_proc.admission import Refusal
 from ext_proc.apis import Convention
 from ext_proc.request import Rewrite
 from ext_proc.responses import admit, refuse
-from kvgate.headers import MAX_TOKENS_HEADER, MODEL_HEADER
+from kvgate.wire import MAX_TOKENS_HEADER, MODEL_HEADER
 
 RATE_LIMITED = Refusal(429, "rate_limit_exceeded", "no KV budget free", type_="rate_limit_error", retry_after=3)
 TOO_LONG = Refusal(400, "context_length_exceeded", "prompt too long", param="messages")

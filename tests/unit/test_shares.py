@@ -24,10 +24,9 @@ from kvgate.v1 import policy_pb2
 from xds_server.control import Controller, ShareKeeper, render
 from xds_server.server import XdsServer
 from xds_server.settings import GatewaySettings
-from xds_server.shares import (
-    EXT_PROC_GROUP, HELD_SHARE_KEY, Member, all_holders_back, duplicate_ids, equal_shares, held, reported_share,
-    share_of, steps,
-)
+from kvgate.budget_shares import share_of
+from kvgate.wire import EXT_PROC_GROUP, HELD_SHARE_KEY
+from xds_server.shares import Member, all_holders_back, duplicate_ids, equal_shares, held, reported_share, steps
 from xds_server.snapshot import BUDGET_SHARES, POLICY
 
 # --- the division, pure ------------------------------------------------------------------------

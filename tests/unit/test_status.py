@@ -21,7 +21,7 @@ from ext_proc.admission import Refusal
 from ext_proc.ledger import Ledgers
 from ext_proc.status import MESSAGE_CHARS, RecentRefusals, replica_status
 from kvgate.catalog import parse_catalog
-from kvgate.processes import free_port
+from kvgate.cli.processes import free_port
 from xds_server.cache import SnapshotCache
 from xds_server.control import render
 from xds_server.metrics import registry_for
@@ -29,7 +29,8 @@ from xds_server.server import AdsServicer, Client
 from xds_server.settings import GatewaySettings
 from xds_server.snapshot import CLUSTER, ENDPOINT
 from xds_server.sotw import Nack
-from xds_server.status import DOWN, STATUS_URL_KEY, UNKNOWN, UP, ReplicaReport, aggregate, status_url_of
+from kvgate.wire import STATUS_URL_KEY
+from xds_server.status import DOWN, UNKNOWN, UP, ReplicaReport, aggregate, status_url_of
 from xds_server.status_page import fetch_report
 
 GIB = 2**30

@@ -32,7 +32,7 @@ from ext_proc import __main__ as ext_proc_main
 from kvgate import tls
 from kvgate.catalog import Address, parse_catalog
 from kvgate.cli import app
-from kvgate.envoy_bootstrap import envoy_binary, render_bootstrap
+from kvgate.cli.envoy_bootstrap import envoy_binary, render_bootstrap
 from kvgate.tls import TlsBundle, TlsError, TlsFiles
 from tests.tls_util import make_bundle, make_ca, make_leaf
 from xds_server import __main__ as xds_server_main

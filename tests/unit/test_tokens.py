@@ -21,7 +21,7 @@ from ext_proc.openai_protocol import CHAT_PATH, COMPLETIONS_PATH, parse_request
 from ext_proc.policy import Policy
 from ext_proc.request import LLMRequest
 from ext_proc.tokenizer import TokenCounter, Tokenizers, TokenizerError, load_counter
-from tests import tokenizer_util
+from engines.real import tiny_tokenizer
 
 # Text of the kinds a gateway sees; the bound must hold for each.
 SAMPLES = {
@@ -39,12 +39,12 @@ SAMPLES = {
 @pytest.fixture(scope="module")
 def reference() -> Tokenizer:
     """The trained tokenizer the counts are checked against (a separate object from the counter's)."""
-    return tokenizer_util.load()
+    return tiny_tokenizer.load()
 
 
 @pytest.fixture
 def counter() -> TokenCounter:
-    return TokenCounter(tokenizer_util.load())
+    return TokenCounter(tiny_tokenizer.load())
 
 
 def n_tokens(tok: Tokenizer, text: str) -> int:
@@ -88,7 +88,7 @@ class Recording:
 
 
 def recording_counter(cache_entries: int = 100) -> tuple[TokenCounter, Recording]:
-    rec = Recording(tokenizer_util.load())
+    rec = Recording(tiny_tokenizer.load())
     return TokenCounter(rec, cache_entries), rec  # type: ignore[arg-type]
 
 
@@ -106,7 +106,7 @@ def test_count_of_many_texts_in_one_call_keeps_their_order(counter: TokenCounter
 
 def test_count_of_repo_text_is_well_below_its_bytes(counter: TokenCounter) -> None:
     """The tokenizer really learned the docs: English markdown takes several bytes per token."""
-    text = (tokenizer_util.REPO / "docs" / "architecture.md").read_text()
+    text = (tiny_tokenizer.REPO / "docs" / "architecture.md").read_text()
     [n] = counter.count([text])
     assert 0 < n < len(text.encode()) / 2.5
 
@@ -122,7 +122,7 @@ def test_byte_bound_is_never_below_the_exact_count(kind: str, counter: TokenCoun
 def test_special_tokens_are_not_counted_per_piece(reference: Tokenizer) -> None:
     """A tokenizer.json that adds BOS to every encode: the BOS is the template's (per_request_tokens),
     so a chat of three messages must not count three of them."""
-    tok = tokenizer_util.load()
+    tok = tiny_tokenizer.load()
     tok.add_special_tokens(["<s>"])
     bos = ("<s>", tok.token_to_id("<s>"))
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
@@ -132,7 +132,7 @@ def test_special_tokens_are_not_counted_per_piece(reference: Tokenizer) -> None:
 
 
 def test_truncation_and_padding_in_the_file_are_ignored(tmp_path: Path, reference: Tokenizer) -> None:
-    tok = tokenizer_util.load()
+    tok = tiny_tokenizer.load()
     tok.enable_truncation(max_length=4)
     tok.enable_padding(length=64)
     path = tmp_path / "tokenizer.json"
@@ -190,7 +190,7 @@ def test_counts_stay_right_when_one_call_overflows_the_cache(reference: Tokenize
 
 def test_cache_needs_an_entry() -> None:
     with pytest.raises(ValueError):
-        TokenCounter(tokenizer_util.load(), cache_entries=0)
+        TokenCounter(tiny_tokenizer.load(), cache_entries=0)
 
 
 @pytest.mark.asyncio
@@ -267,7 +267,7 @@ def test_invalid_utf8_bound_covers_the_raw_bytes_and_the_count(raw: bytes, count
 
 @pytest.fixture
 def tok_file(tmp_path: Path) -> Path:
-    return tokenizer_util.write_tokenizer(tmp_path)
+    return tiny_tokenizer.write_tokenizer(tmp_path)
 
 
 @pytest.fixture
@@ -354,13 +354,13 @@ async def test_policy_without_sha256_is_not_trusted(tok_file: Path) -> None:
 @pytest.mark.asyncio
 async def test_failed_load_is_retried_at_the_next_update(tmp_path: Path) -> None:
     path = tmp_path / "tokenizer.json"
-    expected = hashlib.sha256(tokenizer_util.trained_json().encode()).hexdigest()
+    expected = hashlib.sha256(tiny_tokenizer.trained_json().encode()).hexdigest()
     reg = Tokenizers()
     pol = policy(str(path), expected)
     with capture_logs():
         await reg.update([pol])
     assert reg.counter_for(pol) is None
-    tokenizer_util.write_tokenizer(tmp_path)
+    tiny_tokenizer.write_tokenizer(tmp_path)
     await reg.update([pol])
     assert reg.counter_for(pol) is not None
 

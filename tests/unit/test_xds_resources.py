@@ -24,7 +24,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3.http_connection
 from envoy.extensions.load_balancing_policies.override_host.v3.override_host_pb2 import OverrideHost
 from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpProtocolOptions
 from kvgate.catalog import Address, Catalog, CatalogError, bundled_catalog_path, load_catalog, parse_catalog
-from kvgate.headers import ENDPOINT_HEADER, MODEL_HEADER
+from kvgate.wire import ENDPOINT_HEADER, MODEL_HEADER
 from kvgate.v1.policy_pb2 import ModelPolicy
 from xds_server import policies, resources
 from xds_server.settings import GatewaySettings

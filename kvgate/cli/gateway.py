@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvgate.catalog import SIM, Address, Catalog, Model
-from kvgate.envoy_bootstrap import envoy_binary, render_bootstrap
-from kvgate.processes import Supervisor, free_port, port_is_free
+from kvgate.cli.envoy_bootstrap import envoy_binary, render_bootstrap
+from kvgate.cli.processes import Supervisor, free_port, port_is_free
 from kvgate.tls import DEFAULT_SERVER_NAME, TlsBundle, TlsFiles, client_flags, server_flags
 from xds_server.settings import GatewaySettings
 

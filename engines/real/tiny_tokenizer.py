@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Folders whose text the larger tokenizer learns from; generated protobuf modules are left out
 # (serialized descriptors, not text).
 _SOURCE_DIRS = ("bench", "docs", "engines", "envoy", "ext_proc", "kvgate", "proto", "tests", "xds_server")

@@ -9,7 +9,7 @@ from string import Template
 from kvgate.catalog import Address
 from kvgate.tls import DEFAULT_SERVER_NAME, TlsFiles, envoy_upstream_tls
 
-ENVOY_CONFIG_DIR = Path(__file__).resolve().parents[1] / "envoy"
+ENVOY_CONFIG_DIR = Path(__file__).resolve().parents[2] / "envoy"
 
 
 def envoy_binary() -> str:

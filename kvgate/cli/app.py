@@ -17,10 +17,11 @@ import yaml
 from google.protobuf import json_format
 
 from engines import assets
-from kvgate import admin_client, api_keys, tls
+from kvgate import api_keys, tls
+from kvgate.cli import admin_client
 from kvgate.catalog import SIM, Address, Catalog, CatalogError, Model, bundled_catalog_path, load_catalog
-from kvgate.gateway import Gateway, NotReady
-from kvgate.processes import ProcessDied
+from kvgate.cli.gateway import Gateway, NotReady
+from kvgate.cli.processes import ProcessDied
 from xds_server.settings import GatewaySettings
 from xds_server.control import render
 from xds_server.snapshot import BUDGET_SHARES, PUSH_ORDER, Snapshot
@@ -225,6 +226,3 @@ def status(server: ServerOption = admin_client.DEFAULT_SERVER,
             typer.echo(f"    last NACK: {n.last_nack.type_url.rsplit('.', 1)[-1]} {n.last_nack.version or '-'}: "
                        f"{n.last_nack.error_detail}")
 
-
-if __name__ == "__main__":
-    app()
