@@ -33,7 +33,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import BodyResponse, ProcessingRequest, ProcessingResponse
 from ext_proc.admission import Refusal
 from ext_proc.apis import Convention
-from ext_proc.responses import CONTINUE_HEADERS, refuse
+from ext_proc.responses import continue_headers, refuse
 
 CONTINUE_BODY = ProcessingResponse(request_body=BodyResponse())
 
@@ -76,7 +76,7 @@ class Shedder(external_processor_pb2_grpc.ExternalProcessorServicer):
         async for msg in request_iterator:
             kind = msg.WhichOneof("request")
             if kind == "request_headers":
-                yield CONTINUE_HEADERS
+                yield continue_headers()
             elif kind == "request_body":
                 reason = saturation(self.state, time.monotonic(), self.thresholds)
                 self.decisions[reason or "admitted"] += 1

@@ -26,7 +26,8 @@ from ext_proc.metrics import registry_for
 from ext_proc.policy import Policy
 from ext_proc.reconcile import Reconciler
 from ext_proc.scraper import EngineScraper
-from ext_proc.server import ExtProcServicer, PolicyTable
+from ext_proc.server import ExtProcServicer
+from ext_proc.state import AdmissionState
 from ext_proc.status import replica_status
 from ext_proc.xds_client import AdsSubscriber, Subscription
 from kvgate import logs, tls
@@ -78,7 +79,7 @@ def policies_from(resources: list[any_pb2.Any]) -> list[Policy]:
     return [Policy.from_proto(msg) for msg in unpack_all(resources, policy_pb2.ModelPolicy)]
 
 
-def apply_share(table: PolicyTable, node: Node, resources: list) -> None:
+def apply_share(table: AdmissionState, node: Node, resources: list) -> None:
     """Take this replica's share of every budget; none yet (the budget not divided): keep what is held."""
     fraction = share_of(resources, node.id)
     if fraction is None:
@@ -122,11 +123,8 @@ async def sweep(servicer: ExtProcServicer, every_s: float = 5.0) -> None:
 async def run(args: argparse.Namespace) -> int:
     log = logs.configure("ext_proc")
     ledgers = Ledgers(share=INITIAL_SHARE)
-    table = PolicyTable(ledgers, max_waiting=args.max_waiting)
-    def queue_lengths() -> dict[str, int]:
-        return {m: len(q) for m, q in table.queues.items()}
-
-    registry, decisions = registry_for(ledgers, queue_lengths)
+    table = AdmissionState(ledgers, max_waiting=args.max_waiting)
+    registry, decisions = registry_for(ledgers, table.queue_lengths)
     servicer = ExtProcServicer(table, decisions, log=log)
     reconciler = Reconciler(table, EngineScraper(log=log))
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", args.max_message_bytes),
@@ -137,7 +135,7 @@ async def run(args: argparse.Namespace) -> int:
         return 2
     await server.start()
     runner = await serve_metrics(registry, args.host, args.metrics_port, lambda: replica_status(
-        args.node_id, ledgers, queue_lengths(), servicer.refusals, time.time())) if args.metrics_port else None
+        args.node_id, ledgers, table.queue_lengths(), servicer.refusals, time.time())) if args.metrics_port else None
     # The status URL tells the control plane where this replica's live numbers are.
     node = Node(id=args.node_id, cluster=EXT_PROC_GROUP, metadata={
         HELD_SHARE_KEY: INITIAL_SHARE,

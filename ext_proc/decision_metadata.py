@@ -102,8 +102,8 @@ class DecisionRecord:
         return out
 
     def attach(self, reply: ProcessingResponse) -> None:
-        """Put a decision not yet sent on `reply`, an answer built for this request (never a shared
-        constant such as responses.CONTINUE_HEADERS: no decision precedes one of those)."""
+        """Put a decision not yet sent on `reply`, an answer built for this request (never a message
+        shared between requests)."""
         if self._unsent:
             fields: dict[str, Any] = self.fields()
             # Envoy merges each decision into what it holds, key by key: a field the previous message

@@ -22,7 +22,7 @@ from ext_proc.engine_metrics import EngineLoad
 from ext_proc.ledger import Ledger
 from ext_proc.policy import EndpointPolicy, Policy
 from ext_proc.scraper import EngineScraper
-from ext_proc.server import PolicyTable
+from ext_proc.state import AdmissionState
 
 
 IDLE_GRACE_S = 5.0
@@ -57,7 +57,7 @@ def apply_sample(ledger: Ledger, load: EngineLoad, taken_at: float, endpoint: En
 class Reconciler:
     """Scrapes every endpoint of every policy that asks for it, and applies what it reads."""
 
-    table: PolicyTable
+    table: AdmissionState
     scraper: EngineScraper
     clock: Callable[[], float] = time.monotonic
     log: structlog.typing.FilteringBoundLogger = field(

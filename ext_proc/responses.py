@@ -27,7 +27,10 @@ _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _JSON = HeaderValueOption(header=HeaderValue(key="content-type", raw_value=b"application/json"),
                           append_action=_OVERWRITE)
 
-CONTINUE_HEADERS = ProcessingResponse(request_headers=HeadersResponse())
+
+def continue_headers() -> ProcessingResponse:
+    """A new message each time: the caller attaches the request's decision to what it is given."""
+    return ProcessingResponse(request_headers=HeadersResponse())
 
 
 def _set(key: str, value: str) -> HeaderValueOption:

@@ -4,7 +4,3 @@
 Apart from the kvgate library (catalog, wire names, TLS) because it starts every part, so it may
 import them all, and none of them imports it.
 """
-
-from kvgate.cli.app import app
-
-__all__ = ["app"]

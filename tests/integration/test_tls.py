@@ -20,7 +20,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
 from kvgate.cli import admin_client
 from kvgate.catalog import parse_catalog
-from kvgate.cli import app
+from kvgate.cli.app import app
 from kvgate.cli.gateway import Gateway
 from kvgate.tls import TlsBundle, TlsFiles
 from tests.integration.conftest import ALPHA, envoy_stat, start_gateway

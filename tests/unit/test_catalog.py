@@ -676,7 +676,7 @@ def test_keys_new_prints_a_key_and_its_digest() -> None:
     from typer.testing import CliRunner
 
     from kvgate.api_keys import key_hash
-    from kvgate.cli import app
+    from kvgate.cli.app import app
 
     out = CliRunner().invoke(app, ["keys", "new"]).output
     key = out.split("key:")[1].split()[0]

@@ -16,7 +16,8 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, 
 from ext_proc.decision_metadata import CLAMPED_BY_CONTEXT, CLAMPED_BY_MODEL, DecisionRecord, clamp_limit
 from ext_proc.ledger import Ledgers
 from ext_proc.metrics import GEN_AI_PROVIDER, Decisions
-from ext_proc.server import ExtProcServicer, PolicyTable
+from ext_proc.server import ExtProcServicer
+from ext_proc.state import AdmissionState
 from kvgate.wire import PRIORITY_HEADER
 from tests.unit.test_ext_proc_servicer import POLICY, body, feed, headers, run
 from kvgate.wire import DECISION_NAMESPACE
@@ -37,7 +38,7 @@ def test_clamp_limit_names_what_lowered_max_tokens(requested: int | None, grante
 
 
 def observed() -> tuple[ExtProcServicer, CollectorRegistry]:
-    table = PolicyTable(Ledgers())
+    table = AdmissionState(Ledgers())
     table.tenants.replace([])  # an open gateway
     table.replace([dataclasses.replace(POLICY, priority_classes=(("default", 0.0), ("patient", 10.0)))])
     registry = CollectorRegistry()

@@ -17,7 +17,8 @@ from ext_proc import triton_grpc
 from ext_proc.ledger import Ledgers
 from ext_proc.metrics import Decisions
 from ext_proc.policy import EndpointPolicy, Policy
-from ext_proc.server import ExtProcServicer, PolicyTable
+from ext_proc.server import ExtProcServicer
+from ext_proc.state import AdmissionState
 from ext_proc.tenants import TenantTable
 from kvgate.v1 import policy_pb2
 from kvgate.wire import ENDPOINT_HEADER, MAX_TOKENS_HEADER, MODEL_HEADER, PRIORITY_HEADER
@@ -31,7 +32,7 @@ POLICY = Policy(name="m", protocol="openai", backend_model="m", max_context_toke
 
 
 def servicer(loaded: bool = True) -> ExtProcServicer:
-    table = PolicyTable(Ledgers())
+    table = AdmissionState(Ledgers())
     table.tenants.replace([])  # heard from the control plane: no tenants, an open gateway
     if loaded:
         table.replace([POLICY])
@@ -253,7 +254,7 @@ def test_ttl_backstop_releases_what_outlived_its_deadline() -> None:
 # --- gRPC streams ---------------------------------------------------------------------------
 
 def stream_servicer() -> ExtProcServicer:
-    table = PolicyTable(Ledgers())
+    table = AdmissionState(Ledgers())
     table.tenants.replace([])  # heard from the control plane: no tenants, an open gateway
     table.replace([Policy(name="t", protocol="triton", backend_model="ensemble", max_context_tokens=1024,
                           max_output_tokens=100, kv_bytes_per_token=10, tokens_per_block=16,
@@ -322,7 +323,7 @@ TWO_ENDPOINTS = dataclasses.replace(
 
 
 def waiting_servicer() -> ExtProcServicer:
-    table = PolicyTable(Ledgers())
+    table = AdmissionState(Ledgers())
     table.tenants.replace([])  # heard from the control plane: no tenants, an open gateway
     table.replace([TWO_ENDPOINTS])
     return ExtProcServicer(table, Decisions(CollectorRegistry()))
@@ -403,7 +404,7 @@ async def test_prompts_are_counted_with_the_models_tokenizer(tmp_path, words: in
     policy = dataclasses.replace(POLICY, tokenizer_path=str(path),
                                  tokenizer_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
                                  endpoints=(EndpointPolicy("e:1", 10**9, "", ""),))
-    table = PolicyTable(Ledgers())
+    table = AdmissionState(Ledgers())
     table.tenants.replace([])  # heard from the control plane: no tenants, an open gateway
     table.replace([policy])
     await table.tokenizers.update([policy])

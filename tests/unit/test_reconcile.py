@@ -9,7 +9,7 @@ from ext_proc.ledger import Ledgers
 from ext_proc.policy import EndpointPolicy, Policy
 from ext_proc.reconcile import Reconciler, apply_sample, engine_used_bytes, is_idle
 from ext_proc.scraper import EngineScraper, Sample
-from ext_proc.server import PolicyTable
+from ext_proc.state import AdmissionState
 
 BPT, BLOCK = 100, 16
 ENDPOINT = EndpointPolicy("e:1", 64 * BLOCK * BPT, "", "http://e:1/prometheus/metrics")
@@ -68,8 +68,8 @@ class FixedScraper(EngineScraper):
         return self.samples.get(key)
 
 
-def reconciler(now: list[float]) -> tuple[Reconciler, FixedScraper, PolicyTable]:
-    table = PolicyTable(Ledgers())
+def reconciler(now: list[float]) -> tuple[Reconciler, FixedScraper, AdmissionState]:
+    table = AdmissionState(Ledgers())
     table.replace([POLICY])
     scraper = FixedScraper()
     return Reconciler(table, scraper, clock=lambda: now[0]), scraper, table

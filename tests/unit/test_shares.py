@@ -171,7 +171,7 @@ class ControlPlane:
 
 @dataclass
 class _Table:
-    """What apply_share needs of ext_proc's PolicyTable; records every share the replica takes."""
+    """What apply_share needs of ext_proc's AdmissionState; records every share the replica takes."""
 
     fleet: Fleet
     key: int

@@ -31,7 +31,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from ext_proc import __main__ as ext_proc_main
 from kvgate import tls
 from kvgate.catalog import Address, parse_catalog
-from kvgate.cli import app
+from kvgate.cli.app import app
 from kvgate.cli.envoy_bootstrap import envoy_binary, render_bootstrap
 from kvgate.tls import TlsBundle, TlsError, TlsFiles
 from tests.tls_util import make_bundle, make_ca, make_leaf

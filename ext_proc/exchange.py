@@ -1,0 +1,120 @@
+"""One ext_proc stream, which is one HTTP request: its headers step, shared by every API, and the
+turning of decision outcomes into Envoy's answers (with the request's record, the sinks, and the
+reservations it holds until the stream ends).
+
+What follows the headers depends on how the body arrives: whole (http_exchange.py: every HTTP API and
+unary gRPC), or as a bidi gRPC stream's chunks (stream_exchange.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from envoy.service.ext_proc.v3.external_processor_pb2 import HttpHeaders, ProcessingResponse
+from ext_proc import apis, decision, responses
+from ext_proc.admission import Refusal
+from ext_proc.apis import Convention
+from ext_proc.decision import Admit, Expect, Lookup, Pass, Planned, Refuse
+from ext_proc.decision_metadata import DecisionRecord
+from ext_proc.ledger import Reservation
+from ext_proc.metrics import Decisions, operation_name
+from ext_proc.sinks import Decided, Sinks
+from ext_proc.state import AdmissionState
+from ext_proc.tenants import KEY_HEADERS
+from ext_proc.triton_http import BINARY_HEADER
+from kvgate.wire import PRIORITY_HEADER
+
+
+class Gate(Protocol):
+    """What an exchange needs of the process that serves it (server.py's ExtProcServicer)."""
+
+    table: AdmissionState
+    decisions: Decisions
+    sinks: Sinks
+    clock: Callable[[], float]
+    reservation_ttl_s: float
+    stream_first_message_timeout_s: float
+    inline_count_chars: int
+
+    def release(self, held: Reservation | Refusal) -> None: ...
+
+
+# The request headers admission reads; Envoy 1.40 sends values as raw_value.
+_WANTED = frozenset({":path", ":method", "content-type", "x-request-id", PRIORITY_HEADER, BINARY_HEADER,
+                     *KEY_HEADERS})
+
+
+def read_headers(headers: HttpHeaders) -> dict[str, str]:
+    return {h.key: h.raw_value.decode() if h.raw_value else h.value
+            for h in headers.headers.headers if h.key in _WANTED}
+
+
+@dataclass
+class Exchange:
+    gate: Gate
+    started: float  # when the stream opened: the request's duration runs from here
+    headers: dict[str, str] = field(default_factory=dict)
+    convention: Convention = Convention.OPENAI
+    expect: Expect | None = None  # set once the headers passed: the API and the caller
+    # One per admitted request; a gRPC stream carries many, all released when it ends.
+    reservations: list[Reservation] = field(default_factory=list)
+    # What was decided, for the access log (Envoy dynamic metadata) and the per-request metrics.
+    record: DecisionRecord = field(default_factory=DecisionRecord)
+
+    def on_headers(self, msg: HttpHeaders) -> ProcessingResponse:
+        self.headers = read_headers(msg)
+        # Every log line about this request carries Envoy's request id (the stream's task is its own).
+        structlog.contextvars.bind_contextvars(request_id=self.headers.get("x-request-id"))
+        path = self.headers.get(":path", "").partition("?")[0]
+        self.convention = apis.convention_for(path, self.headers.get("content-type", ""))
+        tenant = decision.authenticate(self.gate.table, self.headers)
+        if isinstance(tenant, Refuse):
+            return self.refuse(tenant)
+        call = decision.match_call(self.headers, path)
+        if isinstance(call, Lookup):
+            return responses.continue_lookup()
+        if isinstance(call, Refuse):
+            return self.refuse(call)
+        self.convention = call.api.convention
+        self.record.operation = operation_name(path)
+        refused = decision.check_call(call, self.headers.get(":method", ""), path, body_follows=not msg.end_of_stream)
+        if refused is not None:
+            return self.refuse(refused)
+        self.expect = Expect(call, tenant)
+        # A stream's route depends on its first message: the headers are answered once it arrives,
+        # and a client may open a stream well before it sends anything.
+        if call.api.streaming:
+            return responses.wait_longer(self.gate.stream_first_message_timeout_s)
+        return responses.continue_headers()
+
+    # --- outcomes to answers ------------------------------------------------------------------------
+
+    def _decided(self, outcome: Admit | Pass | Refuse) -> None:
+        self.gate.sinks(Decided(outcome, self.record, self.headers.get("x-request-id")))
+
+    def refuse(self, outcome: Refuse) -> ProcessingResponse:
+        self.record.refused(outcome.model, outcome.refusal.code)
+        self._decided(outcome)
+        return responses.refuse(outcome.refusal, self.convention)
+
+    def planned(self, planned: Planned) -> None:
+        self.record.planned(planned.policy, planned.parsed.request, planned.plan, planned.priority_class,
+                            counted=planned.counted)
+
+    def admitted(self, outcome: Admit) -> None:
+        self.reservations.append(outcome.reservation)
+        self.record.admitted(outcome.reservation)
+        self._decided(outcome)
+
+    def passed(self, outcome: Pass) -> None:
+        self.record.passed(outcome.model)
+        self._decided(outcome)
+
+    def end(self) -> None:
+        """The request is over, however it ended: give back everything it holds."""
+        for held in self.reservations:
+            self.gate.release(held)

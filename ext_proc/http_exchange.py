@@ -1,0 +1,71 @@
+"""A request whose body arrives whole (every HTTP API, and unary gRPC): parse, count, plan, charge,
+reserve (or wait for budget in the model's queue), then one answer that admits or refuses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingResponse
+from ext_proc import decision, responses, tokens
+from ext_proc.apis import Convention
+from ext_proc.decision import Admit, Found, Pass, Planned, Refuse, Wait
+from ext_proc.exchange import Exchange
+
+
+async def on_body(ex: Exchange, raw: bytes) -> AsyncIterator[ProcessingResponse]:
+    assert ex.expect is not None  # a refused call ends at its headers
+    gate, state = ex.gate, ex.gate.table
+    found = decision.parse(state, ex.expect, ex.headers, raw)
+    if isinstance(found, Pass):
+        ex.passed(found)
+        yield responses.admit(found.model, None, found.rewrite)
+        return
+    if isinstance(found, Refuse):
+        yield ex.refuse(found)
+        return
+    await _count_off_loop(ex, found)
+    planned = decision.plan(state, found, ex.expect.tenant, ex.headers)
+    if isinstance(planned, Planned):
+        ex.planned(planned)
+        planned = decision.charge(state, planned, ex.expect.tenant, gate.clock())
+    if isinstance(planned, Refuse):
+        yield ex.refuse(planned)
+        return
+    grpc = ex.convention is Convention.GRPC
+    outcome = decision.first_try(state, planned, gate.clock(), gate.reservation_ttl_s, grpc)
+    if isinstance(outcome, Wait):
+        # Envoy would give up on us after its message timeout: tell it how long this may take.
+        yield responses.wait_longer(outcome.seconds + 1)
+        outcome = await _wait(ex, planned, outcome, grpc)
+    if isinstance(outcome, Refuse):
+        yield ex.refuse(outcome)
+        return
+    ex.admitted(outcome)
+    yield responses.admit(outcome.model, outcome.max_tokens, outcome.rewrite, outcome.upstream)
+
+
+async def _wait(ex: Exchange, planned: Planned, wait: Wait, grpc: bool) -> Admit | Refuse:
+    gate = ex.gate
+    started = gate.clock()
+    try:
+        held = await wait.queue.wait(
+            wait.rank, lambda: decision.try_reserve(planned, wait.ledgers, gate.clock(), gate.reservation_ttl_s),
+            wait.seconds, release=gate.release)
+    except asyncio.CancelledError:  # the client left while waiting: it never ran
+        decision.refund(gate.table, planned, gate.clock())
+        raise
+    ex.record.waited_s = gate.clock() - started
+    gate.decisions.waited(planned.policy.name, ex.record.waited_s, held is not None)
+    return decision.settle(gate.table, planned, held, wait.ledgers, gate.clock(), grpc)
+
+
+async def _count_off_loop(ex: Exchange, found: Found) -> None:
+    """Tokenizing a long new prompt takes milliseconds (about 1 ms per KB): do it in a thread, so the
+    event loop keeps serving other requests, and let the plan read the counts from the cache. Short
+    prompts are counted inline: the thread hop costs more than they do."""
+    counter = ex.gate.table.tokenizers.counter_for(found.policy)
+    pieces = tokens.text_pieces(found.parsed.request)
+    if counter is not None and sum(map(len, pieces)) > ex.gate.inline_count_chars:
+        await counter.prefetch(pieces)

@@ -1,0 +1,79 @@
+"""What one ext_proc replica knows, as the control plane updates it: the policies, each endpoint's
+ledger and wait queue, the tokenizers, the tenants and their rate limits, and this replica's share.
+
+ADS updates (ext_proc/__main__.py) replace parts of it; the exchanges read it and take budget from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+from ext_proc.ledger import Ledger, Ledgers, Reservation
+from ext_proc.policy import Policy
+from ext_proc.ratelimit import RateLimits
+from ext_proc.tenants import TenantTable
+from ext_proc.tokenizer import Tokenizers
+from ext_proc.waitqueue import WaitQueue
+
+
+@dataclass
+class AdmissionState:
+    """Current policies by model name, their ledgers and wait queues; `loaded` stays False until the
+    first xDS update arrives."""
+
+    ledgers: Ledgers
+    policies: dict[str, Policy] = field(default_factory=dict)
+    loaded: bool = False
+    max_waiting: int = 1000  # per model; beyond it a request that does not fit is refused at once
+    queues: dict[str, WaitQueue[Reservation]] = field(default_factory=dict)
+    tokenizers: Tokenizers = field(default_factory=Tokenizers)
+    tenants: TenantTable = field(default_factory=TenantTable)
+    limits: RateLimits = field(default_factory=RateLimits)
+    _loading: asyncio.Task[None] | None = None
+
+    def replace(self, policies: list[Policy]) -> None:
+        keys = {(p.name, e.address) for p in policies for e in p.endpoints}
+        for p in policies:
+            for e in p.endpoints:
+                ledger = self.ledgers.set_budget(p.name, e.address, e.budget_bytes)
+                if not p.metrics_interval_s:  # not scraped (any more): the ledger alone counts
+                    ledger.blind, ledger.excess = False, 0
+        self.ledgers.retain(keys)
+        self.policies = {p.name: p for p in policies}
+        self.queues = {p.name: self.queues.get(p.name) or WaitQueue(self.max_waiting) for p in policies}
+        self.loaded = True
+        self.wake_all()
+        # Until a tokenizer is loaded (off the event loop) its model's prompts are bounded, not counted.
+        with contextlib.suppress(RuntimeError):  # no running loop: unit tests that load none
+            self._loading = asyncio.get_running_loop().create_task(self.tokenizers.update(policies))
+
+    @property
+    def ready(self) -> bool:
+        """Both policies and tenants heard from the control plane: admitting before that could let
+        through a request without a key, or refuse one for want of a model."""
+        return self.loaded and self.tenants.loaded
+
+    def set_share(self, fraction: float) -> None:
+        """This replica's part of every endpoint's budget (and of every tenant's rate limits), as the
+        control plane divides it."""
+        self.ledgers.set_share(fraction)
+        self.limits.share = fraction
+        self.wake_all()
+
+    def ledgers_of(self, policy: Policy) -> list[Ledger]:
+        return self.ledgers.of_model(policy.name, [e.address for e in policy.endpoints])
+
+    def queue_lengths(self) -> dict[str, int]:
+        return {m: len(q) for m, q in self.queues.items()}
+
+    def wake(self, model: str) -> None:
+        """Budget of `model` may have freed up: offer it to the requests waiting for it."""
+        queue = self.queues.get(model)
+        if queue is not None:
+            queue.wake()
+
+    def wake_all(self) -> None:
+        for queue in self.queues.values():
+            queue.wake()
