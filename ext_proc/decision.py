@@ -95,7 +95,6 @@ class Wait:
     seconds: float
     queue: WaitQueue[Reservation]
     rank: int
-    ledgers: list[Ledger]
 
 
 NOT_LOADED = Refusal(503, "policies_not_loaded", "The gateway has not received its model policies yet.",
@@ -212,20 +211,24 @@ def try_reserve(planned: Planned, ledgers: list[Ledger], now: float, ttl_s: floa
     return admission.admit(planned.plan, planned.policy, ledgers, now, ttl_s)
 
 
-def first_try(state: AdmissionState, planned: Planned, now: float, ttl_s: float, grpc: bool) -> Admit | Refuse | Wait:
+def first_try(state: AdmissionState, planned: Planned, body_bytes: int, now: float, ttl_s: float,
+              grpc: bool) -> Admit | Refuse | Wait:
+    """Reserve now; or, when nothing fits, wait if the request's class may and its queue has room
+    for one more waiter and its body."""
     ledgers = state.ledgers_of(planned.policy)
     held = try_reserve(planned, ledgers, now, ttl_s)
     wait_s = planned.policy.max_wait_s(planned.priority_class) or 0.0
     queue = state.queues.get(planned.policy.name)
-    if held is None and wait_s > 0 and queue is not None and not queue.full:
-        return Wait(wait_s, queue, planned.policy.rank(planned.priority_class), ledgers)
+    if held is None and wait_s > 0 and queue is not None and queue.has_room(body_bytes):
+        return Wait(wait_s, queue, planned.policy.rank(planned.priority_class))
     return settle(state, planned, held, ledgers, now, grpc)
 
 
 def settle(state: AdmissionState, planned: Planned, held: Reservation | Refusal | None, ledgers: list[Ledger],
            now: float, grpc: bool) -> Admit | Refuse:
-    """Admitted (with the endpoint reserved on), or the refusal; None means it never fitted."""
-    policy = planned.policy
+    """Admitted (with the endpoint reserved on), or the refusal; None means it never fitted. The
+    endpoint and engine names come from the latest policy: it may have changed while a request waited."""
+    policy = state.policies.get(planned.policy.name, planned.policy)
     headroom: tuple[int, ...] = ()
     if held is None:
         held = admission.busy(planned.plan, policy, ledgers, now)

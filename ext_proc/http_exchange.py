@@ -11,7 +11,9 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingResponse
 from ext_proc import decision, responses, tokens
 from ext_proc.apis import Convention
 from ext_proc.decision import Admit, Found, Pass, Planned, Refuse, Wait
+from ext_proc.admission import Refusal
 from ext_proc.exchange import Exchange
+from ext_proc.ledger import Reservation
 
 
 async def on_body(ex: Exchange, raw: bytes) -> AsyncIterator[ProcessingResponse]:
@@ -34,11 +36,11 @@ async def on_body(ex: Exchange, raw: bytes) -> AsyncIterator[ProcessingResponse]
         yield ex.refuse(planned)
         return
     grpc = ex.convention is Convention.GRPC
-    outcome = decision.first_try(state, planned, gate.clock(), gate.reservation_ttl_s, grpc)
+    outcome = decision.first_try(state, planned, len(raw), gate.clock(), gate.reservation_ttl_s, grpc)
     if isinstance(outcome, Wait):
         # Envoy would give up on us after its message timeout: tell it how long this may take.
         yield responses.wait_longer(outcome.seconds + 1)
-        outcome = await _wait(ex, planned, outcome, grpc)
+        outcome = await _wait(ex, planned, outcome, len(raw), grpc)
     if isinstance(outcome, Refuse):
         yield ex.refuse(outcome)
         return
@@ -46,19 +48,24 @@ async def on_body(ex: Exchange, raw: bytes) -> AsyncIterator[ProcessingResponse]
     yield responses.admit(outcome.model, outcome.max_tokens, outcome.rewrite, outcome.upstream)
 
 
-async def _wait(ex: Exchange, planned: Planned, wait: Wait, grpc: bool) -> Admit | Refuse:
-    gate = ex.gate
+async def _wait(ex: Exchange, planned: Planned, wait: Wait, body_bytes: int, grpc: bool) -> Admit | Refuse:
+    """Wait in the model's queue. The model's ledgers are looked up at every try, not once: a policy
+    pushed meanwhile may have moved, resized or removed its endpoints."""
+    gate, state, model = ex.gate, ex.gate.table, planned.policy.name
+
+    def attempt() -> Reservation | Refusal | None:
+        return decision.try_reserve(planned, state.current_ledgers(model), gate.clock(), gate.reservation_ttl_s)
+
     started = gate.clock()
     try:
-        held = await wait.queue.wait(
-            wait.rank, lambda: decision.try_reserve(planned, wait.ledgers, gate.clock(), gate.reservation_ttl_s),
-            wait.seconds, release=gate.release)
+        held = await wait.queue.wait(wait.rank, attempt, wait.seconds, release=gate.release,
+                                     need=planned.plan.nbytes, body_bytes=body_bytes)
     except asyncio.CancelledError:  # the client left while waiting: it never ran
-        decision.refund(gate.table, planned, gate.clock())
+        decision.refund(state, planned, gate.clock())
         raise
     ex.record.waited_s = gate.clock() - started
-    gate.decisions.waited(planned.policy.name, ex.record.waited_s, held is not None)
-    return decision.settle(gate.table, planned, held, wait.ledgers, gate.clock(), grpc)
+    gate.decisions.waited(model, ex.record.waited_s, held is not None)
+    return decision.settle(state, planned, held, state.current_ledgers(model), gate.clock(), grpc)
 
 
 async def _count_off_loop(ex: Exchange, found: Found) -> None:

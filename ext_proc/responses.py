@@ -82,7 +82,7 @@ def stream_chunk(data: bytes) -> ProcessingResponse:
 
 # gRPC status codes by the HTTP status a refusal would have.
 # INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ...
-_GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 413: 8, 429: 8, 503: 14}
+_GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 413: 8, 415: 3, 429: 8, 500: 13, 503: 14, 504: 4}
 _UNIMPLEMENTED = 12
 
 

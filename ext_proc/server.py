@@ -19,6 +19,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 from ext_proc import http_exchange, sinks
 from ext_proc.admission import Refusal
+from ext_proc.decision import Refuse
 from ext_proc.exchange import Exchange
 from ext_proc.ledger import Reservation
 from ext_proc.metrics import Decisions
@@ -26,6 +27,12 @@ from ext_proc.sinks import Finished, Sinks
 from ext_proc.state import AdmissionState
 from ext_proc.status import RecentRefusals
 from ext_proc.stream_exchange import StreamExchange
+
+
+# The last resort: what a request gets if deciding it raised. It never reached an engine.
+INTERNAL_ERROR = Refusal(500, "internal_error", "The gateway failed to decide this request and did not send it "
+                         "to any engine; this is a gateway bug, and its log has the details.",
+                         type_="server_error")
 
 
 @dataclass
@@ -58,17 +65,22 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
         try:
             async for msg in request_iterator:
                 received = self.clock()
-                if msg.HasField("request_headers"):
-                    yield self._answered(ex, ex.on_headers(msg.request_headers), "headers", received)
-                elif ex.expect is not None and ex.expect.call.api.streaming:
-                    stream = stream or StreamExchange(ex)
-                    for i, reply in enumerate(stream.on_chunk(msg.request_body)):
-                        yield self._answered(ex, reply, "body", received if i == 0 else None)
-                else:
-                    async for reply in http_exchange.on_body(ex, msg.request_body.body):
-                        yield self._answered(ex, reply, "body", received)
-                        if reply.WhichOneof("response") is not None:
-                            received = None
+                try:
+                    if msg.HasField("request_headers"):
+                        yield self._answered(ex, ex.on_headers(msg.request_headers), "headers", received)
+                    elif ex.expect is not None and ex.expect.call.api.streaming:
+                        stream = stream or StreamExchange(ex)
+                        for i, reply in enumerate(stream.on_chunk(msg.request_body)):
+                            yield self._answered(ex, reply, "body", received if i == 0 else None)
+                    else:
+                        async for reply in http_exchange.on_body(ex, msg.request_body.body):
+                            yield self._answered(ex, reply, "body", received)
+                            if reply.WhichOneof("response") is not None:
+                                received = None
+                except Exception:  # a bug, not the client's doing: refuse in its convention, never a bare 500
+                    self.log.exception("ext_proc.failed")
+                    yield self._answered(ex, ex.refuse(Refuse("", INTERNAL_ERROR)), "body", None)
+                    return
         finally:
             structlog.contextvars.unbind_contextvars("request_id")
             ex.end()

@@ -15,7 +15,7 @@ from ext_proc.policy import Policy
 from ext_proc.ratelimit import RateLimits
 from ext_proc.tenants import TenantTable
 from ext_proc.tokenizer import Tokenizers
-from ext_proc.waitqueue import WaitQueue
+from ext_proc.waitqueue import WaitingBytes, WaitQueue
 
 
 @dataclass
@@ -28,6 +28,7 @@ class AdmissionState:
     loaded: bool = False
     max_waiting: int = 1000  # per model; beyond it a request that does not fit is refused at once
     queues: dict[str, WaitQueue[Reservation]] = field(default_factory=dict)
+    waiting_bytes: WaitingBytes = field(default_factory=WaitingBytes)  # bodies held by every queue
     tokenizers: Tokenizers = field(default_factory=Tokenizers)
     tenants: TenantTable = field(default_factory=TenantTable)
     limits: RateLimits = field(default_factory=RateLimits)
@@ -42,7 +43,10 @@ class AdmissionState:
                     ledger.blind, ledger.excess = False, 0
         self.ledgers.retain(keys)
         self.policies = {p.name: p for p in policies}
-        self.queues = {p.name: self.queues.get(p.name) or WaitQueue(self.max_waiting) for p in policies}
+        # The same queue for a model that stays: its waiters sleep on it (an empty one too, since a
+        # request may be on its way into it).
+        self.queues = {p.name: self.queues[p.name] if p.name in self.queues else
+                       WaitQueue(self.max_waiting, self.waiting_bytes) for p in policies}
         self.loaded = True
         self.wake_all()
         # Until a tokenizer is loaded (off the event loop) its model's prompts are bounded, not counted.
@@ -65,6 +69,16 @@ class AdmissionState:
     def ledgers_of(self, policy: Policy) -> list[Ledger]:
         return self.ledgers.of_model(policy.name, [e.address for e in policy.endpoints])
 
+    def current_ledgers(self, model: str) -> list[Ledger]:
+        """The model's ledgers as the latest policy has them (none if it was removed): what a request
+        that waited must be admitted on, whatever changed while it waited."""
+        policy = self.policies.get(model)
+        return self.ledgers_of(policy) if policy is not None else []
+
+    def headroom(self, model: str) -> int:
+        """The most KV bytes any endpoint of the model has free now."""
+        return max((lg.headroom for lg in self.current_ledgers(model)), default=0)
+
     def queue_lengths(self) -> dict[str, int]:
         return {m: len(q) for m, q in self.queues.items()}
 
@@ -72,8 +86,8 @@ class AdmissionState:
         """Budget of `model` may have freed up: offer it to the requests waiting for it."""
         queue = self.queues.get(model)
         if queue is not None:
-            queue.wake()
+            queue.wake(lambda: self.headroom(model))
 
     def wake_all(self) -> None:
-        for queue in self.queues.values():
-            queue.wake()
+        for model in self.queues:
+            self.wake(model)

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvgate.catalog import SIM, Address, Catalog, Model
 from kvgate.cli.envoy_bootstrap import envoy_binary, render_bootstrap
-from kvgate.cli.processes import Supervisor, free_port, port_is_free
+from kvgate.cli.processes import Child, Supervisor, free_port, port_is_free
 from kvgate.tls import DEFAULT_SERVER_NAME, TlsBundle, TlsFiles, client_flags, server_flags
 from xds_server.settings import GatewaySettings
 
@@ -114,6 +116,8 @@ class Gateway:
     def __post_init__(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.supervisor = Supervisor(self.run_dir)
+        self._watcher: threading.Thread | None = None
+        self._stopping = threading.Event()
         self.envoys = [EnvoyNode("envoy-0", ENVOY_NODE_CLUSTER, self.host, self.port, self.admin_port)] + [
             EnvoyNode(f"envoy-{i}", f"{ENVOY_NODE_CLUSTER}-{i}", self.host, free_port(), free_port())
             for i in range(1, self.extra_envoys + 1)]
@@ -176,7 +180,26 @@ class Gateway:
             raise
 
     def stop(self) -> None:
+        if self._watcher is not None:
+            self._stopping.set()
+            self._watcher.join()
+            self._watcher = None
         self.supervisor.stop_all()
+
+    def supervise(self, on_restart: Callable[[Child, int], None] = lambda child, code: None,
+                  every_s: float = 0.1) -> None:
+        """From now until stop(): any part that dies (Envoy, xds_server, an ext_proc replica, a
+        simulated engine) is started again on the same ports, with backoff if it keeps dying.
+        `on_restart` hears of each restart (the new child, the old one's exit code). Envoy keeps serving
+        its last config while xds_server is away; ext_proc being away fails closed."""
+        def watch() -> None:
+            while not self._stopping.wait(every_s):
+                for child, code in self.supervisor.revive():
+                    on_restart(child, code)
+
+        self._stopping.clear()
+        self._watcher = threading.Thread(target=watch, name="kvgate-supervisor", daemon=True)
+        self._watcher.start()
 
     def __enter__(self) -> Gateway:
         self.start()

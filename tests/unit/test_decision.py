@@ -167,7 +167,7 @@ def test_a_charge_over_the_tenants_limit_is_refused_and_a_later_refusal_refunds(
 
 def test_a_request_that_fits_is_admitted_on_its_endpoint() -> None:
     s = state()
-    outcome = decision.first_try(s, planned_for(s, completion(20)), now=0.0, ttl_s=60, grpc=False)
+    outcome = decision.first_try(s, planned_for(s, completion(20)), body_bytes=100, now=0.0, ttl_s=60, grpc=False)
     assert isinstance(outcome, Admit)
     assert (outcome.model, outcome.max_tokens, outcome.upstream) == ("m", 100, "e:1")
     assert outcome.reservation.nbytes == 8 * BLOCK == s.ledgers.get("m", "e:1").reserved  # type: ignore[union-attr]
@@ -177,9 +177,9 @@ def test_a_request_that_fits_is_admitted_on_its_endpoint() -> None:
 def test_a_request_that_does_not_fit_waits_only_if_its_class_may() -> None:
     s = state()
     s.ledgers.get("m", "e:1").try_reserve(35 * BLOCK, 0.0, 60)  # type: ignore[union-attr]
-    refused = decision.first_try(s, planned_for(s, completion(20)), now=0.0, ttl_s=60, grpc=False)
+    refused = decision.first_try(s, planned_for(s, completion(20)), body_bytes=100, now=0.0, ttl_s=60, grpc=False)
     assert isinstance(refused, Refuse) and refused.refusal.status == 429 and refused.headroom == (5 * BLOCK,)
-    waits = decision.first_try(s, planned_for(s, completion(20), {PRIORITY_HEADER: "patient"}),
+    waits = decision.first_try(s, planned_for(s, completion(20), {PRIORITY_HEADER: "patient"}), body_bytes=100,
                                now=0.0, ttl_s=60, grpc=False)
     assert isinstance(waits, Wait) and waits.seconds == 5.0 and waits.rank == 1
 

@@ -470,3 +470,81 @@ async def test_a_replica_without_a_share_yet_does_not_refuse_on_rate_limits() ->
     s.table.set_share(0.0)
     (_, reply) = await run(s, keyed(headers()), body({"model": "m", "prompt": "hi"}))
     assert reply.immediate_response.status.code != 429 or b"per minute" not in reply.immediate_response.body
+
+
+@pytest.mark.asyncio
+async def test_a_policy_push_just_before_a_request_starts_waiting_does_not_lose_its_wake_up() -> None:
+    """The request has been told to wait (its queue was empty), and a push of the same policies comes
+    before it sleeps in the queue: it must still be woken when budget frees up, not time out with
+    headroom free."""
+    s = waiting_servicer()
+    holders = [(await admitted_to(s, headers(), prompt_body(460)))[0] for _ in range(2)]
+    waiter = s.Process(feed(headers(), prompt_body(460)), None)
+    await waiter.__anext__()
+    await waiter.__anext__()  # told to wait longer: its decision to wait is taken
+    s.table.replace([TWO_ENDPOINTS])  # an xDS push while it is between deciding and sleeping
+    pending = asyncio.ensure_future(waiter.__anext__())
+    await asyncio.sleep(0.05)
+    await holders[1].aclose()
+    admitted = await asyncio.wait_for(pending, 1.0)  # within the wake-up, not at the 5 s deadline
+    assert set_headers(admitted)[ENDPOINT_HEADER] in ("a:1", "b:1")
+    await waiter.aclose()
+    await holders[0].aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_waiter_is_admitted_on_the_endpoints_the_latest_policy_names() -> None:
+    """Both endpoints full; while a request waits, the catalog moves the model to a new engine: it
+    gets that engine, not the full ledgers it saw when it started waiting."""
+    s = waiting_servicer()
+    holders = [(await admitted_to(s, headers(), prompt_body(460)))[0] for _ in range(2)]
+    waiter = s.Process(feed(headers(), prompt_body(460)), None)
+    await waiter.__anext__()
+    await waiter.__anext__()
+    pending = asyncio.ensure_future(waiter.__anext__())
+    await asyncio.sleep(0.05)
+    moved = dataclasses.replace(TWO_ENDPOINTS, endpoints=(EndpointPolicy("c:1", 10 * 16 * 40, "", ""),))
+    s.table.replace([moved])
+    admitted = await asyncio.wait_for(pending, 1.0)
+    assert set_headers(admitted)[ENDPOINT_HEADER] == "c:1"
+    await waiter.aclose()
+    for g in holders:
+        await g.aclose()
+    assert sum(lg.reserved for lg in s.table.ledgers.all()) == 0
+
+
+@pytest.mark.asyncio
+async def test_waiting_bodies_are_bounded_by_bytes() -> None:
+    """While waiters hold request bodies up to the replica's limit, one more is refused at once
+    instead of waiting."""
+    s = waiting_servicer()
+    s.table.waiting_bytes.limit = 1000
+    holders = [(await admitted_to(s, headers(), prompt_body(460)))[0] for _ in range(2)]
+    first = asyncio.ensure_future(run(s, headers(), prompt_body(460)))  # ~500 body bytes: it waits
+    await asyncio.sleep(0.05)
+    assert len(s.table.queues["m"]) == 1
+    padded = body({"model": "m", "prompt": "x" * 460, "max_tokens": 100, "user": "u" * 600})
+    (_, refused) = await run(s, headers(), padded)  # would make ~1600 bytes: no room
+    assert refused.immediate_response.status.code == 429 and len(s.table.queues["m"]) == 1
+    first.cancel()
+    for g in holders:
+        await g.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_bug_while_deciding_is_refused_in_the_clients_convention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last resort: whatever raises while a request is decided, the client gets an error in its own
+    convention (not a bare 500 from Envoy), nothing is reserved, and the process goes on serving."""
+    s = servicer()
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("ext_proc.decision.plan", broken)
+    (_, refused) = await run(s, headers(), body({"model": "m", "prompt": "hi"}))
+    assert refused.immediate_response.status.code == 500
+    assert orjson.loads(refused.immediate_response.body)["error"]["code"] == "internal_error"
+    assert reserved(s) == 0
+    monkeypatch.undo()
+    (_, admitted) = await run(s, headers(), body({"model": "m", "prompt": "hi"}))
+    assert admitted.HasField("request_body")
