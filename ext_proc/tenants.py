@@ -34,13 +34,15 @@ class Unauthenticated:
     message: str
 
 
-def _key(headers: Mapping[str, str]) -> str | None:
+def _keys(headers: Mapping[str, str]) -> set[str]:
+    """Every key the request carries, whichever header it came in."""
+    keys = set()
     for name in KEY_HEADERS:
         value = headers.get(name, "").strip()
         if value:
             scheme, _, rest = value.partition(" ")
-            return rest.strip() if scheme.lower() == "bearer" and rest else value
-    return None
+            keys.add(rest.strip() if scheme.lower() == "bearer" and rest else value)
+    return keys
 
 
 @dataclass
@@ -67,10 +69,13 @@ class TenantTable:
         """The caller's tenant; None when the gateway is open (no tenants)."""
         if not self._by_hash:
             return None
-        key = _key(headers)
-        if key is None:
+        keys = _keys(headers)
+        if not keys:
             return Unauthenticated("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.")
-        tenant = self._by_hash.get(key_hash(key))
+        if len(keys) > 1:
+            # Which one would the gateway, and which one the engine, take? Ambiguity is refused.
+            return Unauthenticated(f"Two different API keys in {', '.join(KEY_HEADERS)}: send one.")
+        tenant = self._by_hash.get(key_hash(keys.pop()))
         if tenant is None:
             return Unauthenticated("Incorrect API key provided.")
         return tenant

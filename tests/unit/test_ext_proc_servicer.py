@@ -20,6 +20,7 @@ from ext_proc.policy import EndpointPolicy, Policy
 from ext_proc.server import ExtProcServicer
 from ext_proc.state import AdmissionState
 from ext_proc.tenants import TenantTable
+from kvgate.api_keys import key_hash
 from kvgate.v1 import policy_pb2
 from kvgate.wire import ENDPOINT_HEADER, MAX_TOKENS_HEADER, MODEL_HEADER, PRIORITY_HEADER
 from engines.real.tiny_tokenizer import load as load_tokenizer
@@ -158,6 +159,19 @@ async def test_no_key_or_a_wrong_one_is_401_at_the_headers(key: str | None) -> N
     (refused,) = await run(guarded(), keyed(headers(), key))
     assert refused.immediate_response.status.code == 401
     assert orjson.loads(refused.immediate_response.body)["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.asyncio
+async def test_two_different_keys_are_refused_and_the_same_key_twice_is_not() -> None:
+    """With a key in two headers, the first found won silently: which one did the client mean, and
+    which one would the engine read? Two different keys are a 401; one key sent twice is fine."""
+    other = "sk-someone-else"
+    s = guarded(tenant(), policy_pb2.Tenant(name="other", api_key_sha256=[key_hash(other)], models=["*"]))
+    (refused,) = await run(s, keyed(keyed(headers(), KEY), other, "x-api-key"))
+    assert refused.immediate_response.status.code == 401
+    assert "Two different API keys" in orjson.loads(refused.immediate_response.body)["error"]["message"]
+    (_, admitted) = await run(s, keyed(keyed(headers(), KEY), KEY, "api-key"), body({"model": "m", "prompt": "hi"}))
+    assert admitted.HasField("request_body")
 
 
 @pytest.mark.asyncio
