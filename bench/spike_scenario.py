@@ -121,7 +121,7 @@ def catalog(plan: list[Planned], extra: dict[str, Any] | None = None) -> dict[st
     """The catalog of the benchmark's one model, with `extra` merged into its entry (for catalog fields
     that land later: wait queues, priority classes, ...).
 
-    Llama-2-7B in fp16 holds 512 KiB of KV per token (DESIGN.md §6); 8 GiB of KV on a 40 GB GPU is
+    Llama-2-7B in fp16 holds 512 KiB of KV per token (docs/reference.md); 8 GiB of KV on a 40 GB GPU is
     16,384 tokens, about 16 concurrent 1,000-token requests, in 512 blocks of 32 tokens. Every
     set-up's engine is started from this entry (kvgate.cli.gateway.sim_argv), so they are identical, and
     kvgate's ledger has exactly the engine's blocks. max_output_tokens is above the burst's 4,000:

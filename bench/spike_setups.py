@@ -27,7 +27,7 @@ from kvgate.catalog import Address, Catalog, Model
 from kvgate.cli.envoy_bootstrap import envoy_binary
 from kvgate.cli.gateway import Gateway, NotReady, health_url, probe, sim_argv
 from kvgate.cli.processes import Supervisor, free_port
-from xds_server.resources import ext_proc_cluster, ext_proc_filter
+from xds_server.render.resources import ext_proc_cluster, ext_proc_filter
 from xds_server.settings import GatewaySettings
 
 HOST = "127.0.0.1"

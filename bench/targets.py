@@ -59,7 +59,7 @@ def render_baseline(*, listen_port: int, admin_port: int, openai: Address, trito
     text = (ENVOY_CONFIG_DIR / "bench-baseline.yaml").read_text()
     return Template(text).substitute(
         listen_port=listen_port, admin_port=admin_port, max_request_bytes=max_request_bytes,
-        # As xds_server/resources.py sizes the gateway's HTTP/2 stream window.
+        # As xds_server/render/resources.py sizes the gateway's HTTP/2 stream window.
         http2_stream_window=max(65535, max_request_bytes),
         engine_host=openai.host, engine_port=openai.port, triton_host=triton.host, triton_grpc_port=triton.grpc_port)
 

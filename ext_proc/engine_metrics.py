@@ -1,7 +1,7 @@
 """What an engine says about its own KV cache and queue, read from its Prometheus text exposition.
 
 Pure: text in, `EngineLoad` out (the scraper in scraper.py does the I/O). Three dialects, by the
-names the engines publish (DESIGN.md §5):
+names the engines publish (docs/reference.md, "KV metrics"):
 
 - trtllm-serve (`/prometheus/metrics`, only with `return_perf_metrics`): one gauge per value,
   `trtllm_kv_cache_utilization`, `trtllm_kv_cache_{used,free,max}_blocks`,

@@ -1,4 +1,4 @@
-"""The ledgers corrected by what each engine itself reports (its KV metrics, DESIGN.md §5).
+"""The ledgers corrected by what each engine itself reports (its KV metrics, docs/reference.md, "The engines and their protocols").
 
 - More use than this replica's reservations explain (other clients, a leak elsewhere): the excess
   counts against the budget until the next sample.

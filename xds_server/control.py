@@ -15,11 +15,11 @@ import yaml
 
 from kvgate.catalog import Catalog, CatalogError, parse_catalog
 from xds_server import shares
+from xds_server.render.build import budget_shares, build_snapshot
+from xds_server.resource_types import BUDGET_SHARES, CLUSTER, ENDPOINT, ROUTE
 from xds_server.server import XdsServer
 from xds_server.settings import GatewaySettings
-from xds_server.snapshot import (
-    BUDGET_SHARES, CLUSTER, ENDPOINT, ROUTE, Resources, Snapshot, budget_shares, build_snapshot,
-)
+from xds_server.snapshot import Resources, Snapshot
 
 
 def render(catalog: Catalog, settings: GatewaySettings) -> Snapshot:
@@ -101,12 +101,12 @@ class Controller:
         # requests still routed to a cluster it was told to remove. So new clusters (and their
         # endpoints) go out first, under the routes being served; then the new routes, with the
         # old clusters kept; the old clusters go last. Each step waits for every client's ACK.
-        if served.stale_clusters(snapshot):  # clusters the new snapshot adds
+        if snapshot.clusters_added_since(served):
             make = served.keeping_clusters_of(snapshot)
             await self.server.publish(make)
             for type_url in (CLUSTER, ENDPOINT):
                 await self.server.wait_acked(type_url, make.get(type_url).version, timeout_s=self.bridge_timeout_s)
-        if snapshot.stale_clusters(served):  # clusters it drops
+        if snapshot.clusters_dropped_since(served):
             bridge = snapshot.keeping_clusters_of(served)
             await self.server.publish(bridge)
             await self.server.wait_acked(ROUTE, bridge.get(ROUTE).version, timeout_s=self.bridge_timeout_s)

@@ -2,23 +2,20 @@
 
 The client says what it subscribes to (wildcard or names) and, on reconnect, which resource
 versions it already has; each response carries only resources that changed for it, plus the names
-it should drop. Resource versions are hashes of their content. A NACKed resource version counts as
-sent, so it is not sent again until it changes (no resend loop). After a cluster changes, its
-endpoints are sent again even if unchanged, or Envoy's re-created cluster would warm forever.
+it should drop. Resource versions are hashes of their content, computed once when the snapshot is
+built (snapshot.py), not per stream. A NACKed resource version counts as sent, so it is not sent
+again until it changes (no resend loop). After a cluster changes, its endpoints are sent again even
+if unchanged, or Envoy's re-created cluster would warm forever.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource
-from xds_server.snapshot import CLUSTER, ENDPOINT, PUSH_ORDER, WILDCARD_TYPES, Snapshot
-from xds_server.sotw import CONTROL_PLANE_ID, AckState, Nack
-
-
-def resource_version(packed_value: bytes) -> str:
-    return hashlib.sha256(packed_value).hexdigest()[:16]
+from xds_server.acks import AckState, Nack
+from xds_server.resource_types import CLUSTER, CONTROL_PLANE_ID, ENDPOINT, PUSH_ORDER, WILDCARD_TYPES
+from xds_server.snapshot import Snapshot
 
 
 @dataclass
@@ -60,8 +57,8 @@ class DeltaStream:
         old, self.snapshot = self.snapshot, snapshot
         endpoints = self.types.get(ENDPOINT)
         if endpoints is not None:
-            changed_clusters = {n for n, a in snapshot.get(CLUSTER).items.items()
-                                if old.get(CLUSTER).items.get(n) != a}
+            before = old.get(CLUSTER).versions
+            changed_clusters = {n for n, v in snapshot.get(CLUSTER).versions.items() if before.get(n) != v}
             for name in changed_clusters:
                 endpoints.known.pop(name, None)
         out = []
@@ -75,7 +72,7 @@ class DeltaStream:
         res = self.snapshot.get(type_url)
         wanted = {n: a for n, a in res.items.items() if state.wildcard or n in state.names}
         changed = [Resource(name=n, version=v, resource=a) for n, a in wanted.items()
-                   if state.known.get(n) != (v := resource_version(a.value))]
+                   if state.known.get(n) != (v := res.versions[n])]
         removed = sorted(n for n in state.known if n not in wanted)
         if not (changed or removed or always):
             return None

@@ -1,4 +1,6 @@
-"""The ADS gRPC server: one SotwStream per connected client, fed by requests and snapshot changes."""
+"""The ADS gRPC server: one stream state machine (sotw.py or delta.py) per connected client, fed by its
+requests and the cache's snapshot changes; every change to a stream's state is told to the ACK waits
+(acks.py)."""
 
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ from google.protobuf import json_format
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 from kvgate import tls
+from kvgate.wire import EXT_PROC_GROUP
+from xds_server.acks import AckWaits, Nack, unanswered
 from xds_server.cache import SnapshotCache
 from xds_server.delta import DeltaStream
-from kvgate.wire import EXT_PROC_GROUP
 from xds_server.snapshot import Snapshot
-from xds_server.sotw import Nack, SotwStream
+from xds_server.sotw import SotwStream
 
 _KEEPALIVE = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -56,9 +59,15 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     # Set whenever a client of this group connects or disconnects (the ShareKeeper clears it).
     member_group: str = EXT_PROC_GROUP
     membership: asyncio.Event = field(default_factory=asyncio.Event)
+    # Told of every change to a stream's state: what XdsServer.wait_acked waits on.
+    acks: AckWaits = field(default_factory=AckWaits)
 
     def members(self) -> list[Client]:
         return [c for c in self.clients.values() if c.cluster == self.member_group]
+
+    def unanswered(self, type_url: str, version: str) -> dict[int, Client]:
+        """Clients subscribed to `type_url` that have neither ACKed nor NACKed `version`, by key."""
+        return {k: c for k, c in self.clients.items() if unanswered(c.stream.types, type_url, version)}
 
     async def StreamAggregatedResources(
         self, request_iterator: AsyncIterator[DiscoveryRequest], context: grpc.aio.ServicerContext
@@ -81,14 +90,15 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         # The node comes with the first request only; its group picks the snapshot variant.
         group = first.node.cluster
         stream = make_stream(self.cache.snapshot.for_group(group))
-        client = self.clients[id(stream)] = Client(first.node.id, group, time.time(), stream,
-                                                   json_format.MessageToDict(first.node.metadata))
+        key = id(stream)
+        client = self.clients[key] = Client(first.node.id, group, time.time(), stream,
+                                            json_format.MessageToDict(first.node.metadata))
         self.log.info("xds.connected", node=client.node_id, cluster=group)
         self._membership_changed(group)
         outbox: asyncio.Queue[Any] = asyncio.Queue()
-        self._handle(first, client, outbox)
-        tasks = [asyncio.create_task(self._read(requests, client, outbox)),
-                 asyncio.create_task(self._watch(client, outbox))]
+        self._handle(first, key, client, outbox)
+        tasks = [asyncio.create_task(self._read(requests, key, client, outbox)),
+                 asyncio.create_task(self._watch(key, client, outbox))]
         try:
             while (response := await outbox.get()) is not None:
                 await context.write(response)
@@ -98,7 +108,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         finally:
             for t in tasks:
                 t.cancel()
-            self.clients.pop(id(stream), None)
+            self.clients.pop(key, None)
+            self.acks.changed(key, None)
             self.log.info("xds.disconnected", node=client.node_id, cluster=group)
             self._membership_changed(group)
 
@@ -106,8 +117,9 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         if group == self.member_group:
             self.membership.set()
 
-    def _handle(self, req: Any, client: Client, outbox: asyncio.Queue[Any]) -> None:
+    def _handle(self, req: Any, key: int, client: Client, outbox: asyncio.Queue[Any]) -> None:
         responses, nack = client.stream.on_request(req)
+        self.acks.changed(key, client.stream.types)
         if nack:
             self.nacks.append((client.node_id, nack))
             self.log.warning("xds.nack", node=client.node_id, type_url=nack.type_url,
@@ -115,18 +127,21 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         for r in responses:
             outbox.put_nowait(r)
 
-    async def _read(self, requests: AsyncIterator[Any], client: Client, outbox: asyncio.Queue[Any]) -> None:
+    async def _read(self, requests: AsyncIterator[Any], key: int, client: Client,
+                    outbox: asyncio.Queue[Any]) -> None:
         try:
             async for req in requests:
-                self._handle(req, client, outbox)
+                self._handle(req, key, client, outbox)
         finally:
             outbox.put_nowait(None)
 
-    async def _watch(self, client: Client, outbox: asyncio.Queue[Any]) -> None:
+    async def _watch(self, key: int, client: Client, outbox: asyncio.Queue[Any]) -> None:
         seen = self.cache.snapshot
         while True:
             seen = await self.cache.wait_newer(seen)
-            for r in client.stream.on_snapshot(seen.for_group(client.cluster)):
+            responses = client.stream.on_snapshot(seen.for_group(client.cluster))
+            self.acks.changed(key, client.stream.types)  # a push may forget a NACK (sotw.py)
+            for r in responses:
                 outbox.put_nowait(r)
 
 
@@ -153,19 +168,14 @@ class XdsServer:
 
     def unsettled(self, type_url: str, version: str) -> list[Client]:
         """Clients subscribed to `type_url` that have neither ACKed nor NACKed `version`."""
-        return [c for c in self.servicer.clients.values()
-                if (s := c.stream.types.get(type_url)) is not None
-                and version not in (s.acked_version, s.nacked_version)]
+        return list(self.servicer.unanswered(type_url, version).values())
 
     async def wait_acked(self, type_url: str, version: str, timeout_s: float) -> bool:
         """Wait until every client subscribed to `type_url` ACKed `version` (or NACKed it: it will
-        not take it, waiting longer helps nobody). False on timeout."""
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while self.unsettled(type_url, version):
-            if asyncio.get_running_loop().time() > deadline:
-                return False
-            await asyncio.sleep(0.005)
-        return True
+        not take it, waiting longer helps nobody), or disconnected. False on timeout. Woken by each
+        answer as the server records it (acks.py), not by polling."""
+        pending = set(self.servicer.unanswered(type_url, version))
+        return await self.servicer.acks.wait(type_url, version, pending, timeout_s)
 
     async def stop(self, grace: float = 1.0) -> None:
         await self.grpc.stop(grace)

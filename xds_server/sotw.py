@@ -1,9 +1,10 @@
 """One state-of-the-world ADS stream as a pure state machine: requests and snapshots in, responses out.
 
-The rules (DESIGN.md §4): ignore requests carrying a stale nonce; a NACK (error_detail set) is
-recorded and the rejected version is not sent again until the config changes; names a client asked
-for that don't exist yet are remembered and served when they appear; after a cluster change the
-endpoints are re-sent even if unchanged, or Envoy's re-created clusters would warm forever.
+The rules (docs/architecture.md, "The control plane"): responses go out in PUSH_ORDER; ignore requests
+carrying a stale nonce; a NACK (error_detail set) is recorded and the rejected version is not sent
+again until the config changes; names a client asked for that don't exist yet are remembered and
+served when they appear; after a cluster change the endpoints are re-sent even if unchanged, or
+Envoy's re-created clusters would warm forever.
 """
 
 from __future__ import annotations
@@ -11,35 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
-from google.rpc.status_pb2 import Status
-from xds_server.snapshot import CLUSTER, ENDPOINT, PUSH_ORDER, WILDCARD_TYPES, Snapshot
-
-CONTROL_PLANE_ID = "kvgate-xds"
-
-
-@dataclass
-class Nack:
-    type_url: str
-    version: str
-    message: str
-
-
-@dataclass
-class AckState:
-    """What one client has done with our responses of one type; shared by SotW and Delta streams."""
-
-    sent_version: str | None = None
-    sent_nonce: str = ""
-    acked_version: str = ""
-    nacked_version: str | None = None
-
-    def reply(self, type_url: str, error_detail: Status | None, acked_version: str) -> Nack | None:
-        """Record the client's answer to our last response: a NACK (returned) or an ACK."""
-        if error_detail is not None:
-            self.nacked_version = self.sent_version
-            return Nack(type_url, self.sent_version or "", error_detail.message)
-        self.acked_version = acked_version
-        return None
+from xds_server.acks import AckState, Nack
+from xds_server.resource_types import CLUSTER, CONTROL_PLANE_ID, ENDPOINT, PUSH_ORDER, WILDCARD_TYPES
+from xds_server.snapshot import Snapshot
 
 
 @dataclass

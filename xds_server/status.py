@@ -1,6 +1,6 @@
 """The status page's data (`/status.json`): the catalog and the connected nodes, as the control plane
 knows them, merged with what each ext_proc replica reports about its ledgers (ext_proc/status.py).
-Pure: xds_server/http.py fetches the replicas' reports and serves what this returns.
+Pure: status_page.py fetches the replicas' reports and serves what this returns.
 
 Each replica holds its share of every endpoint's budget, so an endpoint's numbers are sums over the
 replicas; it is down when any replica sees its engine metrics stale (that replica counts it full).

@@ -21,10 +21,11 @@ from kvgate import api_keys, tls
 from kvgate.cli import admin_client
 from kvgate.catalog import SIM, Address, Catalog, CatalogError, Model, bundled_catalog_path, load_catalog
 from kvgate.cli.gateway import Gateway, NotReady
-from kvgate.cli.processes import ProcessDied
+from kvgate.cli.processes import Child, ProcessDied
 from xds_server.settings import GatewaySettings
 from xds_server.control import render
-from xds_server.snapshot import BUDGET_SHARES, PUSH_ORDER, Snapshot
+from xds_server.resource_types import BUDGET_SHARES, PUSH_ORDER
+from xds_server.snapshot import Snapshot
 
 T = TypeVar("T")
 
@@ -56,8 +57,11 @@ def up(catalog: CatalogOption = bundled_catalog_path(),
     """Start engines (for `sim` endpoints), xds_server, ext_proc and Envoy; stop them all on Ctrl-C/SIGTERM."""
     cat = _load(catalog)
     workdir = run_dir or Path(tempfile.mkdtemp(prefix="kvgate-"))
-    # SIGTERM unwinds like Ctrl-C, through the `finally` that stops every child.
+    # SIGTERM unwinds like Ctrl-C, through the `finally` that stops every child. SIGINT too, even when
+    # a script started us in the background: its shell makes background jobs ignore SIGINT, and
+    # Python then keeps it ignored instead of raising KeyboardInterrupt.
     signal.signal(signal.SIGTERM, _raise_exit)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     gateway = Gateway(cat, run_dir=workdir, host=host, port=port, xds_port=xds_port, xds_http_port=status_port)
     typer.echo(f"starting kvgate ({len(cat.models)} models; logs in {workdir}) ...", err=True)
     try:
@@ -68,6 +72,7 @@ def up(catalog: CatalogOption = bundled_catalog_path(),
         for m in gateway.catalog.models:
             engines = ", ".join(f"{a} (gRPC {a.grpc_port})" if a.grpc_port else str(a) for a in m.addresses())
             typer.echo(f"  {m.name} ({m.protocol}): {engines}", err=True)
+        gateway.supervise(_report_restart)
         _serve_changes(catalog, gateway)
     except (NotReady, ProcessDied) as e:
         typer.echo(f"kvgate failed: {e}", err=True)
@@ -79,15 +84,16 @@ def up(catalog: CatalogOption = bundled_catalog_path(),
         typer.echo("kvgate stopped", err=True)
 
 
+def _report_restart(child: Child, code: int) -> None:
+    typer.echo(f"kvgate: {child.name} exited with code {code}; started again (restart {child.restarts}). "
+               f"Its last log lines:\n{child.log_tail(10)}", err=True)
+
+
 def _serve_changes(path: Path, gateway: Gateway) -> None:
-    """Until interrupted: watch the children (a gateway with a dead part must not look healthy) and
-    serve every valid save of the catalog file; an invalid one is refused and changes nothing."""
+    """Until interrupted: serve every valid save of the catalog file; an invalid one is refused and
+    changes nothing."""
     path = path.resolve()
-    for changes in watchfiles.watch(path.parent, watch_filter=lambda _c, p: Path(p) == path,
-                                    debounce=50, rust_timeout=500, yield_on_timeout=True):
-        gateway.supervisor.check()
-        if not changes:
-            continue
+    for changes in watchfiles.watch(path.parent, watch_filter=lambda _c, p: Path(p) == path, debounce=50):
         try:
             cat = load_catalog(path)
             _render(cat)

@@ -17,7 +17,8 @@ from kvgate.catalog import Address, parse_catalog
 from kvgate.cli.processes import Supervisor, free_port
 from xds_server.server import XdsServer
 from xds_server.settings import GatewaySettings
-from xds_server.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, build_snapshot
+from xds_server.render.build import build_snapshot
+from xds_server.resource_types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 CLIENT = """
 import grpc

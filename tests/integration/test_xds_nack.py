@@ -17,7 +17,9 @@ from kvgate.cli.envoy_bootstrap import envoy_binary, render_bootstrap
 from kvgate.cli.processes import Supervisor, free_port
 from xds_server.server import XdsServer
 from xds_server.settings import GatewaySettings
-from xds_server.snapshot import CLUSTER, Resources, Snapshot, build_snapshot
+from xds_server.render.build import build_snapshot
+from xds_server.resource_types import CLUSTER
+from xds_server.snapshot import Resources, Snapshot
 
 CATALOG = parse_catalog({"models": [{
     "name": "m", "endpoints": ["127.0.0.1:9"], "max_context_tokens": 2048,

@@ -11,7 +11,8 @@ from kvgate.v1.policy_pb2 import BudgetShares
 from xds_server.control import Controller, models_from_yaml, render
 from xds_server.server import XdsServer
 from xds_server.settings import GatewaySettings
-from xds_server.snapshot import BUDGET_SHARES, CLUSTER, ENDPOINT, POLICY, ROUTE, Snapshot
+from xds_server.resource_types import BUDGET_SHARES, CLUSTER, ENDPOINT, POLICY, ROUTE
+from xds_server.snapshot import Snapshot
 
 SETTINGS = GatewaySettings()
 

@@ -8,9 +8,11 @@ from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest
 from google.rpc.status_pb2 import Status
 from kvgate.catalog import parse_catalog
-from xds_server.delta import DeltaStream, resource_version
+from xds_server.delta import DeltaStream
 from xds_server.settings import GatewaySettings
-from xds_server.snapshot import CLUSTER, ENDPOINT, Resources, Snapshot, build_snapshot
+from xds_server.render.build import build_snapshot
+from xds_server.resource_types import CLUSTER, ENDPOINT
+from xds_server.snapshot import Resources, Snapshot, resource_version
 
 
 def model(name: str, **overrides: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""ext_proc/kserve.py: raw BYTES/INT tensors, max_tokens checks, shapes and clamping (DESIGN.md §5)."""
+"""ext_proc/kserve.py: raw BYTES/INT tensors, max_tokens checks, shapes and clamping (docs/reference.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""kvgate/kv_math.py: KV bytes per token from HF and TensorRT-LLM config.json (DESIGN.md §6)."""
+"""kvgate/kv_math.py: KV bytes per token from HF and TensorRT-LLM config.json (docs/reference.md, "KV-cache arithmetic")."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def real_hf(arch: str, vocab: int, hidden: int, inter: int, layers: int, heads: 
             "hidden_act": "silu", "torch_dtype": dtype, "tie_word_embeddings": False, **extra}
 
 
-# The published config.json of each model of the DESIGN.md §6 table, and its published parameter count.
+# The published config.json of each model of the docs/reference.md table, and its published parameter count.
 HF = {
     "Llama-2-7B": real_hf("LlamaForCausalLM", 32000, 4096, 11008, 32, 32, 32, "float16", model_type="llama"),
     "Llama-2-13B": real_hf("LlamaForCausalLM", 32000, 5120, 13824, 40, 40, 40, "float16", model_type="llama"),
@@ -78,7 +78,7 @@ HF = {
 PUBLISHED_PARAMS = {"Llama-2-7B": 6.74e9, "Llama-2-13B": 13.0e9, "Llama-3-8B": 8.03e9, "Mistral-7B": 7.24e9,
                     "Qwen2.5-7B": 7.62e9}
 
-# DESIGN.md §6: model -> (config, layers, kv heads, head dim, fp16 bytes/token, fp8 bytes/token)
+# docs/reference.md: model -> (config, layers, kv heads, head dim, fp16 bytes/token, fp8 bytes/token)
 TABLE = {
     "Llama-2-7B": (HF["Llama-2-7B"], 32, 32, 128, 512 * KiB, 256 * KiB),
     "Llama-2-13B": (HF["Llama-2-13B"], 40, 40, 128, 800 * KiB, 400 * KiB),
@@ -110,7 +110,7 @@ def engine_of(hf: dict[str, Any], *, tp: int = 1, dtype: str = "float16", kv_qua
     }
 
 
-# --- the DESIGN.md table ---------------------------------------------------------------------
+# --- the reference table ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("model", list(TABLE))
 def test_table_shape(model: str) -> None:

@@ -1,4 +1,4 @@
-"""ext_proc/responses.py: refusals in each client convention (DESIGN.md §3, §7) and the admit mutation."""
+"""ext_proc/responses.py: refusals in each client convention (docs/reference.md) and the admit mutation."""
 
 from __future__ import annotations
 
@@ -107,7 +107,10 @@ def test_triton_http_400_no_retry_after() -> None:
     (NOT_LOADED, 14),  # UNAVAILABLE
     (UNKNOWN_URL, 12),  # UNIMPLEMENTED, although its HTTP status is 404
     (Refusal(405, "method_not_allowed", "POST only"), 12),
-    (Refusal(500, "internal", "boom"), 2),  # UNKNOWN
+    (Refusal(500, "internal", "boom"), 13),  # INTERNAL
+    (Refusal(504, "upstream_timeout", "slow"), 4),  # DEADLINE_EXCEEDED
+    (Refusal(415, "unsupported_media_type", "gzip"), 3),  # INVALID_ARGUMENT
+    (Refusal(418, "teapot", "?"), 2),  # UNKNOWN: a status with no gRPC meaning
 ])
 def test_grpc_status_mapping(r: Refusal, code: int) -> None:
     ir = immediate(r, Convention.GRPC)

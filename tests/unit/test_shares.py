@@ -27,7 +27,7 @@ from xds_server.settings import GatewaySettings
 from kvgate.budget_shares import share_of
 from kvgate.wire import EXT_PROC_GROUP, HELD_SHARE_KEY
 from xds_server.shares import Member, all_holders_back, duplicate_ids, equal_shares, held, reported_share, steps
-from xds_server.snapshot import BUDGET_SHARES, POLICY
+from xds_server.resource_types import BUDGET_SHARES, POLICY
 
 # --- the division, pure ------------------------------------------------------------------------
 

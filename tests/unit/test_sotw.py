@@ -7,10 +7,12 @@ from functools import cache
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
 from kvgate.catalog import Address, parse_catalog
 from xds_server.settings import GatewaySettings
-from xds_server.snapshot import (
-    BUDGET_SHARES, CLUSTER, ENDPOINT, LISTENER, POLICY, PUSH_ORDER, ROUTE, Snapshot, budget_shares, build_snapshot,
+from xds_server.render.build import budget_shares, build_snapshot
+from xds_server.resource_types import (
+    BUDGET_SHARES, CLUSTER, CONTROL_PLANE_ID, ENDPOINT, LISTENER, POLICY, PUSH_ORDER, ROUTE,
 )
-from xds_server.sotw import CONTROL_PLANE_ID, SotwStream
+from xds_server.snapshot import Snapshot
+from xds_server.sotw import SotwStream
 
 ALPHA = "kvgate_model/alpha"
 BETA = "kvgate_model/beta"

@@ -27,8 +27,8 @@ from xds_server.control import render
 from xds_server.metrics import registry_for
 from xds_server.server import AdsServicer, Client
 from xds_server.settings import GatewaySettings
-from xds_server.snapshot import CLUSTER, ENDPOINT
-from xds_server.sotw import Nack
+from xds_server.acks import Nack
+from xds_server.resource_types import CLUSTER, ENDPOINT
 from kvgate.wire import STATUS_URL_KEY
 from xds_server.status import DOWN, UNKNOWN, UP, ReplicaReport, aggregate, status_url_of
 from xds_server.status_page import fetch_report

@@ -36,10 +36,11 @@ from kvgate.cli.envoy_bootstrap import envoy_binary, render_bootstrap
 from kvgate.tls import TlsBundle, TlsError, TlsFiles
 from tests.tls_util import make_bundle, make_ca, make_leaf
 from xds_server import __main__ as xds_server_main
-from xds_server import resources
-from xds_server.resources import EXT_PROC_CLUSTER
+from xds_server.render import resources
+from xds_server.render.resources import EXT_PROC_CLUSTER
 from xds_server.settings import GatewaySettings
-from xds_server.snapshot import CLUSTER, build_snapshot
+from xds_server.render.build import build_snapshot
+from xds_server.resource_types import CLUSTER
 
 REPO = Path(__file__).resolve().parents[2]
 CA, CERT, KEY = Path("/etc/kvgate/ca.pem"), Path("/etc/kvgate/envoy.pem"), Path("/etc/kvgate/envoy.key")
@@ -220,7 +221,7 @@ def test_the_bootstrap_reaches_xds_server_over_tls_only_when_asked() -> None:
 
 
 def ext_proc_cluster(settings: GatewaySettings) -> Cluster:
-    """The ext_proc cluster as the snapshot packs it (snapshot.py must know UpstreamTlsContext)."""
+    """The ext_proc cluster as the snapshot packs it (render/protos.py must know UpstreamTlsContext)."""
     cluster = Cluster()
     assert build_snapshot(CATALOG, settings).get(CLUSTER).items[EXT_PROC_CLUSTER].Unpack(cluster)
     return cluster

@@ -26,9 +26,11 @@ from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpPro
 from kvgate.catalog import Address, Catalog, CatalogError, bundled_catalog_path, load_catalog, parse_catalog
 from kvgate.wire import ENDPOINT_HEADER, MODEL_HEADER
 from kvgate.v1.policy_pb2 import ModelPolicy
-from xds_server import policies, resources
+from xds_server.render import policies, resources
 from xds_server.settings import GatewaySettings
-from xds_server.snapshot import CLUSTER, ENDPOINT, LISTENER, POLICY, PUSH_ORDER, ROUTE, Snapshot, build_snapshot
+from xds_server.render.build import build_snapshot
+from xds_server.resource_types import CLUSTER, ENDPOINT, LISTENER, POLICY, PUSH_ORDER, ROUTE
+from xds_server.snapshot import Snapshot
 
 M = TypeVar("M", bound=message.Message)
 SETTINGS = GatewaySettings()
@@ -465,7 +467,7 @@ def test_the_same_catalog_gives_the_same_versions_in_another_process() -> None:
     import sys
 
     script = ("from kvgate.catalog import load_catalog, bundled_catalog_path, Address\n"
-              "from xds_server.snapshot import build_snapshot\n"
+              "from xds_server.render.build import build_snapshot\n"
               "from xds_server.settings import GatewaySettings\n"
               "c = load_catalog(bundled_catalog_path())\n"
               "c = c.with_endpoints({m.name: [Address(host='127.0.0.1', port=9000 + i, grpc_port=9100 + i "

@@ -1,7 +1,8 @@
 """Render a catalog into Envoy resources, as plain dicts in Envoy's own YAML/JSON shape.
 
-Pure functions: the dicts are what `kvgate check` prints and what snapshot.py packs into protobuf.
-Reading top to bottom follows Envoy's ADS order: clusters, endpoints, listener, routes.
+Pure functions: build.py parses the dicts into protobuf (protos.py) and packs them into the snapshot,
+which `kvgate check` prints. Reading top to bottom follows Envoy's ADS order: clusters, endpoints,
+listeners, routes.
 """
 
 from __future__ import annotations
@@ -181,8 +182,9 @@ def ext_proc_filter(settings: GatewaySettings) -> dict[str, Any]:
                 "request_trailer_mode": "SKIP",
                 "response_trailer_mode": "SKIP",
             },
-            # For gRPC streams (GRPC body mode): the first message must reach ext_proc before it
-            # answers the headers, since that message names the model. No effect on BUFFERED bodies.
+            # For gRPC streams (the ModelStreamInfer route's STREAMED body mode, stream_routes): the
+            # first message must reach ext_proc before it answers the headers, since that message
+            # names the model. No effect on BUFFERED bodies.
             "send_body_without_waiting_for_header_response": True,
             # Envoy drops dynamic metadata from ext_proc in namespaces not listed here.
             "metadata_options": {"receiving_namespaces": {"untyped": [DECISION_NAMESPACE]}},
