@@ -1,0 +1,5 @@
+"""The real engines, one of each per test session: started by the first test that needs one."""
+
+from tests.real_engines.vllm_fixture import vllm_engine
+
+__all__ = ["vllm_engine"]
