@@ -85,8 +85,10 @@ def test_the_catalog_file_is_watched_and_a_broken_save_is_refused(gateway: Gatew
         path.write_text(yaml.safe_dump(data))
         wait_for(lambda: complete(gateway, "alpha").headers.get("x-kvgate-max-tokens") == "5", "the file's clamp")
         version = admin_client.list_models(gateway.admin_address).version
+        refusals = (gateway.run_dir / "xds_server.log").read_text().count("catalog.refused")
         path.write_text("models: [ {name: alpha")  # a broken save
-        time.sleep(0.5)
+        wait_for(lambda: (gateway.run_dir / "xds_server.log").read_text().count("catalog.refused") > refusals,
+                 "the broken save refused")
         assert admin_client.list_models(gateway.admin_address).version == version
         assert complete(gateway, "alpha").headers["x-kvgate-max-tokens"] == "5"
     finally:
