@@ -219,7 +219,9 @@ def first_try(state: AdmissionState, planned: Planned, body_bytes: int, now: flo
     held = try_reserve(planned, ledgers, now, ttl_s)
     wait_s = planned.policy.max_wait_s(planned.priority_class) or 0.0
     queue = state.queues.get(planned.policy.name)
-    if held is None and wait_s > 0 and queue is not None and queue.has_room(body_bytes):
+    # No engine of the model can be seen (every one's metrics stale): waiting would only delay the 503.
+    blind = bool(ledgers) and all(lg.blind for lg in ledgers)
+    if held is None and wait_s > 0 and not blind and queue is not None and queue.has_room(body_bytes):
         return Wait(wait_s, queue, planned.policy.rank(planned.priority_class))
     return settle(state, planned, held, ledgers, now, grpc)
 

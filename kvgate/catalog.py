@@ -32,6 +32,10 @@ SIM = "sim"  # endpoint placeholder: `kvgate up` starts a simulated engine and f
 TRITON_METRICS_PORT = 8002
 # A request may wait for KV budget at most this long: Envoy's ext_proc max_message_timeout is 60 s.
 MAX_WAIT_S = 55.0
+# The longest request timeout a model may have. ext_proc releases a reservation whose stream end never
+# came after its TTL (ext_proc/server.py, reservation_ttl_s, 900 s): that must stay above the longest
+# request, its wait for budget plus this (tests/unit/test_catalog.py holds the two together).
+MAX_REQUEST_TIMEOUT_S = 780.0
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -228,6 +232,19 @@ class LongRequests(_Strict):
     max_share: float = Field(default=0.5, gt=0, le=1)
 
 
+class Timeouts(_Strict):
+    """How long Envoy lets one request of the model run (docs/catalog.md, "Timeouts"); past either,
+    the client gets a 504 in its convention."""
+
+    # The whole response, from the end of the request to its last byte, streams included: the
+    # longest generation the model may legitimately make.
+    request_s: float = Field(default=600.0, gt=0, le=MAX_REQUEST_TIMEOUT_S)
+    # No byte either way for this long: the engine is stuck. A non-streaming response sends nothing
+    # until it is complete, so this also bounds a non-streaming generation (120 s: 4,096 tokens at
+    # 30 ms each).
+    idle_s: float = Field(default=120.0, gt=0, le=MAX_REQUEST_TIMEOUT_S)
+
+
 class PriorityClass(_Strict):
     """Requests that do not fit yet wait up to max_wait_s for budget; higher classes go first."""
 
@@ -322,6 +339,7 @@ class Model(_Strict):
     tokenizer: Path | None = None
     engine_metrics: EngineMetrics = EngineMetrics()
     long_requests: LongRequests = LongRequests()
+    timeouts: Timeouts = Timeouts()
     # The priority class of this model's requests that name none; default: the catalog's.
     priority_class: str | None = None
     sim: SimSettings = SimSettings()
@@ -504,22 +522,25 @@ class Catalog(_Strict):
         return yaml.safe_dump(self.to_data(), sort_keys=False)
 
 
-def _describe(loc: tuple[Any, ...], raw: Any) -> str:
-    """'model "x" (models[1]): kv.budget_per_endpoint' from a pydantic error location."""
+def _describe(loc: tuple[Any, ...], raw: Any, models_at: str) -> str:
+    """'model "x" (models[1]): kv.budget_per_endpoint' from a pydantic error location; `models_at`
+    is where the model list sits in the document the user wrote."""
     if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
         models = raw.get("models") if isinstance(raw, dict) else None
         name = models[loc[1]].get("name") if isinstance(models, list) and loc[1] < len(models) \
             and isinstance(models[loc[1]], dict) else None
         field = ".".join(str(p) for p in loc[2:] if not str(p).startswith(("function-", "str", "Address")))
-        return f"model {name!r} (models[{loc[1]}])" + (f": {field}" if field else "")
+        return f"model {name!r} ({models_at}[{loc[1]}])" + (f": {field}" if field else "")
     return ".".join(str(p) for p in loc) or "catalog"
 
 
-def parse_catalog(raw: Any, base_dir: Path | None = None) -> Catalog:
+def parse_catalog(raw: Any, base_dir: Path | None = None, *, models_at: str = "models") -> Catalog:
+    """`models_at`: how errors name the model list, when the user wrote it elsewhere than at `models`
+    (an applied document that is a bare list: "")."""
     try:
         return Catalog.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as e:
-        raise CatalogError([f"{_describe(err['loc'], raw)}: {err['msg']}" for err in e.errors()]) from None
+        raise CatalogError([f"{_describe(err['loc'], raw, models_at)}: {err['msg']}" for err in e.errors()]) from None
     except (kv_math.ModelShapeError, OSError, ValueError) as e:
         raise CatalogError([str(e)]) from None
 

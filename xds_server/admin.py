@@ -27,7 +27,7 @@ def fleet_status(controller: Controller) -> admin_pb2.GetStatusResponse:
     """Every connected node as the ADS server sees it: `kvgate status` and the status page show this."""
     ads = controller.server.servicer
     last_nacks = {node: admin_pb2.Nack(type_url=n.type_url, version=n.version, error_detail=n.message)
-                  for node, n in ads.nacks}  # later entries win: the last NACK per node
+                  for node, n in ads.last_nacks.items()}
     shares = controller.shares.select(None)
 
     def share(c: Client) -> float | None:

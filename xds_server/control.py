@@ -36,7 +36,8 @@ def render(catalog: Catalog, settings: GatewaySettings) -> Snapshot:
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def models_from_yaml(text: str) -> list[dict[str, Any]]:
+def applied_models(text: str) -> tuple[list[dict[str, Any]], str]:
+    """The models of an applied document, and where they sit in it: `models`, or "" for a bare list."""
     try:
         data = yaml.load(text, Loader=_LOADER)
     except yaml.YAMLError as e:
@@ -44,7 +45,11 @@ def models_from_yaml(text: str) -> list[dict[str, Any]]:
     models = data.get("models") if isinstance(data, dict) else data
     if not isinstance(models, list) or not models or not all(isinstance(m, dict) for m in models):
         raise CatalogError(["expected a list of models, or a mapping with `models:`"])
-    return models
+    return models, "models" if isinstance(data, dict) else ""
+
+
+def models_from_yaml(text: str) -> list[dict[str, Any]]:
+    return applied_models(text)[0]
 
 
 @dataclass
@@ -64,10 +69,14 @@ class Controller:
             return await self._serve(catalog)
 
     async def apply(self, models_yaml: str) -> bool:
-        """Add or replace models by name."""
-        incoming = models_from_yaml(models_yaml)
+        """Add or replace models by name. The applied models are validated first on their own (with
+        the served catalog's priority classes), so that an error names a model where the user wrote
+        it, not where it would sit in the served catalog; then the whole resulting catalog."""
+        incoming, models_at = applied_models(models_yaml)
         names = {m.get("name") for m in incoming}
         async with self._lock:
+            settings = {k: v for k, v in self.catalog.to_data().items() if k not in ("models", "tenants")}
+            parse_catalog({**settings, "models": incoming}, models_at=models_at)
             return await self._serve(self._with_models(
                 [m for m in self.catalog.to_data()["models"] if m["name"] not in names] + incoming))
 

@@ -25,7 +25,7 @@ class XdsCollector(Collector):
         yield pushes
         nacks = CounterMetricFamily("kvgate_xds_nacks", "xDS responses a client rejected, by resource type",
                                     labels=["type_url"])
-        for type_url, n in sorted(Counter(nack.type_url for _, nack in self._ads.nacks).items()):
+        for type_url, n in sorted(self._ads.nacks_received.items()):
             nacks.add_metric([type_url], n)
         yield nacks
         nodes = GaugeMetricFamily("kvgate_xds_connected_nodes", "Connected xDS streams, by node group (node.cluster)",

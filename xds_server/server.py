@@ -22,6 +22,7 @@ from kvgate.wire import EXT_PROC_GROUP
 from xds_server.acks import AckWaits, Nack, unanswered
 from xds_server.cache import SnapshotCache
 from xds_server.delta import DeltaStream
+from xds_server.resource_types import PUSH_ORDER
 from xds_server.snapshot import Snapshot
 from xds_server.sotw import SotwStream
 
@@ -31,6 +32,18 @@ _KEEPALIVE = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
 ]
+
+
+# How many NACKs the server keeps: the last ones, and the last of this many nodes.
+MAX_NACKS = 100
+MAX_NACK_NODES = 1000
+OTHER_TYPES = "other"
+
+
+def type_label(type_url: str) -> str:
+    """A type URL as a metric label: ours, or "other" (a client may ask for any type URL, and each
+    would be a new time series)."""
+    return type_url if type_url in PUSH_ORDER else OTHER_TYPES
 
 
 # Either protocol's stream state: the same on_request/on_snapshot/types interface.
@@ -53,14 +66,28 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     cache: SnapshotCache
     log: structlog.typing.FilteringBoundLogger = field(default_factory=lambda: structlog.get_logger(component="xds"))
     clients: dict[int, Client] = field(default_factory=dict)
+    # The last NACKs (node id, NACK), oldest first, and each node's last (what `kvgate status` shows),
+    # both bounded: a client that NACKs forever must not grow the server.
     nacks: list[tuple[str, Nack]] = field(default_factory=list)
-    # Responses written, by type URL: what a resend loop would inflate.
+    last_nacks: dict[str, Nack] = field(default_factory=dict)
+    # Responses written and NACKs received, by type URL (type_label: what a client asks for is not a
+    # label value): what a resend loop would inflate.
     responses_sent: Counter[str] = field(default_factory=Counter)
+    nacks_received: Counter[str] = field(default_factory=Counter)
     # Set whenever a client of this group connects or disconnects (the ShareKeeper clears it).
     member_group: str = EXT_PROC_GROUP
     membership: asyncio.Event = field(default_factory=asyncio.Event)
     # Told of every change to a stream's state: what XdsServer.wait_acked waits on.
     acks: AckWaits = field(default_factory=AckWaits)
+
+    def record_nack(self, node_id: str, nack: Nack) -> None:
+        self.nacks.append((node_id, nack))
+        del self.nacks[:-MAX_NACKS]
+        self.last_nacks.pop(node_id, None)  # re-inserted last: the oldest node goes first
+        self.last_nacks[node_id] = nack
+        while len(self.last_nacks) > MAX_NACK_NODES:
+            del self.last_nacks[next(iter(self.last_nacks))]
+        self.nacks_received[type_label(nack.type_url)] += 1
 
     def members(self) -> list[Client]:
         return [c for c in self.clients.values() if c.cluster == self.member_group]
@@ -102,7 +129,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         try:
             while (response := await outbox.get()) is not None:
                 await context.write(response)
-                self.responses_sent[response.type_url] += 1
+                self.responses_sent[type_label(response.type_url)] += 1
                 self.log.debug("xds.push", type_url=response.type_url, nonce=response.nonce,
                                resources=len(response.resources))
         finally:
@@ -121,7 +148,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         responses, nack = client.stream.on_request(req)
         self.acks.changed(key, client.stream.types)
         if nack:
-            self.nacks.append((client.node_id, nack))
+            self.record_nack(client.node_id, nack)
             self.log.warning("xds.nack", node=client.node_id, type_url=nack.type_url,
                              version=nack.version, error_detail=nack.message)
         for r in responses:

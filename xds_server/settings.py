@@ -29,8 +29,6 @@ class GatewaySettings:
     ext_proc_message_timeout_s: float = 2.0
     # How long a gRPC stream may wait for its first message, which ext_proc needs to route it.
     stream_first_message_timeout_s: float = 60.0
-    # Whole-request upstream timeout: long generations stream for minutes.
-    upstream_timeout_s: float = 600.0
     # Envoy's active health checks of the engines (and, with no traffic, as often).
     health_check_interval_s: float = 1.0
     # Far above Envoy's default 1024: every in-flight LLM request holds one ext_proc stream.

@@ -887,8 +887,9 @@ async def test_streams_cancelled_while_ext_proc_is_stalled_are_released(gateway:
     finally:
         for p in replicas:
             p.send_signal(signal.SIGCONT)
-    # Envoy's message timeout (2 s) for the patient, and the impatient gone before it.
-    assert collections.Counter(ends) == {"504": 10, "aborted": 10}
+    # Envoy's message timeout (2 s) for the patient (a 503 gateway_unavailable, docs/architecture.md,
+    # "Envoy's own replies"), and the impatient gone before it.
+    assert collections.Counter(ends) == {"503": 10, "aborted": 10}
     await assert_all_released(gateway)
     async with httpx.AsyncClient(timeout=5) as http:
         admitted_after = sum(admitted(t) for t in await replica_metrics(http, gateway))

@@ -13,7 +13,10 @@ import pytest
 import yaml
 
 from kvgate import kv_math
+from ext_proc.server import ExtProcServicer
 from kvgate.catalog import (
+    MAX_REQUEST_TIMEOUT_S,
+    MAX_WAIT_S,
     SIM,
     Address,
     Catalog,
@@ -23,6 +26,8 @@ from kvgate.catalog import (
     parse_catalog,
     parse_size,
 )
+
+from xds_server.settings import GatewaySettings
 
 GiB = 2**30
 
@@ -618,6 +623,29 @@ def test_engine_metrics_staleness_must_exceed_the_interval() -> None:
 
 def test_long_requests_shares_are_fractions() -> None:
     assert any("long_requests.max_share" in p for p in problems_of(lambda m: m.update(long_requests={"max_share": 1.5})))
+
+
+def test_timeouts_default_to_minutes_for_a_response_and_two_for_silence() -> None:
+    m = parse_catalog(catalog_dict(model_dict())).models[0]
+    assert (m.timeouts.request_s, m.timeouts.idle_s) == (600.0, 120.0)
+    m = parse_catalog(catalog_dict(model_dict(timeouts={"request_s": 30, "idle_s": 5}))).models[0]
+    assert (m.timeouts.request_s, m.timeouts.idle_s) == (30.0, 5.0)
+
+
+@pytest.mark.parametrize("timeouts, field", [
+    ({"request_s": MAX_REQUEST_TIMEOUT_S + 1}, "timeouts.request_s"),
+    ({"idle_s": 0}, "timeouts.idle_s"),
+    ({"request": 5}, "timeouts.request"),
+])
+def test_bad_timeouts_are_refused_naming_the_field(timeouts: dict[str, Any], field: str) -> None:
+    assert any(field in p for p in problems_of(lambda m: m.update(timeouts=timeouts)))
+
+
+def test_the_longest_request_ends_before_ext_procs_reservation_ttl() -> None:
+    """ext_proc's TTL sweep must never release a reservation a request still holds: the longest wait
+    for budget plus the longest request timeout (and Envoy's wait for ext_proc's answer) stay below it."""
+    ttl = ExtProcServicer.__dataclass_fields__["reservation_ttl_s"].default
+    assert MAX_WAIT_S + GatewaySettings().ext_proc_message_timeout_s + MAX_REQUEST_TIMEOUT_S < ttl
 
 
 def test_tokenizer_path_is_relative_to_the_catalog_and_hashed(tmp_path: Path) -> None:

@@ -57,6 +57,31 @@ async def test_a_refused_change_leaves_catalog_and_snapshot_alone(change: str) -
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("document, where", [
+    (yaml.safe_dump([model("b"), model("c", kv={"bytes_per_token": 1024, "budget_per_endpoint": "1KiB"})]),
+     "model 'c' ([1]): Value error, kv.budget_per_endpoint"),
+    (yaml.safe_dump({"models": [model("c", max_context_tokens=0)]}), "model 'c' (models[0]): max_context_tokens"),
+])
+async def test_an_applied_models_error_names_its_place_in_the_applied_document(document: str, where: str) -> None:
+    c = controller()
+    for name in "defg":  # served models before the applied ones: they must not shift the positions
+        await c.apply(yaml.safe_dump([model(name)]))
+    with pytest.raises(CatalogError) as e:
+        await c.apply(document)
+    assert [p for p in e.value.problems if p.startswith(where)], e.value.problems
+    assert "models[5]" not in str(e.value) and "models[6]" not in str(e.value)
+
+
+@pytest.mark.asyncio
+async def test_applied_models_are_checked_against_the_served_priority_classes() -> None:
+    catalog = parse_catalog({"models": [model("a")], "priority_classes": [{"name": "gold", "max_wait_s": 1}]})
+    c = Controller(XdsServer(render(catalog, SETTINGS)), catalog, SETTINGS)
+    assert await c.apply(yaml.safe_dump([model("b", priority_class="gold")]))
+    with pytest.raises(CatalogError, match="'silver' is not a priority class"):
+        await c.apply(yaml.safe_dump([model("c", priority_class="silver")]))
+
+
+@pytest.mark.asyncio
 async def test_remove() -> None:
     c = controller()
     await c.apply(yaml.safe_dump([model("b")]))

@@ -11,6 +11,8 @@ from itertools import count
 from typing import Any
 
 import aiohttp
+from envoy.config.core.v3.base_pb2 import Node
+from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -25,7 +27,10 @@ from kvgate.cli.processes import free_port
 from xds_server.cache import SnapshotCache
 from xds_server.control import render
 from xds_server.metrics import registry_for
-from xds_server.server import AdsServicer, Client
+from xds_server.admin import fleet_status
+from xds_server.control import Controller
+from xds_server.server import MAX_NACK_NODES, MAX_NACKS, OTHER_TYPES, AdsServicer, Client, XdsServer
+from xds_server.sotw import SotwStream
 from xds_server.settings import GatewaySettings
 from xds_server.acks import Nack
 from xds_server.resource_types import CLUSTER, ENDPOINT
@@ -163,7 +168,8 @@ def test_status_url_from_node_metadata(metadata: dict[str, Any], url: str | None
 def test_xds_metrics_count_pushes_and_nacks_by_type_and_nodes_by_group() -> None:
     ads = AdsServicer(SnapshotCache(render(CATALOG, GatewaySettings())))
     ads.responses_sent.update({CLUSTER: 3, ENDPOINT: 2})
-    ads.nacks += [("envoy-0", Nack(CLUSTER, "v1", "bad")), ("envoy-1", Nack(CLUSTER, "v2", "bad"))]
+    ads.record_nack("envoy-0", Nack(CLUSTER, "v1", "bad"))
+    ads.record_nack("envoy-1", Nack(CLUSTER, "v2", "bad"))
     for i, group in enumerate(["kvgate-envoy", "kvgate-envoy", "kvgate-ext-proc"]):
         ads.clients[i] = Client(f"node-{i}", group, 0.0, stream=None)  # type: ignore[arg-type]
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -174,6 +180,60 @@ def test_xds_metrics_count_pushes_and_nacks_by_type_and_nodes_by_group() -> None
     assert samples[("kvgate_xds_nacks_total", (("type_url", CLUSTER),))] == 2
     assert samples[("kvgate_xds_connected_nodes", (("group", "kvgate-envoy"),))] == 2
     assert samples[("kvgate_xds_connected_nodes", (("group", "kvgate-ext-proc"),))] == 1
+
+
+@pytest.mark.asyncio
+async def test_nacks_are_bounded_and_unknown_type_urls_are_one_label() -> None:
+    ads = AdsServicer(SnapshotCache(render(CATALOG, GatewaySettings())))
+    requests: asyncio.Queue[DiscoveryRequest | None] = asyncio.Queue()
+    written: asyncio.Queue[DiscoveryResponse] = asyncio.Queue()
+
+    class Context:
+        async def write(self, response: DiscoveryResponse) -> None:
+            await written.put(response)
+
+    async def from_queue() -> AsyncIterator[DiscoveryRequest]:
+        while (r := await requests.get()) is not None:
+            yield r
+
+    stream = asyncio.create_task(ads.StreamAggregatedResources(from_queue(), Context()))  # type: ignore[arg-type]
+    await requests.put(DiscoveryRequest(node=Node(id="envoy-0", cluster="g"), type_url=CLUSTER))
+    for i in range(3):  # a client may ask for any type URL: each is answered, none is a label
+        await requests.put(DiscoveryRequest(type_url=f"type.googleapis.com/made.up.Type{i}"))
+    answers = [await asyncio.wait_for(written.get(), 5) for _ in range(4)]
+    # One node NACKing over and over, then many nodes once each.
+    for i in range(MAX_NACKS + 10):
+        ads.record_nack("envoy-0", Nack(CLUSTER, f"v{i}", "bad"))
+    for i in range(MAX_NACK_NODES + 5):
+        ads.record_nack(f"node-{i}", Nack(ENDPOINT, "v", "bad"))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(generate_latest(registry_for(ads)).decode())
+               for s in f.samples}
+    assert [a.type_url for a in answers[1:]] == [f"type.googleapis.com/made.up.Type{i}" for i in range(3)]
+    assert {labels for name, labels in samples if name == "kvgate_xds_pushes_total"} == {
+        (("type_url", CLUSTER),), (("type_url", OTHER_TYPES),)}
+    assert samples[("kvgate_xds_pushes_total", (("type_url", OTHER_TYPES),))] == 3
+    # Counted whole, kept bounded.
+    assert samples[("kvgate_xds_nacks_total", (("type_url", CLUSTER),))] == MAX_NACKS + 10
+    assert samples[("kvgate_xds_nacks_total", (("type_url", ENDPOINT),))] == MAX_NACK_NODES + 5
+    assert len(ads.nacks) == MAX_NACKS and ads.nacks[-1][0] == f"node-{MAX_NACK_NODES + 4}"
+    assert len(ads.last_nacks) == MAX_NACK_NODES and "envoy-0" not in ads.last_nacks
+    ads.record_nack("node-999", Nack(CLUSTER, "v9", "worse"))  # the newest NACK of a node is kept
+    assert ads.last_nacks["node-999"].version == "v9"
+    await requests.put(None)
+    await asyncio.wait_for(stream, 5)
+
+
+@pytest.mark.asyncio
+async def test_status_shows_each_connected_nodes_last_nack() -> None:
+    controller = Controller(XdsServer(render(CATALOG, GatewaySettings())), CATALOG, GatewaySettings())
+    ads = controller.server.servicer
+    ads.record_nack("envoy-0", Nack(CLUSTER, "v1", "bad"))
+    ads.record_nack("envoy-1", Nack(CLUSTER, "v1", "bad"))
+    ads.record_nack("envoy-0", Nack(ENDPOINT, "v2", "worse"))
+    ads.clients[0] = Client("envoy-0", "kvgate-envoy", 0.0, stream=SotwStream(ads.cache.snapshot))
+    (node,) = fleet_status(controller).nodes
+    assert (node.id, node.last_nack.type_url, node.last_nack.error_detail) == ("envoy-0", ENDPOINT, "worse")
 
 
 # --- fetching a replica's report -------------------------------------------------------------

@@ -263,7 +263,7 @@ def test_triton_model_gets_grpc_cluster_endpoints_and_renaming_routes() -> None:
     assert gamma.grpc_cluster_name in snap.get(CLUSTER).items
     cla = ClusterLoadAssignment.FromString(snap.get(ENDPOINT).items[gamma.grpc_cluster_name].value)
     assert [e.endpoint.address.socket_address.port_value for e in cla.endpoints[0].lb_endpoints] == [8001]
-    grpc_route, http_route = [r for r in resources.model_routes(gamma, SETTINGS)]
+    grpc_route, http_route = [r for r in resources.model_routes(gamma)]
     assert grpc_route["route"]["cluster"] == gamma.grpc_cluster_name
     assert {"name": "content-type", "string_match": {"prefix": "application/grpc"}} in grpc_route["match"]["headers"]
     assert http_route["route"]["regex_rewrite"]["substitution"] == "/v2/models/ensemble\\1"
@@ -484,3 +484,54 @@ def test_ext_proc_replicas_named_by_dns_get_a_strict_dns_cluster() -> None:
     named = resources.ext_proc_cluster(GatewaySettings(ext_proc=(Address(host="ext_proc", port=9002),)))
     assert (by_ip["type"], named["type"], named["dns_lookup_family"]) == ("STATIC", "STRICT_DNS", "V4_ONLY")
     assert json_format.ParseDict(named, Cluster()).type == Cluster.STRICT_DNS  # a valid Cluster
+
+
+# --- timeouts and Envoy's own replies --------------------------------------------------------
+
+def test_model_routes_carry_the_models_timeouts() -> None:
+    snap = snapshot({"timeouts": {"request_s": 30, "idle_s": 4.5}})
+    timeouts = {r.name: (r.route.timeout.ToTimedelta(), r.route.idle_timeout.ToTimedelta())
+                for r in routes(snap).values() if r.route.cluster.startswith("kvgate_model/")}
+    assert timeouts == {"alpha": (timedelta(seconds=30), timedelta(seconds=4.5)),
+                        "beta": (timedelta(seconds=600), timedelta(seconds=120))}
+
+
+def test_envoys_own_replies_get_a_mapper_per_kind_and_convention_and_no_default_body() -> None:
+    config = hcm(snapshot()).local_reply_config
+    # No catch-all body format: ext_proc's refusals and the direct responses keep theirs.
+    assert not config.HasField("body_format")
+    kinds = resources.local_replies(SETTINGS)
+    assert [r.code for r in kinds] == ["gateway_unavailable", "body_too_large", "engine_timeout",
+                                       "engine_idle_timeout", "engine_unavailable", "gateway_error"]
+    assert len(config.mappers) == 3 * len(kinds)
+    for reply, (grpc, triton, openai) in zip(kinds, zip(*[iter(config.mappers)] * 3)):
+        assert [f.header_filter.header.name for f in grpc.filter.and_filter.filters[1:]] == ["content-type"]
+        assert [f.header_filter.header.name for f in triton.filter.and_filter.filters[1:]] == [":path"]
+        assert not openai.filter.HasField("and_filter")  # the rest: the OpenAI API
+        openai_body = json_format.MessageToDict(openai.body_format_override.json_format)
+        assert openai_body == {"error": {"message": reply.message, "type": reply.type_, "param": None,
+                                         "code": reply.code}}
+        assert json_format.MessageToDict(triton.body_format_override.json_format) == {"error": reply.message}
+        assert grpc.body_format_override.text_format_source.inline_string == reply.message
+        assert openai.status_code.value == triton.status_code.value == grpc.status_code.value == (reply.status or 0)
+        grpc_headers = {h.header.key: h.header.value for h in grpc.headers_to_add}
+        assert grpc_headers.get("grpc-status") == (str(reply.grpc_status) if reply.grpc_status else None)
+        for m in (openai, triton):
+            headers = {h.header.key: h.header.value for h in m.headers_to_add}
+            assert headers.get("retry-after") == (str(reply.retry_after_s) if reply.retry_after_s else None)
+
+
+def test_ext_proc_failures_are_503_to_retry_and_timeouts_504() -> None:
+    by_code = {r.code: r for r in resources.local_replies(SETTINGS)}
+    assert (by_code["gateway_unavailable"].status, by_code["gateway_unavailable"].retry_after_s) == (503, 1)
+    assert by_code["engine_unavailable"].status == 503 and by_code["engine_unavailable"].grpc_status == 14
+    assert {by_code[c].status for c in ("engine_timeout", "engine_idle_timeout")} == {504}
+    assert {by_code[c].grpc_status for c in ("engine_timeout", "engine_idle_timeout")} == {4}  # DEADLINE_EXCEEDED
+    assert str(SETTINGS.max_request_bytes) in by_code["body_too_large"].message
+
+
+def test_the_catch_all_leaves_ext_procs_refusals_and_direct_responses_alone() -> None:
+    (catch_all,) = [r for r in resources.local_replies(SETTINGS) if r.code == "gateway_error"]
+    expression = catch_all.when["extension_filter"]["typed_config"]["expression"]
+    assert "!response.code_details.startsWith('kvgate_')" in expression
+    assert "response.code_details != 'direct_response'" in expression

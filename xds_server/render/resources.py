@@ -8,12 +8,15 @@ listeners, routes.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+# Registers the CEL filter's type, which protos.parse meets in the local reply mappers.
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2  # noqa: F401
 from kvgate import __version__
-from kvgate.catalog import Address, Catalog, Model, is_ip_address
+from kvgate.catalog import Address, Catalog, Model, Timeouts, is_ip_address
 from kvgate.wire import DECISION_NAMESPACE, ENDPOINT_HEADER, MAX_TOKENS_HEADER, MODEL_HEADER, TRITON_GRPC_SERVICE
 from kvgate.tls import envoy_upstream_tls
 from xds_server.settings import GatewaySettings
@@ -24,6 +27,7 @@ EXT_PROC_CLUSTER = "kvgate_ext_proc"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 
 _ADS = {"ads": {}, "resource_api_version": "V3"}
+_GRPC = {"name": "content-type", "string_match": {"prefix": "application/grpc"}}
 _T = "type.googleapis.com/"
 
 
@@ -229,6 +233,107 @@ def access_log(settings: GatewaySettings) -> dict[str, Any]:
         "log_format": log_format}}
 
 
+# --- Envoy's own replies ---------------------------------------------------------------------
+# Envoy answers some requests itself (local replies): ext_proc unreachable or too slow, no engine
+# able to take the request, a timeout, a body over the limit. The listener's local_reply_config puts
+# each into the client's convention (docs/architecture.md, "Envoy's own replies"), by its response
+# flags and details as Envoy 1.40 sets them (tests/integration/test_envoy_replies.py). ext_proc's
+# refusals (details `kvgate_<code>`) and the routes' direct responses (`direct_response`) are local
+# replies too: no mapper matches them, so they pass unchanged.
+
+@dataclass(frozen=True)
+class LocalReply:
+    """One kind of Envoy's own replies, as the client gets it."""
+
+    code: str  # kvgate's error code
+    status: int | None  # the HTTP status; None: Envoy's own
+    grpc_status: int | None  # gRPC clients' status; None: Envoy's mapping of the HTTP status
+    message: str  # may quote Envoy's own text as %LOCAL_REPLY_BODY%
+    when: dict[str, Any]  # the access-log filter that selects Envoy's replies of this kind
+    type_: str = "server_error"  # OpenAI's error type
+    retry_after_s: int | None = None
+
+
+def _cel(expression: str) -> dict[str, Any]:
+    return {"extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": {
+        "@type": _T + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter", "expression": expression}}}
+
+
+def _details_start(prefix: str) -> dict[str, Any]:
+    return _cel(f"response.code_details.startsWith('{prefix}')")
+
+
+def _flags(*flags: str) -> dict[str, Any]:
+    return {"response_flag_filter": {"flags": list(flags)}}
+
+
+_UNAVAILABLE, _DEADLINE_EXCEEDED, _RESOURCE_EXHAUSTED = 14, 4, 8
+
+
+def local_replies(settings: GatewaySettings) -> list[LocalReply]:
+    """First match wins."""
+    return [
+        # ext_proc unreachable (gRPC_error_14), too slow (per-message_timeout_exceeded) or failing:
+        # Envoy's 500 or 504, though no engine was involved and a retry soon may well succeed.
+        LocalReply("gateway_unavailable", 503, _UNAVAILABLE,
+                   "The gateway's admission service is unavailable; the request was not sent to any engine. "
+                   "Retry shortly.", _details_start("ext_proc_error"), "service_unavailable", retry_after_s=1),
+        LocalReply("body_too_large", 413, _RESOURCE_EXHAUSTED,
+                   f"The request body is over the gateway's limit of {settings.max_request_bytes} bytes.",
+                   _cel("response.code_details == 'request_payload_too_large'"), "invalid_request_error"),
+        LocalReply("engine_timeout", 504, _DEADLINE_EXCEEDED,
+                   "The engine did not finish the response within the model's request timeout "
+                   "(timeouts.request_s).", _flags("UT")),
+        LocalReply("engine_idle_timeout", 504, _DEADLINE_EXCEEDED,
+                   "Nothing was sent or received on this request for longer than the model's idle timeout "
+                   "(timeouts.idle_s).", _flags("SI")),
+        # No healthy engine, connect failure, reset or closed before the response began, overflow, a
+        # cluster not there (yet): the same code ext_proc gives when it sees every engine down.
+        LocalReply("engine_unavailable", 503, _UNAVAILABLE,
+                   "No engine of this model could take the request (unreachable, or failed before answering). "
+                   "Retry shortly.", _flags("UH", "UF", "UC", "UR", "URX", "UO", "NC", "LR"),
+                   "service_unavailable", retry_after_s=1),
+        # Anything else Envoy answers itself, with its status and its own words.
+        LocalReply("gateway_error", None, None, "%LOCAL_REPLY_BODY%",
+                   _cel("!response.code_details.startsWith('kvgate_') && response.code_details != 'direct_response'")),
+    ]
+
+
+# How a request's convention shows in its headers, most specific first (as in ext_proc/apis.py).
+_CONVENTIONS: list[tuple[str, dict[str, Any] | None]] = [
+    ("grpc", {"header_filter": {"header": _GRPC}}),
+    ("triton", {"header_filter": {"header": {"name": ":path", "string_match": {"prefix": "/v2"}}}}),
+    ("openai", None)]
+
+
+def _mapper(reply: LocalReply, convention: str, selects: dict[str, Any] | None) -> dict[str, Any]:
+    headers = []
+    if convention == "grpc":
+        # Envoy sends a gRPC request's local reply as trailers-only, the body as grpc-message; its
+        # own status mapping makes a 504 UNAVAILABLE and a 413 UNKNOWN, unless grpc-status is set.
+        body = {"text_format_source": {"inline_string": reply.message}}
+        if reply.grpc_status is not None:
+            headers.append({"key": "grpc-status", "value": str(reply.grpc_status)})
+    else:
+        error: Any = reply.message if convention == "triton" else {
+            "message": reply.message, "type": reply.type_, "param": None, "code": reply.code}
+        body = {"json_format": {"error": error}, "content_type": "application/json"}
+    if reply.retry_after_s is not None:
+        key = "grpc-retry-pushback-ms" if convention == "grpc" else "retry-after"
+        value = reply.retry_after_s * 1000 if convention == "grpc" else reply.retry_after_s
+        headers.append({"key": key, "value": str(value)})
+    when = reply.when if selects is None else {"and_filter": {"filters": [reply.when, selects]}}
+    return {"filter": when, **({"status_code": reply.status} if reply.status else {}),
+            "body_format_override": body,
+            **({"headers_to_add": [{"header": h, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"} for h in headers]}
+               if headers else {})}
+
+
+def local_reply_config(settings: GatewaySettings) -> dict[str, Any]:
+    return {"mappers": [_mapper(reply, convention, selects)
+                        for reply in local_replies(settings) for convention, selects in _CONVENTIONS]}
+
+
 def _hcm(stat_prefix: str, route_config_name: str, filters: list[dict[str, Any]]) -> dict[str, Any]:
     return {"@type": _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
             "stat_prefix": stat_prefix, "rds": {"route_config_name": route_config_name, "config_source": _ADS},
@@ -248,6 +353,7 @@ def listener(settings: GatewaySettings) -> dict[str, Any]:
         "access_log": [access_log(settings)],
         # Clients can quote the id that every log line about their request carries.
         "always_set_request_id_in_response": True,
+        "local_reply_config": local_reply_config(settings),
     }
     return {
         "name": LISTENER_NAME,
@@ -297,7 +403,6 @@ def _lookup_filter(catalog: Catalog) -> dict[str, Any]:
 
 
 _GET = {"name": ":method", "string_match": {"exact": "GET"}}
-_GRPC = {"name": "content-type", "string_match": {"prefix": "application/grpc"}}
 
 
 def _direct(status: int, body: bytes, *, ext_proc: dict[str, Any] | None) -> dict[str, Any]:
@@ -319,9 +424,13 @@ _RETRY = {"retry_on": "connect-failure,refused-stream,reset-before-request,retri
               "@type": _T + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}]}
 
 
-def _to_cluster(cluster: str, settings: GatewaySettings, model: Model | None = None) -> dict[str, Any]:
-    action: dict[str, Any] = {"cluster": cluster, "timeout": _duration(settings.upstream_timeout_s),
-                              "retry_policy": _RETRY}
+def _to_cluster(cluster: str, model: Model | None = None) -> dict[str, Any]:
+    # `timeout` runs from the end of the request to the end of the response, streams included;
+    # `idle_timeout` restarts at every byte either way (and replaces the listener's 5 min stream
+    # idle timeout once ext_proc has routed the request). Server-wide calls get the defaults.
+    timeouts = model.timeouts if model is not None else Timeouts()
+    action: dict[str, Any] = {"cluster": cluster, "timeout": _duration(timeouts.request_s),
+                              "idle_timeout": _duration(timeouts.idle_s), "retry_policy": _RETRY}
     if model is not None and model.engine_model != model.name:
         # Triton HTTP names the model in the path: rewrite the gateway's name to the engine's.
         action["regex_rewrite"] = {"pattern": {"regex": f"^/v2/models/{re.escape(model.name)}(/|$)"},
@@ -329,7 +438,7 @@ def _to_cluster(cluster: str, settings: GatewaySettings, model: Model | None = N
     return action
 
 
-def model_routes(model: Model, settings: GatewaySettings) -> list[dict[str, Any]]:
+def model_routes(model: Model) -> list[dict[str, Any]]:
     """Routes on the header ext_proc sets after admission; gRPC goes to the HTTP/2 cluster."""
     # ext_proc puts the applied clamp on the request; Envoy copies it to the response, so telling
     # the client costs no extra ext_proc round trip.
@@ -339,13 +448,13 @@ def model_routes(model: Model, settings: GatewaySettings) -> list[dict[str, Any]
     routes = []
     if model.protocol == "triton":
         routes.append({"name": f"{model.name} grpc", "match": {"prefix": "/", "headers": [by_model, _GRPC]},
-                       "route": _to_cluster(model.grpc_cluster_name, settings), "response_headers_to_add": echo})
+                       "route": _to_cluster(model.grpc_cluster_name, model), "response_headers_to_add": echo})
     routes.append({"name": model.name, "match": {"prefix": "/", "headers": [by_model]},
-                   "route": _to_cluster(model.cluster_name, settings, model), "response_headers_to_add": echo})
+                   "route": _to_cluster(model.cluster_name, model), "response_headers_to_add": echo})
     return routes
 
 
-def triton_routes(catalog: Catalog, settings: GatewaySettings) -> list[dict[str, Any]]:
+def triton_routes(catalog: Catalog) -> list[dict[str, Any]]:
     """What Triton clients read without running inference, answered without ext_proc."""
     triton = [m for m in catalog.models if m.protocol == "triton"]
     if not triton:
@@ -360,11 +469,11 @@ def triton_routes(catalog: Catalog, settings: GatewaySettings) -> list[dict[str,
     # Server-level gRPC calls (ServerLive, ServerReady, ServerMetadata) name no model: the first
     # Triton engine answers them.
     server_rpcs = {"name": "triton grpc server", "match": {"prefix": TRITON_GRPC_SERVICE + "Server"},
-                   "route": _to_cluster(triton[0].grpc_cluster_name, settings), "typed_per_filter_config": lookup}
+                   "route": _to_cluster(triton[0].grpc_cluster_name), "typed_per_filter_config": lookup}
     # Model readiness and metadata over HTTP: routed by the model in the path.
     model_gets = [{"name": f"{m.name} metadata",
                    "match": {"path_separated_prefix": f"/v2/models/{m.name}", "headers": [_GET]},
-                   "route": _to_cluster(m.cluster_name, settings, m), "typed_per_filter_config": lookup}
+                   "route": _to_cluster(m.cluster_name, m), "typed_per_filter_config": lookup}
                   for m in triton]
     return health + [server_metadata, server_rpcs] + model_gets
 
@@ -402,8 +511,8 @@ def route_configuration(catalog: Catalog, settings: GatewaySettings) -> dict[str
         "virtual_hosts": [{
             "name": "kvgate",
             "domains": ["*"],
-            "routes": [models_route, *triton_routes(catalog, settings),
-                       *(r for m in catalog.models for r in model_routes(m, settings)),
+            "routes": [models_route, *triton_routes(catalog),
+                       *(r for m in catalog.models for r in model_routes(m)),
                        *stream_routes(catalog), fallback],
         }],
     }
