@@ -41,7 +41,7 @@ class Call:
 
 
 def _openai(path: str) -> Parser:
-    return lambda model, headers, raw: openai_protocol.parse_request(path, raw)
+    return lambda model, headers, raw: openai_protocol.parse_request(path, raw, headers)
 
 
 _OPENAI = {p: Api(f"openai {p}", "openai", Convention.OPENAI, _openai(p)) for p in openai_protocol.PATHS}

@@ -146,7 +146,7 @@ def parse(state: AdmissionState, expect: Expect, headers: Mapping[str, str], raw
     try:
         parsed = call.api.parse(call.model, headers, raw)
     except ProtocolError as e:
-        return Refuse("", Refusal(400, "invalid_request", str(e), param=e.param))
+        return Refuse("", Refusal(e.status, e.code, str(e), param=e.param))
     llm = parsed.request
     policy = state.policies.get(llm.model)
     if policy is not None and tenant is not None and not tenant.may_call(policy.name):

@@ -44,13 +44,21 @@ class Gate(Protocol):
 
 
 # The request headers admission reads; Envoy 1.40 sends values as raw_value.
-_WANTED = frozenset({":path", ":method", "content-type", "x-request-id", PRIORITY_HEADER, BINARY_HEADER,
-                     *KEY_HEADERS})
+_WANTED = frozenset({":path", ":method", "content-type", "content-encoding", "x-request-id", PRIORITY_HEADER,
+                     BINARY_HEADER, *KEY_HEADERS})
 
 
 def read_headers(headers: HttpHeaders) -> dict[str, str]:
-    return {h.key: h.raw_value.decode() if h.raw_value else h.value
-            for h in headers.headers.headers if h.key in _WANTED}
+    """The wanted headers as text. Values are bytes on the wire and need not be UTF-8: invalid bytes
+    become U+FFFD, so such an API key matches no tenant (keys are ASCII) and is refused with a 401.
+    A header sent more than once keeps every value, joined with commas as HTTP lists are: a second
+    inference-header-content-length cannot pass unseen, nor a coding in a second content-encoding."""
+    out: dict[str, str] = {}
+    for h in headers.headers.headers:
+        if h.key in _WANTED:
+            value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+            out[h.key] = f"{out[h.key]},{value}" if h.key in out else value
+    return out
 
 
 @dataclass

@@ -9,24 +9,52 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from ext_proc.request import LLMRequest, ProtocolError, is_int
+from ext_proc.request import LLMRequest, ProtocolError, at_most, is_int
 
 TEXT_INPUT = "text_input"
 MAX_TOKENS = "max_tokens"
 # TensorRT-LLM's ensemble declares max_tokens INT32; INT64 is accepted and kept as sent.
 INT_FORMATS = {"INT32": "<i", "INT64": "<q"}
 
+# Caps checked before a tensor's elements are decoded, far above what a client sends:
+# - prompts in one request (text_input elements, and max_tokens elements with them): OpenAI's own
+#   limit on prompts per completions request; Triton's max_batch_size is usually 8 to 256.
+MAX_BATCH = 2048
+# - dimensions of a shape: TensorRT's limit is 8; numpy's was 32.
+MAX_RANK = 32
+# - inputs of one request: TensorRT-LLM's ensemble declares about 40.
+MAX_TENSORS = 256
+
 
 def elements(shape: Sequence[Any], name: str) -> int:
-    if not isinstance(shape, (list, tuple)) or not all(is_int(d) and d >= 0 for d in shape):
-        raise ProtocolError(f"input '{name}' has an invalid shape {shape!r}", name)
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_RANK or not all(is_int(d) and d >= 0 for d in shape):
+        raise ProtocolError(f"input '{name}' has an invalid shape {_short(shape)}", name)
     return math.prod(shape)
 
 
-def decode_raw_bytes(raw: bytes, name: str) -> list[bytes]:
-    """BYTES elements in raw form: each is a 4-byte little-endian length, then the bytes."""
-    out, pos = [], 0
+def batch_elements(shape: Sequence[Any], name: str) -> int:
+    """The elements of a text_input or max_tokens tensor, at most MAX_BATCH."""
+    count = elements(shape, name)
+    at_most(count, MAX_BATCH, f"input '{name}' elements", name)
+    return count
+
+
+def _short(value: Any) -> str:
+    """A client's value in a message, cut short before it is turned into text."""
+    if isinstance(value, (list, tuple)) and len(value) > 8:
+        return repr(list(value[:8]))[:-1] + f", ... ({len(value)} in all)]"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def decode_raw_bytes(raw: bytes, name: str, limit: int = MAX_BATCH) -> list[bytes]:
+    """BYTES elements in raw form: each is a 4-byte little-endian length, then the bytes. More than
+    `limit` elements (what the shape said) is refused before they are all cut out."""
+    out: list[bytes] = []
+    pos = 0
     while pos < len(raw):
+        if len(out) == limit:
+            raise ProtocolError(f"input '{name}' holds more than the {limit} elements its shape says", name)
         if pos + 4 > len(raw):
             raise ProtocolError(f"input '{name}': truncated BYTES element", name)
         (n,) = struct.unpack_from("<I", raw, pos)
@@ -60,12 +88,13 @@ def int_format(datatype: str) -> str:
         raise ProtocolError(f"input '{MAX_TOKENS}' must be INT32, got {datatype}", MAX_TOKENS) from None
 
 
-def decode_raw_ints(raw: bytes, datatype: str) -> list[int]:
+def decode_raw_ints(raw: bytes, datatype: str, limit: int = MAX_BATCH) -> list[int]:
     fmt = int_format(datatype)
     size = struct.calcsize(fmt)
     if len(raw) % size:
         raise ProtocolError(f"input '{MAX_TOKENS}': {len(raw)} bytes is not a whole number of {datatype}",
                             MAX_TOKENS)
+    at_most(len(raw) // size, limit, f"input '{MAX_TOKENS}' elements", MAX_TOKENS)
     return [v for (v,) in struct.iter_unpack(fmt, raw)]
 
 
@@ -76,6 +105,7 @@ def encode_raw_ints(values: Sequence[int], datatype: str) -> bytes:
 
 def check_max_tokens(values: Sequence[Any], count: int) -> list[int]:
     """max_tokens elements: as many as the shape says, each an integer of at least 1."""
+    at_most(len(values), MAX_BATCH, f"input '{MAX_TOKENS}' elements", MAX_TOKENS)
     if len(values) != count:
         raise ProtocolError(f"input '{MAX_TOKENS}' has {len(values)} elements, its shape says {count}", MAX_TOKENS)
     if not values:

@@ -16,13 +16,93 @@ from tritonclient.grpc import service_pb2
 
 from ext_proc import kserve
 from ext_proc.kserve import MAX_TOKENS, TEXT_INPUT
-from ext_proc.request import LLMRequest, ProtocolError, Rewrite
+from ext_proc.request import LLMRequest, ProtocolError, Rewrite, at_most, identity_encoding
 
 _FRAME = struct.Struct(">BI")
 
 
 class CompressedMessage(ProtocolError):
     """A compressed gRPC message: we would have to decompress and recompress it to read max_tokens."""
+
+
+# --- bounded decoding ---------------------------------------------------------------------------
+#
+# upb decodes a 4 MiB message in 50-300 ms when it is made of tiny fields (2 million empty inputs,
+# 200,000 parameters). A scan of the wire format first counts the fields, descending only into the
+# messages that repeat, and refuses past the caps: every such message is then decoded in a few ms.
+#
+# Protobuf itself leaves no room for a differential: a scalar field repeated on the wire is
+# last-wins in every implementation (upb here, the C++ runtime in Triton), a repeated field
+# concatenates, and a map's repeated key is last-wins by the spec. What is ours to check is what the
+# message means: inputs repeated by name (refused in _infer), contents beside raw_input_contents.
+MAX_WIRE_FIELDS = 4096  # fields of all the levels scanned: a batch of 2048 prompts in bytes_contents fits
+MAX_PACKED_VARINTS = 1 << 19  # packed varint elements (shape, int_contents...): upb decodes ~8 ns each
+_SCAN_ABOVE = 2048  # a smaller message cannot hold enough fields to be slow (map entries cost ~1.5 us)
+_VARINTS, _FIXED32, _FIXED64 = "varints", 4, 8  # packed repeated fields; fixed-size ones decode as a copy
+_PARAMETER_ENTRY: dict[int, object] = {}  # map<string, InferParameter> entry: key 1, value 2 (scalars)
+_CONTENTS = {1: _VARINTS, 2: _VARINTS, 3: _VARINTS, 4: _VARINTS, 5: _VARINTS, 6: _FIXED32, 7: _FIXED64}
+_INPUT = {3: _VARINTS, 4: _PARAMETER_ENTRY, 5: _CONTENTS}  # shape, parameters, contents
+_OUTPUT = {2: _PARAMETER_ENTRY}
+_MODEL_INFER = {4: _PARAMETER_ENTRY, 5: _INPUT, 6: _OUTPUT}
+_HIGH_BYTES = bytes(range(0x80))  # deleted by translate: what is left are the varints' continuation bytes
+
+
+class _Budget:
+    def __init__(self) -> None:
+        self.fields = MAX_WIRE_FIELDS
+        self.varints = MAX_PACKED_VARINTS
+
+
+def _varint(data: bytes, pos: int, end: int, what: str) -> tuple[int, int]:
+    value = shift = 0
+    while pos < end and shift < 64:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise ProtocolError(f"malformed {what}: truncated or overlong varint")
+
+
+def _scan(data: bytes, pos: int, end: int, schema: dict[int, object], budget: _Budget, what: str) -> None:
+    while pos < end:
+        budget.fields -= 1
+        if budget.fields < 0:
+            raise ProtocolError(f"{what} has more than {MAX_WIRE_FIELDS} fields")
+        key, pos = _varint(data, pos, end, what)
+        wire_type, field = key & 7, key >> 3
+        if wire_type == 0:
+            _, pos = _varint(data, pos, end, what)
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+        elif wire_type == 2:
+            length, pos = _varint(data, pos, end, what)
+            start, pos = pos, pos + length
+            if pos > end:
+                break
+            inner = schema.get(field)
+            if inner == _VARINTS:
+                budget.varints -= length - len(data[start:pos].translate(None, _HIGH_BYTES))
+                if budget.varints < 0:
+                    raise ProtocolError(f"{what} has more than {MAX_PACKED_VARINTS} packed integers")
+            elif isinstance(inner, dict):
+                _scan(data, start, pos, inner, budget, what)
+        else:  # groups (deprecated, absent from proto3) or no wire type at all
+            raise ProtocolError(f"malformed {what}: wire type {wire_type}")
+    if pos > end:
+        raise ProtocolError(f"malformed {what}: truncated field")
+
+
+def decode(message: bytes, cls: type[Message], schema: dict[int, object]) -> Message:
+    """The message, refused as malformed or over the caps before upb builds it."""
+    what = cls.DESCRIPTOR.name
+    if len(message) > _SCAN_ABOVE:
+        _scan(message, 0, len(message), schema, _Budget(), what)
+    try:
+        return cls.FromString(message)
+    except DecodeError as e:
+        raise ProtocolError(f"malformed {what}: {e}") from None
 
 
 def split_frames(data: bytes) -> tuple[list[bytes], bytes]:
@@ -55,14 +135,13 @@ def frame(message: bytes) -> bytes:
     return _FRAME.pack(0, len(message)) + message
 
 
-def _one_message(body: bytes, cls: type[Message]) -> Message:
+def _one_message(headers: Mapping[str, str], body: bytes, cls: type[Message],
+                 schema: dict[int, object]) -> Message:
+    identity_encoding(headers, CompressedMessage)  # gRPC compresses messages, not bodies: INVALID_ARGUMENT
     messages = deframe(body)
     if len(messages) != 1:
         raise ProtocolError(f"a unary call carries one message, got {len(messages)}")
-    try:
-        return cls.FromString(messages[0])
-    except DecodeError as e:
-        raise ProtocolError(f"malformed {cls.DESCRIPTOR.name}: {e}") from None
+    return decode(messages[0], cls, schema)
 
 
 # --- ModelInfer ---------------------------------------------------------------------------------
@@ -111,39 +190,53 @@ def _set_max_tokens(msg: service_pb2.ModelInferRequest, max_tokens: int, batch: 
 
 def _tensor_values(msg: service_pb2.ModelInferRequest, i: int) -> tuple[list[bytes] | list[int], int]:
     t = msg.inputs[i]
-    count = kserve.elements(list(t.shape), t.name)
+    if len(t.shape) > kserve.MAX_RANK:
+        raise ProtocolError(f"input '{t.name}' has {len(t.shape)} dimensions, more than {kserve.MAX_RANK}", t.name)
+    count = kserve.batch_elements(list(t.shape), t.name)
     if t.name == TEXT_INPUT:
         if t.datatype != "BYTES":
             raise ProtocolError(f"input '{TEXT_INPUT}' must be BYTES, got {t.datatype}", TEXT_INPUT)
         if _uses_raw(msg):
-            return kserve.decode_raw_bytes(msg.raw_input_contents[i], TEXT_INPUT), count
-        return list(t.contents.bytes_contents), count
+            return kserve.decode_raw_bytes(msg.raw_input_contents[i], TEXT_INPUT, count), count
+        return _contents(t.contents.bytes_contents, t.name, count), count
     kserve.int_format(t.datatype)
     if _uses_raw(msg):
-        return kserve.decode_raw_ints(msg.raw_input_contents[i], t.datatype), count
-    return list(t.contents.int_contents if t.datatype == "INT32" else t.contents.int64_contents), count
+        return kserve.decode_raw_ints(msg.raw_input_contents[i], t.datatype, count), count
+    return _contents(t.contents.int_contents if t.datatype == "INT32" else t.contents.int64_contents,
+                     t.name, count), count
+
+
+def _contents(field, name: str, count: int) -> list:  # noqa: ANN001 - a protobuf repeated field
+    """A repeated contents field as a list, refused before it is copied when it is over the shape."""
+    at_most(len(field), count, f"input '{name}' elements (its shape says {count})", name)
+    return list(field)
 
 
 def parse_infer(model: str | None, headers: Mapping[str, str], body: bytes) -> InferRequest:
-    return _infer(_one_message(body, service_pb2.ModelInferRequest))
+    return _infer(_one_message(headers, body, service_pb2.ModelInferRequest, _MODEL_INFER))
 
 
 def parse_stream_message(model: str | None, headers: Mapping[str, str], message: bytes) -> InferRequest:
     """One message of a ModelStreamInfer stream, already cut out of its frame by the caller."""
-    try:
-        return _infer(service_pb2.ModelInferRequest.FromString(message))
-    except DecodeError as e:
-        raise ProtocolError(f"malformed ModelInferRequest: {e}") from None
+    identity_encoding(headers, CompressedMessage)
+    return _infer(decode(message, service_pb2.ModelInferRequest, _MODEL_INFER))
 
 
 def _infer(msg: service_pb2.ModelInferRequest) -> InferRequest:
     if not msg.model_name:
         raise ProtocolError("model_name is required", "model_name")
-    if _uses_raw(msg) and len(msg.raw_input_contents) != len(msg.inputs):
-        raise ProtocolError(f"{len(msg.raw_input_contents)} raw_input_contents for {len(msg.inputs)} inputs")
+    at_most(len(msg.inputs), kserve.MAX_TENSORS, "inputs", "inputs")
+    if _uses_raw(msg):
+        if len(msg.raw_input_contents) != len(msg.inputs):
+            raise ProtocolError(f"{len(msg.raw_input_contents)} raw_input_contents for {len(msg.inputs)} inputs")
+        both = next((t.name for t in msg.inputs if t.HasField("contents")), None)
+        if both is not None:  # Triton refuses it too: which data would it be?
+            raise ProtocolError(f"input '{both}' has contents besides raw_input_contents", both)
     names = [t.name for t in msg.inputs]
     if len(set(names)) != len(names):
-        raise ProtocolError("an input appears twice", "inputs")
+        # Which one would Triton use? Refused rather than guessed.
+        twice = next(n for i, n in enumerate(names) if n in names[:i])
+        raise ProtocolError(f"input '{twice}' appears twice", "inputs")
     if TEXT_INPUT not in names:
         raise kserve.missing_text_input()
     texts, count = _tensor_values(msg, names.index(TEXT_INPUT))
@@ -185,7 +278,7 @@ def lookup_parser(method: str):  # noqa: ANN201 - returns a parser like parse_in
     cls = _LOOKUPS[method]
 
     def parse(model: str | None, headers: Mapping[str, str], body: bytes) -> LookupRequest:
-        msg = _one_message(body, cls)
+        msg = _one_message(headers, body, cls, {})
         if not msg.name:
             raise ProtocolError("name is required", "name")
         return LookupRequest(LLMRequest(model=msg.name, admit=False), msg)

@@ -5,7 +5,7 @@ route rewrites to the engine's name; only the body's output limit is ours to rew
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,9 +13,18 @@ import orjson
 
 from ext_proc import kserve
 from ext_proc.kserve import MAX_TOKENS, TEXT_INPUT
-from ext_proc.request import LLMRequest, ProtocolError, Rewrite, is_int, json_object, positive_int
+from ext_proc.request import LLMRequest, ProtocolError, Rewrite, at_most, identity_encoding, is_int, json_object
+from ext_proc.request import positive_int
 
 BINARY_HEADER = "inference-header-content-length"
+
+
+def _plain_names(names: Iterable[str], what: str) -> None:
+    """Triton's C++ reader may end a name at a NUL character (C strings): "max_tokens\\u0000" would be
+    max_tokens to the engine and an unknown field to the gateway."""
+    for name in names:
+        if "\x00" in name:
+            raise ProtocolError(f"{what} {name[:40]!r} contains a NUL character", name)
 
 
 # --- generate / generate_stream ---------------------------------------------------------------
@@ -32,7 +41,9 @@ class GenerateRequest:
 
 
 def parse_generate(model: str | None, headers: Mapping[str, str], raw: bytes) -> GenerateRequest:
+    identity_encoding(headers)
     body = json_object(raw)
+    _plain_names(body, "field")  # generate maps each member to the input of that name
     text = body.get(TEXT_INPUT)
     if not isinstance(text, str):
         raise kserve.missing_text_input() if text is None else ProtocolError(
@@ -74,7 +85,7 @@ class InferRequest:
             # Same dtype and count: the binary section keeps its length.
             replaced[MAX_TOKENS] = kserve.encode_raw_ints(kserve.clamped(values, max_tokens), limit.spec["datatype"])
         else:
-            values = _flat(limit.spec["data"])
+            values = _flat(limit.spec["data"], MAX_TOKENS, kserve.MAX_BATCH)
             if max(values) <= max_tokens:
                 return None
             inputs = list(header["inputs"])
@@ -87,36 +98,58 @@ class InferRequest:
         return Rewrite(json_header + b"".join(binary), extra)
 
 
-def _flat(data: Any) -> list[Any]:
-    if isinstance(data, list):
-        return [x for item in data for x in _flat(item)]
-    return [data]
+def _flat(data: Any, name: str, limit: int) -> list[Any]:
+    """A JSON tensor's data, nested or flat, as its elements in order: flattened without recursion, at
+    most MAX_RANK levels deep and `limit` elements (what the shape says) long."""
+    if not isinstance(data, list):
+        return [data]
+    out: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                if len(stack) == kserve.MAX_RANK:
+                    raise ProtocolError(f"input '{name}': data nests deeper than {kserve.MAX_RANK} levels", name)
+                stack.append(iter(item))
+                break
+            if len(out) == limit:
+                raise ProtocolError(f"input '{name}' holds more than the {limit} elements its shape says", name)
+            out.append(item)
+        else:
+            stack.pop()
+    return out
 
 
 def _split_binary(headers: Mapping[str, str], raw: bytes) -> tuple[bytes, bytes | None]:
     declared = headers.get(BINARY_HEADER)
     if declared is None:
         return raw, None
-    if not (declared.isascii() and declared.isdigit()) or int(declared) > len(raw):
-        raise ProtocolError(f"{BINARY_HEADER} {declared!r} does not fit a {len(raw)}-byte body")
+    # At most 10 digits (4 GiB): int() of a longer string costs, and refuses past 4300 digits.
+    if not (declared.isascii() and declared.isdigit() and len(declared) <= 10) or int(declared) > len(raw):
+        raise ProtocolError(f"{BINARY_HEADER} {declared[:20]!r} does not fit a {len(raw)}-byte body")
     return raw[:int(declared)], raw[int(declared):]
 
 
 def _tensors(inputs: list[Any], binary: bytes | None) -> dict[str, _Tensor]:
+    at_most(len(inputs), kserve.MAX_TENSORS, "inputs", "inputs")
     out, pos = {}, 0
     for i, spec in enumerate(inputs):
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise ProtocolError(f"inputs[{i}] must be an object with a 'name'", "inputs")
         name, params = spec["name"], spec.get("parameters")
+        _plain_names([name], "input")
         if params is not None and not isinstance(params, dict):
             raise ProtocolError(f"input '{name}': 'parameters' must be an object", name)
         if name in out:
+            # Which one would the engine use? Refused rather than guessed.
             raise ProtocolError(f"input '{name}' appears twice", name)
         size = (params or {}).get("binary_data_size")
         data = None
         if size is not None:
             if not is_int(size) or size < 0:
                 raise ProtocolError(f"input '{name}': binary_data_size must be a non-negative integer", name)
+            if "data" in spec:
+                raise ProtocolError(f"input '{name}' has both 'data' and binary_data_size", name)
             if binary is None or pos + size > len(binary):
                 raise ProtocolError(f"input '{name}': binary_data_size {size} runs past the body", name)
             data, pos = binary[pos:pos + size], pos + size
@@ -128,26 +161,32 @@ def _tensors(inputs: list[Any], binary: bytes | None) -> dict[str, _Tensor]:
 
 def _text_elements(t: _Tensor) -> list[str]:
     if t.spec.get("datatype") != "BYTES":
-        raise ProtocolError(f"input '{TEXT_INPUT}' must be BYTES, got {t.spec.get('datatype')}", TEXT_INPUT)
+        raise ProtocolError(f"input '{TEXT_INPUT}' must be BYTES, got {t.spec.get('datatype')!r}", TEXT_INPUT)
+    count = kserve.batch_elements(t.spec.get("shape"), TEXT_INPUT)
     if t.binary is not None:
-        items = [kserve.text(v) for v in kserve.decode_raw_bytes(t.binary, TEXT_INPUT)]
+        items = [kserve.text(v) for v in kserve.decode_raw_bytes(t.binary, TEXT_INPUT, count)]
     else:
-        items = _flat(t.spec.get("data"))
+        items = _flat(t.spec.get("data"), TEXT_INPUT, count)
         if not all(isinstance(v, str) for v in items):
             raise ProtocolError(f"input '{TEXT_INPUT}' must hold strings", TEXT_INPUT)
-    if len(items) != kserve.elements(t.spec.get("shape"), TEXT_INPUT) or not items:
-        raise ProtocolError(f"input '{TEXT_INPUT}' has {len(items)} elements, its shape says otherwise", TEXT_INPUT)
+    if len(items) != count or not items:
+        raise ProtocolError(f"input '{TEXT_INPUT}' has {len(items)} elements, its shape says {count}", TEXT_INPUT)
     return items
 
 
 def _limits(t: _Tensor) -> list[int]:
     dtype = t.spec.get("datatype", "")
+    if not isinstance(dtype, str):
+        raise ProtocolError(f"input '{MAX_TOKENS}' must be INT32, got {dtype!r}", MAX_TOKENS)
     kserve.int_format(dtype)
-    values = kserve.decode_raw_ints(t.binary, dtype) if t.binary is not None else _flat(t.spec.get("data"))
-    return kserve.check_max_tokens(values, kserve.elements(t.spec.get("shape"), MAX_TOKENS))
+    count = kserve.batch_elements(t.spec.get("shape"), MAX_TOKENS)
+    values = (kserve.decode_raw_ints(t.binary, dtype, count) if t.binary is not None
+              else _flat(t.spec.get("data"), MAX_TOKENS, count))
+    return kserve.check_max_tokens(values, count)
 
 
 def parse_infer(model: str | None, headers: Mapping[str, str], raw: bytes) -> InferRequest:
+    identity_encoding(headers)
     json_part, binary = _split_binary(headers, raw)
     header = json_object(json_part)
     inputs = header.get("inputs")

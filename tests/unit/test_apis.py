@@ -8,6 +8,7 @@ import pytest
 from ext_proc import openai_protocol, triton_grpc, triton_http
 from ext_proc.apis import Call, Convention, convention_for, match
 from ext_proc.openai_protocol import CHAT_PATH, COMPLETIONS_PATH
+from ext_proc.request import ProtocolError
 
 GRPC = "application/grpc"
 JSON = "application/json"
@@ -145,3 +146,22 @@ def test_convention_openai_otherwise(path: str) -> None:
 ])
 def test_match_convention_agrees_with_convention_for(path: str, content_type: str) -> None:
     assert call(path, content_type).api.convention is convention_for(path, content_type)
+
+
+# --- every parser hears the headers: Content-Encoding ---------------------------------------------
+
+ALL_APIS = [(CHAT_PATH, JSON), (COMPLETIONS_PATH, JSON), ("/v2/models/m/generate", JSON),
+            ("/v2/models/m/generate_stream", JSON), ("/v2/models/m/infer", JSON),
+            *((SERVICE + m, GRPC) for m in ["ModelInfer", "ModelStreamInfer", *sorted(triton_grpc.LOOKUP_METHODS)])]
+
+
+@pytest.mark.parametrize("path,content_type", ALL_APIS)
+def test_every_api_refuses_a_compressed_body(path: str, content_type: str) -> None:
+    """HTTP: 415 in the client's convention; gRPC: INVALID_ARGUMENT, as for compressed messages."""
+    c = call(path, content_type)
+    with pytest.raises(ProtocolError) as e:
+        c.api.parse(c.model, {"content-encoding": "br"}, b'{"model":"m","messages":[],"prompt":"x"}')
+    grpc = c.api.convention is Convention.GRPC
+    compressed_message = isinstance(e.value, triton_grpc.CompressedMessage)
+    assert (e.value.status, compressed_message) == ((400, True) if grpc else (415, False))
+    assert "br" in str(e.value)

@@ -183,3 +183,33 @@ def test_text_request_one_prompt_per_element() -> None:
     assert (req.model, req.prompts, req.prompt_param) == ("m", (("a",), ("bc",)), TEXT_INPUT)
     assert req.requested_max_tokens == 30  # the largest: the rewrite clamps each element
     assert kserve.text_request("m", ["a"], None).requested_max_tokens is None
+
+
+# --- caps ------------------------------------------------------------------------------------------
+
+def test_decode_raw_bytes_stops_past_the_limit() -> None:
+    assert kserve.decode_raw_bytes(raw_bytes(b"a", b"b"), TEXT_INPUT, 2) == [b"a", b"b"]
+    e = protocol_error(kserve.decode_raw_bytes, raw_bytes(*[b""] * 1000), TEXT_INPUT, 2)
+    assert e.param == TEXT_INPUT and "more than the 2" in str(e)
+
+
+def test_decode_raw_ints_refuses_more_than_the_limit() -> None:
+    raw = kserve.encode_raw_ints([1] * 3, "INT32")
+    assert kserve.decode_raw_ints(raw, "INT32", 3) == [1, 1, 1]
+    assert protocol_error(kserve.decode_raw_ints, raw, "INT32", 2).param == MAX_TOKENS
+
+
+def test_shape_rank_cap() -> None:
+    assert kserve.elements([1] * kserve.MAX_RANK, TEXT_INPUT) == 1
+    e = protocol_error(kserve.elements, [1] * 100_000, TEXT_INPUT)
+    assert e.param == TEXT_INPUT and len(str(e)) < 200  # the shape is not printed whole
+
+
+def test_batch_elements_cap() -> None:
+    assert kserve.batch_elements([kserve.MAX_BATCH, 1], TEXT_INPUT) == kserve.MAX_BATCH
+    assert protocol_error(kserve.batch_elements, [2**40, 2**40], TEXT_INPUT).param == TEXT_INPUT
+
+
+def test_check_max_tokens_cap() -> None:
+    n = kserve.MAX_BATCH + 1
+    assert protocol_error(kserve.check_max_tokens, [1] * n, n).param == MAX_TOKENS

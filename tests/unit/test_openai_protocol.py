@@ -7,8 +7,16 @@ from typing import Any
 import orjson
 import pytest
 
-from ext_proc.openai_protocol import CHAT_PATH, COMPLETIONS_PATH, OpenAIRequest, error_body, parse_request
-from ext_proc.request import ProtocolError
+from ext_proc.openai_protocol import (
+    CHAT_PATH,
+    COMPLETIONS_PATH,
+    MAX_MESSAGES,
+    MAX_PROMPTS,
+    OpenAIRequest,
+    error_body,
+    parse_request,
+)
+from ext_proc.request import MAX_JSON_CONTAINERS, MAX_JSON_VALUES, ProtocolError, UnsupportedMediaType
 
 USER = {"role": "user", "content": "hello"}
 
@@ -331,3 +339,194 @@ def test_error_body_param_defaults_to_null() -> None:
     out = orjson.loads(error_body("busy", type_="rate_limit_error", code="rate_limit_exceeded"))
     assert out["error"]["param"] is None
     assert set(out["error"]) == {"message", "type", "param", "code"}
+
+
+# --- duplicate keys: a parser differential (orjson and vLLM keep the last, Triton the first) -----
+
+@pytest.mark.parametrize("raw", [
+    b'{"model":"m","prompt":"hi","max_tokens":100000,"max_tokens":10}',
+    b'{"model": "m", "prompt": "hi", "max_tokens": 100000, "max_tokens": 10}',
+    b'{"model":"m","prompt":"hi","max_tokens":100000,"\\u006dax_tokens":10}',  # the same key, escaped
+    # An escaped colon elsewhere balances the colon count of the repeated key: the exact check decides.
+    b'{"model":"m","prompt":"\\u003a","max_tokens":100000,"max_tokens":10}',
+])
+def test_duplicate_top_level_key_is_refused_naming_it(raw: bytes) -> None:
+    e = parse_error(COMPLETIONS_PATH, raw)
+    assert e.param == "max_tokens"
+    assert "twice" in str(e)
+
+
+def test_duplicate_key_at_any_depth_is_refused() -> None:
+    raw = b'{"model":"m","messages":[{"role":"user","content":"' + b"x" * 100_000 + b'","content":"hi"}]}'
+    e = parse_error(CHAT_PATH, raw)
+    assert e.param == "content"
+
+
+def test_duplicate_key_in_a_large_body_is_refused() -> None:
+    """Above 8 KB the counts are vectorized; above 64 KB the structure is counted first."""
+    raw = body(model="m", prompt="x: " * 50_000, max_tokens=10)[:-1] + b',"max_tokens":100000}'
+    assert parse_error(COMPLETIONS_PATH, raw).param == "max_tokens"
+
+
+@pytest.mark.parametrize("prompt", ["\\u003a", "a\\\\u003A" * 5000, "::" * 10_000])
+def test_escaped_colons_and_literal_escapes_are_no_duplicates(prompt: str) -> None:
+    raw = b'{"model": "m", "prompt": "' + prompt.encode() + b'", "max_tokens": 5}'
+    assert parse_request(COMPLETIONS_PATH, raw).request.requested_max_tokens == 5
+
+
+def test_same_key_in_sibling_objects_is_no_duplicate() -> None:
+    req = chat({"role": "user", "content": "a"}, {"role": "assistant", "content": "b"})
+    assert req.request.messages == 2
+
+
+# --- best_of -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("fields", "sequences"), [({"best_of": 4}, 4), ({"n": 2, "best_of": 3}, 3),
+                                                   ({"n": 3, "best_of": 3}, 3), ({"n": 2, "best_of": None}, 2)])
+def test_best_of_reserves_every_sequence_generated(fields: dict[str, Any], sequences: int) -> None:
+    assert completion(**fields).request.sequences_per_prompt == sequences
+    assert chat(**fields).request.sequences_per_prompt == sequences
+
+
+@pytest.mark.parametrize("value", ["4", 4.0, True, 0, -1, [4]])
+def test_best_of_must_be_a_positive_int(value: Any) -> None:
+    assert completion_error(best_of=value).param == "best_of"
+
+
+def test_best_of_below_n_is_refused() -> None:
+    e = completion_error(n=3, best_of=2)
+    assert e.param == "best_of" and "at least" in str(e)
+
+
+# --- fields the engine would read differently: refused with the param --------------------------
+
+@pytest.mark.parametrize("content", [42, {"type": "text", "text": "hi"}, [42], ["hi"], [{"type": "text", "text": 42}],
+                                     [{"type": "text"}], [{"text": "no type"}], [{"type": 5, "text": "x"}], True])
+def test_content_of_the_wrong_type_is_refused(content: Any) -> None:
+    e = chat_error(messages=[USER, {"role": "user", "content": content}])
+    assert e.param == "messages[1].content"
+
+
+def test_other_content_parts_are_counted_as_json() -> None:
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    req = chat({"role": "user", "content": [audio, {"type": "text", "text": "t"}]})
+    assert req.request.prompts == ((orjson.dumps(audio).decode(), "t"),)
+
+
+@pytest.mark.parametrize("value", ["true", 1, 0, [], {}])
+def test_stream_must_be_a_boolean(value: Any) -> None:
+    assert chat_error(stream=value).param == "stream"
+    assert completion_error(stream=value).param == "stream"
+
+
+@pytest.mark.parametrize("value", [True, False, None])
+def test_stream_booleans_and_null_are_fine(value: Any) -> None:
+    assert chat(stream=value).request.model == "m"
+
+
+@pytest.mark.parametrize("field", ["chat_template", "prompt_embeds"])
+def test_what_the_gateway_cannot_count_is_refused(field: str) -> None:
+    e = chat_error(**{field: "{% for m in messages %}{{ m.content * 1000 }}{% endfor %}"})
+    assert e.param == field
+    assert "cannot count" in str(e) or "not counted" in str(e)
+    assert completion_error(**{field: "x"}).param == field
+
+
+def test_documents_and_template_kwargs_are_counted() -> None:
+    docs = [{"title": "t", "text": "d" * 500}]
+    kwargs = {"enable_thinking": False, "custom": "k" * 300}
+    plain = chat().request.prompt_bytes[0]
+    req = chat(documents=docs, chat_template_kwargs=kwargs)
+    assert req.request.prompts == (("hello", orjson.dumps(docs).decode(), orjson.dumps(kwargs).decode()),)
+    assert req.request.prompt_bytes[0] - plain >= 800
+
+
+@pytest.mark.parametrize(("field", "value"), [("chat_template_kwargs", "x"), ("chat_template_kwargs", [1]),
+                                              ("documents", "doc"), ("add_generation_prompt", "yes"),
+                                              ("continue_final_message", 1)])
+def test_rendering_fields_of_the_wrong_type_are_refused(field: str, value: Any) -> None:
+    assert chat_error(**{field: value}).param == field
+
+
+def test_rendering_booleans_are_fine() -> None:
+    assert chat(add_generation_prompt=False, continue_final_message=True).request.prompts == (("hello",),)
+
+
+def test_suffix_is_counted_with_each_text_prompt() -> None:
+    assert completion(["a", "b"], suffix="END").request.prompts == (("a", "END"), ("b", "END"))
+
+
+@pytest.mark.parametrize("fields", [{"suffix": 5}, {"suffix": ["x"]}])
+def test_suffix_must_be_a_string(fields: dict[str, Any]) -> None:
+    assert completion_error(**fields).param == "suffix"
+
+
+def test_suffix_with_token_ids_is_refused() -> None:
+    assert completion_error(prompt=[1, 2], suffix="x").param == "prompt"
+
+
+# --- caps, checked before anything is built ------------------------------------------------------
+
+def test_messages_cap() -> None:
+    assert chat(*[USER] * MAX_MESSAGES).request.messages == MAX_MESSAGES
+    e = chat_error(messages=[USER] * (MAX_MESSAGES + 1))
+    assert e.param == "messages" and str(MAX_MESSAGES) in str(e)
+
+
+@pytest.mark.parametrize("item", ["", [1]])
+def test_prompts_cap(item: Any) -> None:
+    assert len(completion([item] * MAX_PROMPTS).request.prompts or completion([item] * MAX_PROMPTS)
+               .request.exact_prompt_tokens) == MAX_PROMPTS
+    assert completion_error(prompt=[item] * (MAX_PROMPTS + 1)).param == "prompt"
+
+
+def test_json_structure_caps_refuse_before_parsing() -> None:
+    many_arrays = body(model="m", prompt="x", extra=[[]] * (MAX_JSON_CONTAINERS + 1))
+    assert "arrays and objects" in str(parse_error(COMPLETIONS_PATH, many_arrays))
+    many_values = body(model="m", prompt=[""] * (MAX_JSON_VALUES + 1))
+    assert "values" in str(parse_error(COMPLETIONS_PATH, many_values))
+
+
+def test_commas_and_brackets_inside_strings_do_not_count_against_the_caps() -> None:
+    prompt = '[{"a": 1}, "b\\\\"], ' * 30_000  # > MAX_JSON_CONTAINERS brackets, escaped quotes and backslashes
+    req = completion(prompt)
+    assert req.request.prompts == ((prompt,),)
+
+
+def test_token_ids_up_to_the_values_cap() -> None:
+    assert completion([5] * (MAX_JSON_VALUES - 10)).request.exact_prompt_tokens == (MAX_JSON_VALUES - 10,)
+
+
+def test_nesting_deeper_than_the_serializer_allows_is_refused() -> None:
+    """Such a body parsed, and its rewrite raised (orjson writes at most 254 levels): a 500."""
+    deep = b'{"model":"m","prompt":"x","metadata":' + b"[" * 300 + b"]" * 300 + b"}"
+    assert "deeper" in str(parse_error(COMPLETIONS_PATH, deep))
+    ok = b'{"model":"m","prompt":"x","metadata":' + b"[" * 250 + b"]" * 250 + b"}"
+    assert parse_request(COMPLETIONS_PATH, ok).rewrite(5, "engine") is not None
+
+
+# --- Content-Encoding ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate", "zstd", "gzip, identity", "identity,br", "x"])
+def test_a_compressed_body_is_refused_415(encoding: str) -> None:
+    with pytest.raises(UnsupportedMediaType) as e:
+        parse_request(CHAT_PATH, body(model="m", messages=[USER]), {"content-encoding": encoding})
+    assert (e.value.status, e.value.code) == (415, "unsupported_media_type")
+    assert "uncompressed" in str(e.value)
+
+
+@pytest.mark.parametrize("encoding", ["identity", "IDENTITY", "", " identity "])
+def test_identity_encoding_is_fine(encoding: str) -> None:
+    req = parse_request(CHAT_PATH, body(model="m", messages=[USER]), {"content-encoding": encoding})
+    assert req.request.model == "m"
+
+
+def test_protocol_errors_are_400_invalid_request() -> None:
+    e = chat_error(max_tokens=0)
+    assert (e.status, e.code) == (400, "invalid_request")
+
+
+def test_a_chat_carries_its_body_for_the_chat_template() -> None:
+    req = chat(max_tokens=5)
+    assert req.request.chat == req.body
+    assert completion().request.chat is None

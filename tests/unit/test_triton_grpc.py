@@ -16,12 +16,15 @@ from ext_proc.kserve import MAX_TOKENS, TEXT_INPUT
 from ext_proc.request import ProtocolError
 from ext_proc.triton_grpc import (
     LOOKUP_METHODS,
+    MAX_PACKED_VARINTS,
+    MAX_WIRE_FIELDS,
     CompressedMessage,
     InferRequest,
     deframe,
     frame,
     lookup_parser,
     parse_infer,
+    parse_stream_message,
 )
 
 try:  # tritonclient's own request builder (internal): the exact message tritonclient.grpc sends
@@ -435,3 +438,89 @@ def test_lookup_malformed() -> None:
 def test_lookup_unknown_method() -> None:
     with pytest.raises(KeyError):
         lookup_parser("ModelInfer")
+
+
+# --- what Triton would read differently, and caps before upb builds anything ----------------------
+
+def test_duplicate_input_names_are_refused_naming_the_input() -> None:
+    msg = contents_request([b"hi"], [5])
+    msg.inputs.add(name=MAX_TOKENS, datatype="INT32", shape=[1, 1]).contents.int_contents.append(100000)
+    e = parse_error(wire(msg))
+    assert e.param == "inputs" and f"'{MAX_TOKENS}' appears twice" in str(e)
+
+
+def test_contents_beside_raw_input_contents_is_refused() -> None:
+    msg = raw_request([b"hi"], [5])
+    msg.inputs[1].contents.int_contents.append(100000)
+    assert parse_error(wire(msg)).param == MAX_TOKENS
+
+
+def test_repeated_scalar_field_is_last_wins_as_everywhere() -> None:
+    """Protobuf's rule in every runtime (Triton's C++ one too): no differential to refuse."""
+    body = frame(contents_request([b"hi"]).SerializeToString() + service_pb2.ModelInferRequest(
+        model_name="other").SerializeToString())
+    assert parse_infer(None, {}, body).request.model == "other"
+
+
+def _padded(extra: bytes) -> bytes:
+    return frame(contents_request([b"hi"], [5]).SerializeToString() + extra)
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    (b"\x2a\x00" * (MAX_WIRE_FIELDS + 1), "fields"),  # empty inputs
+    (b"\x3a\x00" * (MAX_WIRE_FIELDS + 1), "fields"),  # empty raw_input_contents
+    (b"\x0a\x01m" * (MAX_WIRE_FIELDS + 1), "fields"),  # model_name again and again
+    (b"\x22\x00" * (MAX_WIRE_FIELDS + 1), "fields"),  # empty parameters entries
+])
+def test_messages_of_many_tiny_fields_are_refused_before_decoding(extra: bytes, says: str) -> None:
+    assert says in str(parse_error(_padded(extra)))
+
+
+def test_packed_integers_over_the_cap_are_refused() -> None:
+    msg = contents_request([b"hi"])
+    msg.inputs[0].shape[:] = [1] * (MAX_PACKED_VARINTS + 1)
+    assert "packed integers" in str(parse_error(wire(msg)))
+
+
+def test_groups_are_malformed() -> None:
+    assert "wire type" in str(parse_error(_padded(b"\x0b" + b"\x00" * 3000)))
+
+
+def test_scan_accepts_what_upb_accepts() -> None:
+    msg = contents_request([b"x" * 100] * 2048, [5] * 2048)
+    msg.parameters["p"].string_param = "v" * 5000
+    assert len(parse(msg).request.prompts) == 2048
+
+
+def test_text_input_over_the_batch_cap_is_refused() -> None:
+    assert parse_error(wire(contents_request([b""] * 2049))).param == TEXT_INPUT
+
+
+def test_contents_past_the_shape_are_refused_before_copying() -> None:
+    msg = contents_request([b""] * 1000)
+    msg.inputs[0].shape[:] = [1, 1]
+    assert "its shape says 1" in str(parse_error(wire(msg)))
+
+
+def test_shape_rank_cap() -> None:
+    msg = contents_request([b"hi"])
+    msg.inputs[0].shape[:] = [1] * 33
+    assert parse_error(wire(msg)).param == TEXT_INPUT
+
+
+def test_inputs_cap() -> None:
+    msg = contents_request([b"hi"])
+    for i in range(256):
+        msg.inputs.add(name=f"x{i}", datatype="FP32", shape=[1])
+    assert parse_error(wire(msg)).param == "inputs"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_content_encoding_is_refused_like_compressed_messages(encoding: str) -> None:
+    body = wire(contents_request([b"hi"]))
+    with pytest.raises(CompressedMessage):
+        parse_infer(None, {"content-encoding": encoding}, body)
+    with pytest.raises(CompressedMessage):
+        parse_stream_message(None, {"content-encoding": encoding}, contents_request([b"hi"]).SerializeToString())
+    with pytest.raises(CompressedMessage):
+        lookup_parser("ModelReady")(None, {"content-encoding": encoding}, wire(service_pb2.ModelReadyRequest(name="m")))

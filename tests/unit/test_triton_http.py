@@ -12,8 +12,8 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import deserialize_bytes_tensor
 
-from ext_proc.kserve import MAX_TOKENS, TEXT_INPUT
-from ext_proc.request import ProtocolError
+from ext_proc.kserve import MAX_BATCH, MAX_TENSORS, MAX_TOKENS, TEXT_INPUT
+from ext_proc.request import ProtocolError, UnsupportedMediaType
 from ext_proc.triton_http import BINARY_HEADER, GenerateRequest, InferRequest, parse_generate, parse_infer
 
 MODEL = "llama"
@@ -573,3 +573,124 @@ def test_tritonclient_no_max_tokens_rewrite_adds_it() -> None:
 def test_tritonclient_within_limit_no_rewrite() -> None:
     body, headers = tritonclient_body([b"hi"], [50])
     assert parse_infer(MODEL, headers, body).rewrite(100, MODEL) is None
+
+
+# --- duplicate keys, names Triton would read differently -----------------------------------------
+
+def test_generate_duplicate_keys_are_refused() -> None:
+    """Triton's reader takes the first of two keys, orjson the last: 2 bytes and 10 tokens admitted,
+    100 KB and 100,000 tokens run."""
+    raw = b'{"text_input":"' + b"x" * 100_000 + b'","text_input":"hi","max_tokens":100000,"max_tokens":10}'
+    with pytest.raises(ProtocolError) as e:
+        parse_generate(MODEL, {}, raw)
+    assert e.value.param == TEXT_INPUT and "twice" in str(e.value)
+
+
+def test_infer_duplicate_key_inside_a_tensor_is_refused() -> None:
+    raw = orjson.dumps({"inputs": [text("a"), limit(10)]}).replace(b'"data":[[10]]', b'"data":[[10]],"data":[[100000]]')
+    assert infer_error(raw).param == "data"
+
+
+def test_binary_json_header_duplicate_key_is_refused() -> None:
+    spec, raw = bin_limit(10)
+    twice = {**spec, "parameters": {"binary_data_size": 4}}
+    body, headers, _ = binary_body(bin_text(b"hi"), (twice, raw))
+    body = body.replace(b'"binary_data_size":4}', b'"binary_data_size":4,"binary_data_size":0}')
+    headers = {BINARY_HEADER: str(int(headers[BINARY_HEADER]) + len(b',"binary_data_size":0'))}
+    assert infer_error(body, headers).param == "binary_data_size"
+
+
+def test_generate_field_with_nul_is_refused() -> None:
+    """"max_tokens\\u0000" is an unknown field to the gateway; C strings would read it as max_tokens."""
+    with pytest.raises(ProtocolError) as e:
+        parse_generate(MODEL, {}, b'{"text_input":"hi","max_tokens\\u0000":100000}')
+    assert "NUL" in str(e.value)
+
+
+def test_infer_input_name_with_nul_is_refused() -> None:
+    assert "NUL" in str(infer_error(orjson.dumps({"inputs": [text("a"), {**limit(5), "name": "max_tokens\x00"}]})))
+
+
+def test_binary_input_with_data_too_is_refused() -> None:
+    """Which would the engine read: the JSON data or the binary? Refused, not guessed."""
+    spec, raw = bin_limit(10)
+    body, headers, _ = binary_body(bin_text(b"hi"), ({**spec, "data": [[100000]]}, raw))
+    assert infer_error(body, headers).param == MAX_TOKENS
+
+
+# --- things that raised something else than ProtocolError (a 500) --------------------------------
+
+def test_data_nested_deep_is_refused_without_recursion() -> None:
+    """_flat recursed: 500 levels of data (~1 KB) hit the recursion limit."""
+    data = b'"x"'
+    for _ in range(200):
+        data = b"[" + data + b"]"
+    raw = b'{"inputs":[{"name":"text_input","datatype":"BYTES","shape":[1],"data":' + data + b"}]}"
+    e = infer_error(raw)
+    assert e.param == TEXT_INPUT and "deeper" in str(e)
+
+
+def test_json_nested_past_the_serializer_limit_is_refused() -> None:
+    raw = b'{"inputs":[' + orjson.dumps(text("a")) + b'],"x":' + b"[" * 400 + b"]" * 400 + b"}"
+    assert "deeper" in str(infer_error(raw))
+
+
+def test_binary_header_with_thousands_of_digits_is_protocol_error() -> None:
+    """int() refuses strings over 4300 digits with ValueError."""
+    body, _, _ = binary_body(bin_text(b"hi"))
+    assert BINARY_HEADER in str(infer_error(body, {BINARY_HEADER: "9" * 5000}))
+
+
+@pytest.mark.parametrize("datatype", [["INT32"], {"a": 1}, 32, None])
+def test_max_tokens_datatype_not_a_string_is_protocol_error(datatype: Any) -> None:
+    """A list as datatype was looked up in a dict: TypeError (unhashable)."""
+    assert infer_error(orjson.dumps({"inputs": [text("a"), {**limit(5), "datatype": datatype}]})).param == MAX_TOKENS
+
+
+# --- caps, checked before anything is decoded ----------------------------------------------------
+
+def test_binary_shape_over_the_batch_cap_is_refused_before_decoding() -> None:
+    spec, raw = bin_text(*[b""] * (MAX_BATCH + 1))
+    body, headers, _ = binary_body((spec, raw))
+    e = infer_error(body, headers)
+    assert e.param == TEXT_INPUT and str(MAX_BATCH) in str(e)
+
+
+def test_binary_elements_past_the_shape_stop_the_decoding() -> None:
+    spec, raw = bin_text(*[b""] * 100_000)
+    body, headers, _ = binary_body(({**spec, "shape": [1, 1]}, raw))
+    assert "more than the 1 elements" in str(infer_error(body, headers))
+
+
+def test_json_data_past_the_shape_is_refused() -> None:
+    assert "more than the 1 elements" in str(infer_error(orjson.dumps({"inputs": [text("a", "b", shape=[1, 1])]})))
+
+
+def test_batch_at_the_cap_is_admitted() -> None:
+    assert len(json_infer(text(*["x"] * MAX_BATCH)).request.prompts) == MAX_BATCH
+    req, _, _ = parse_binary(bin_text(*[b"y"] * MAX_BATCH), bin_limit(*[5] * MAX_BATCH))
+    assert len(req.request.prompts) == MAX_BATCH
+
+
+def test_max_tokens_elements_over_the_cap_are_refused() -> None:
+    body, headers, _ = binary_body(bin_text(b"a"), bin_limit(*[1] * (MAX_BATCH + 1)))
+    assert infer_error(body, headers).param == MAX_TOKENS
+
+
+def test_inputs_over_the_cap_are_refused() -> None:
+    inputs = [text("a")] + [{"name": f"x{i}", "datatype": "FP32", "shape": [1], "data": [0.5]}
+                            for i in range(MAX_TENSORS)]
+    assert infer_error(orjson.dumps({"inputs": inputs})).param == "inputs"
+
+
+def test_long_shape_is_refused_with_a_short_message() -> None:
+    e = infer_error(orjson.dumps({"inputs": [text("a", shape=[1] * 100_000)]}))
+    assert e.param == TEXT_INPUT and len(str(e)) < 200
+
+
+# --- Content-Encoding ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("parse", [parse_generate, parse_infer])
+def test_compressed_bodies_are_refused_415(parse) -> None:  # noqa: ANN001
+    with pytest.raises(UnsupportedMediaType):
+        parse(MODEL, {"content-encoding": "gzip"}, orjson.dumps({"text_input": "hi", "inputs": [text("a")]}))
