@@ -50,6 +50,7 @@ class DecisionRecord:
     max_tokens: int | None = None  # granted
     clamped_by: str = ""  # CLAMPED_BY_*, "" when not clamped
     endpoint: str = ""  # the engine ("host:port") the reservation is on
+    upstream: str = ""  # the host Envoy must pick for it, when not `endpoint` (a Triton engine's gRPC port)
     reserved_bytes: int | None = None  # KV bytes reserved (admitted) or that would have been (refused)
     waited_s: float = 0.0  # in the model's queue, waiting for budget
     _unsent: bool = False  # decided since the last answer to Envoy
@@ -65,9 +66,10 @@ class DecisionRecord:
         self.clamped_by = clamp_limit(llm.requested_max_tokens, plan.max_tokens, policy.max_output_tokens) or ""
         self.reserved_bytes = plan.nbytes
 
-    def admitted(self, held: Reservation) -> None:
+    def admitted(self, held: Reservation, upstream: str | None) -> None:
         self._decided(ADMITTED, held.ledger.model)
         self.endpoint = held.ledger.endpoint
+        self.upstream = upstream if upstream and upstream != self.endpoint else ""
         self.reserved_bytes = held.nbytes
 
     def passed(self, model: str) -> None:
@@ -87,7 +89,7 @@ class DecisionRecord:
         the rare ones appear only when they say something: requested_max_tokens when it was clamped,
         prompt_counted when the prompt was counted rather than bounded, waited_ms after a wait."""
         out: dict[str, Any] = {"decision": self.decision}
-        for key in ("model", "priority_class", "endpoint"):
+        for key in ("model", "priority_class", "endpoint", "upstream"):
             if value := getattr(self, key):
                 out[key] = value
         for key in ("prompt_tokens", "max_tokens", "reserved_bytes"):

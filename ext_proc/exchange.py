@@ -8,11 +8,12 @@ unary gRPC), or as a bidi gRPC stream's chunks (stream_exchange.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import structlog
+from google.protobuf.struct_pb2 import Struct
 
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpHeaders, ProcessingResponse
 from ext_proc import apis, decision, responses
@@ -26,7 +27,7 @@ from ext_proc.sinks import Decided, Sinks
 from ext_proc.state import AdmissionState
 from ext_proc.tenants import KEY_HEADERS
 from ext_proc.triton_http import BINARY_HEADER
-from kvgate.wire import PRIORITY_HEADER
+from kvgate.wire import ADMISSION_ATTRIBUTES, PRIORITY_HEADER
 
 
 class Gate(Protocol):
@@ -42,6 +43,9 @@ class Gate(Protocol):
 
     def release(self, held: Reservation | Refusal) -> None: ...
 
+
+# Where Envoy puts the attributes it sends (the filter's name).
+EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
 
 # The request headers admission reads; Envoy 1.40 sends values as raw_value.
 _WANTED = frozenset({":path", ":method", "content-type", "content-encoding", "x-request-id", PRIORITY_HEADER,
@@ -74,30 +78,48 @@ class Exchange:
     record: DecisionRecord = field(default_factory=DecisionRecord)
 
     def on_headers(self, msg: HttpHeaders) -> ProcessingResponse:
-        self.headers = read_headers(msg)
+        """Headers sent on their own: lookups (the key checked) and gRPC streams ask for them."""
+        answer = self.start(read_headers(msg), body_follows=not msg.end_of_stream)
+        if answer is not None:
+            return answer
+        assert self.expect is not None
+        # A stream's route depends on its first message: the headers are answered once it arrives,
+        # and a client may open a stream well before it sends anything.
+        if self.expect.call.api.streaming:
+            return responses.wait_longer(self.gate.stream_first_message_timeout_s)
+        return responses.continue_headers()
+
+    def on_attributes(self, attributes: Mapping[str, Struct]) -> ProcessingResponse | None:
+        """One exchange per request: the body came first, with what ext_proc reads of the headers as
+        its attributes. None: the body decides."""
+        values = attributes.get(EXT_PROC_ATTRIBUTES)
+        headers = {} if values is None else {
+            ADMISSION_ATTRIBUTES[k]: v.string_value for k, v in values.fields.items() if k in ADMISSION_ATTRIBUTES}
+        return self.start(headers, body_follows=True)
+
+    def start(self, headers: dict[str, str], body_follows: bool) -> ProcessingResponse | None:
+        """The headers step, the same however they came: which API, whose key. None when the body
+        decides; else the answer (a refusal, or a lookup let through)."""
+        self.headers = headers
         # Every log line about this request carries Envoy's request id (the stream's task is its own).
-        structlog.contextvars.bind_contextvars(request_id=self.headers.get("x-request-id"))
-        path = self.headers.get(":path", "").partition("?")[0]
-        self.convention = apis.convention_for(path, self.headers.get("content-type", ""))
-        tenant = decision.authenticate(self.gate.table, self.headers)
+        structlog.contextvars.bind_contextvars(request_id=headers.get("x-request-id"))
+        path = headers.get(":path", "").partition("?")[0]
+        self.convention = apis.convention_for(path, headers.get("content-type", ""))
+        tenant = decision.authenticate(self.gate.table, headers)
         if isinstance(tenant, Refuse):
             return self.refuse(tenant)
-        call = decision.match_call(self.headers, path)
+        call = decision.match_call(headers, path)
         if isinstance(call, Lookup):
             return responses.continue_lookup()
         if isinstance(call, Refuse):
             return self.refuse(call)
         self.convention = call.api.convention
         self.record.operation = operation_name(path)
-        refused = decision.check_call(call, self.headers.get(":method", ""), path, body_follows=not msg.end_of_stream)
+        refused = decision.check_call(call, headers.get(":method", ""), path, body_follows=body_follows)
         if refused is not None:
             return self.refuse(refused)
         self.expect = Expect(call, tenant)
-        # A stream's route depends on its first message: the headers are answered once it arrives,
-        # and a client may open a stream well before it sends anything.
-        if call.api.streaming:
-            return responses.wait_longer(self.gate.stream_first_message_timeout_s)
-        return responses.continue_headers()
+        return None
 
     # --- outcomes to answers ------------------------------------------------------------------------
 
@@ -115,7 +137,7 @@ class Exchange:
 
     def admitted(self, outcome: Admit) -> None:
         self.reservations.append(outcome.reservation)
-        self.record.admitted(outcome.reservation)
+        self.record.admitted(outcome.reservation, outcome.upstream)
         self._decided(outcome)
 
     def passed(self, outcome: Pass) -> None:

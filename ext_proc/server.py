@@ -68,6 +68,8 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
                 try:
                     if msg.HasField("request_headers"):
                         yield self._answered(ex, ex.on_headers(msg.request_headers), "headers", received)
+                    elif not ex.headers and (refused := ex.on_attributes(msg.attributes)) is not None:
+                        yield self._answered(ex, refused, "body", received)  # the headers came as attributes
                     elif ex.expect is not None and ex.expect.call.api.streaming:
                         stream = stream or StreamExchange(ex)
                         for i, reply in enumerate(stream.on_chunk(msg.request_body)):

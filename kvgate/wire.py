@@ -18,9 +18,38 @@ ENDPOINT_HEADER = "x-kvgate-endpoint"
 # Sent by clients: the priority class a request waits in when it does not fit yet.
 PRIORITY_HEADER = "x-kvgate-priority"
 
+# Sent by clients: where an API key may be (OpenAI SDKs and curl: `Authorization: Bearer KEY`; Azure-
+# style SDKs: `api-key`; tritonclient: whatever headers its caller gives it).
+API_KEY_HEADERS = ("authorization", "api-key", "x-api-key")
+# KServe's binary-tensor extension: the length of the JSON part that precedes the raw tensors.
+BINARY_HEADER = "inference-header-content-length"
+# Every request header ext_proc reads, besides the path and method.
+ADMISSION_HEADERS = ("content-type", "content-encoding", "x-request-id", PRIORITY_HEADER, BINARY_HEADER,
+                     *API_KEY_HEADERS)
+
+
+def header_attribute(name: str) -> str:
+    """The CEL expression Envoy evaluates to send header `name` to ext_proc as a request attribute.
+    Attributes travel as protobuf strings, which must be UTF-8: a value with any byte outside printable
+    ASCII would make the whole message unreadable, so it is sent as "\ufffd" instead (no API key, class
+    name or content type is anything but ASCII)."""
+    value = f"request.headers['{name}']"
+    return f"{value}.matches('^[ -~]*$') ? {value} : '\ufffd'"
+
+
+# With one exchange per request, Envoy sends what ext_proc needs of the headers as attributes of the
+# body message, keyed by these expressions; the value is the header name ext_proc reads it as.
+ADMISSION_ATTRIBUTES = {
+    "request.method": ":method",
+    "request.path.matches('^[ -~]*$') ? request.path : '\ufffd'": ":path",
+    **{header_attribute(name): name for name in ADMISSION_HEADERS},
+}
+
 # --- Envoy dynamic metadata -----------------------------------------------------------------------
 # The namespace ext_proc writes its decision into; the ext_proc filter must list it in
-# metadata_options.receiving_namespaces, and the access log prints %DYNAMIC_METADATA(kvgate)%.
+# metadata_options.receiving_namespaces, and the access log prints %DYNAMIC_METADATA(kvgate)%. The
+# routes match its `model`, the clusters' override_host policy picks its `upstream` (else `endpoint`),
+# and responses carry its `max_tokens` back in MAX_TOKENS_HEADER.
 DECISION_NAMESPACE = "kvgate"
 
 # --- xDS resource types (kvgate's own, served beside Envoy's) ---------------------------------------
@@ -40,5 +69,11 @@ HELD_SHARE_KEY = "kvgate.held_share"
 # learns its replicas from their ADS streams, so nothing else has to list them.
 STATUS_URL_KEY = "kvgate.status_url"
 
-# --- Triton's gRPC service ------------------------------------------------------------------------
+# --- What the gateway admits ----------------------------------------------------------------------
+# The OpenAI API's calls that generate (ext_proc parses their bodies; Envoy answers a bodiless one).
+OPENAI_CHAT_PATH = "/v1/chat/completions"
+OPENAI_COMPLETIONS_PATH = "/v1/completions"
+OPENAI_PATHS = (OPENAI_CHAT_PATH, OPENAI_COMPLETIONS_PATH)
+# Triton's generate, generate_stream and KServe infer calls, the model (and version) in the path.
+TRITON_CALL_PATH = r"^/v2/models/(?P<model>.+?)(?:/versions/[^/]+)?/(?P<op>generate|generate_stream|infer)$"
 TRITON_GRPC_SERVICE = "/inference.GRPCInferenceService/"

@@ -102,7 +102,8 @@ def test_http_infer_keeps_a_limit_below_the_clamp(gateway: Gateway) -> None:
 
 def test_generate_and_generate_stream_over_plain_http(gateway: Gateway) -> None:
     marker = uuid.uuid4().hex
-    resp = httpx.post(f"{gateway.url}/v2/models/{MODEL}/generate", json={"text_input": marker, "max_tokens": 999})
+    resp = httpx.post(f"{gateway.url}/v2/models/{MODEL}/generate", json={"text_input": marker, "max_tokens": 999},
+                      timeout=30)  # 128 tokens from the simulator: seconds on a loaded machine
     assert resp.status_code == 200 and resp.headers["x-kvgate-max-tokens"] == "128"
     assert len(resp.json()["text_output"].split()) == 128
     with httpx.stream("POST", f"{gateway.url}/v2/models/{MODEL}/generate_stream",

@@ -9,6 +9,7 @@ from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from kvgate.catalog import Address, CatalogError, parse_catalog
 from kvgate.v1.policy_pb2 import BudgetShares
 from xds_server.control import Controller, models_from_yaml, render
+from xds_server.render.resources import unrouted_routes
 from xds_server.server import XdsServer
 from xds_server.settings import GatewaySettings
 from xds_server.resource_types import BUDGET_SHARES, CLUSTER, ENDPOINT, POLICY, ROUTE
@@ -113,8 +114,10 @@ def spy_on_publish(c: Controller) -> list[Snapshot]:
 
 
 def route_names(snapshot: Snapshot) -> set[str]:
+    """The routes that depend on the catalog (not the ones for requests ext_proc never routed)."""
     config = RouteConfiguration.FromString(snapshot.get(ROUTE).items["kvgate_routes"].value)
-    return {r.name for vh in config.virtual_hosts for r in vh.routes}
+    unrouted = {r["name"] for r in unrouted_routes()}
+    return {r.name for vh in config.virtual_hosts for r in vh.routes} - unrouted
 
 
 @pytest.mark.asyncio
@@ -126,7 +129,7 @@ async def test_removing_a_model_keeps_its_cluster_until_routes_no_longer_use_it(
     bridge, final = published
     b_cluster = c.catalog.model("a").cluster_name.replace("/a", "/b")
     assert b_cluster in bridge.get(CLUSTER).items and b_cluster in bridge.get(ENDPOINT).items
-    assert route_names(bridge) == route_names(final) == {"a", "models_list", "no_model"}
+    assert route_names(bridge) == route_names(final) == {"a", "models_list"}
     assert bridge.get(ROUTE).version == final.get(ROUTE).version
     assert b_cluster not in final.get(CLUSTER).items and b_cluster not in final.get(ENDPOINT).items
     assert c.server.cache.snapshot is final
@@ -141,9 +144,9 @@ async def test_adding_a_model_sends_its_cluster_before_the_routes_that_use_it() 
     make, final = published
     b_cluster = "kvgate_model/b"
     assert b_cluster in make.get(CLUSTER).items and b_cluster in make.get(ENDPOINT).items
-    assert route_names(make) == route_names(before) == {"a", "models_list", "no_model"}
+    assert route_names(make) == route_names(before) == {"a", "models_list"}
     assert make.get(POLICY).version == before.get(POLICY).version  # ext_proc admits b only with the routes
-    assert route_names(final) == {"a", "b", "models_list", "no_model"}
+    assert route_names(final) == {"a", "b", "models_list"}
 
 
 @pytest.mark.asyncio

@@ -9,10 +9,12 @@ from collections.abc import AsyncIterator
 
 import orjson
 import pytest
+from google.protobuf import json_format
 from prometheus_client import CollectorRegistry
 
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
-from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingRequest
+from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse
+from ext_proc.exchange import EXT_PROC_ATTRIBUTES
 from ext_proc import triton_grpc
 from ext_proc.ledger import Ledgers
 from ext_proc.metrics import Decisions
@@ -22,7 +24,8 @@ from ext_proc.state import AdmissionState
 from ext_proc.tenants import TenantTable
 from kvgate.api_keys import key_hash
 from kvgate.v1 import policy_pb2
-from kvgate.wire import ENDPOINT_HEADER, MAX_TOKENS_HEADER, MODEL_HEADER, PRIORITY_HEADER
+from kvgate.wire import (ADMISSION_ATTRIBUTES, DECISION_NAMESPACE, ENDPOINT_HEADER, MAX_TOKENS_HEADER, MODEL_HEADER,
+                         PRIORITY_HEADER)
 from engines.real.tiny_tokenizer import load as load_tokenizer
 from engines.real.tiny_tokenizer import write_tokenizer
 from tritonclient.grpc import service_pb2
@@ -562,3 +565,59 @@ async def test_a_bug_while_deciding_is_refused_in_the_clients_convention(monkeyp
     monkeypatch.undo()
     (_, admitted) = await run(s, headers(), body({"model": "m", "prompt": "hi"}))
     assert admitted.HasField("request_body")
+
+
+# --- one exchange per request: the body first, the headers it needs as attributes ------------------
+
+def one_message(payload: bytes, path: str = "/v1/completions", **headers: str) -> ProcessingRequest:
+    """What Envoy sends with request headers skipped: the body, and the headers as the CEL attributes
+    xds_server asked for (kvgate.wire.ADMISSION_ATTRIBUTES)."""
+    by_name = {name: expression for expression, name in ADMISSION_ATTRIBUTES.items()}
+    msg = ProcessingRequest(request_body=HttpBody(body=payload, end_of_stream=True))
+    msg.attributes[EXT_PROC_ATTRIBUTES].update({by_name[":path"]: path, by_name[":method"]: "POST",
+                                                **{by_name[k.replace("_", "-")]: v for k, v in headers.items()}})
+    return msg
+
+
+def decision_of(reply: ProcessingResponse) -> dict:
+    return json_format.MessageToDict(reply.dynamic_metadata)[DECISION_NAMESPACE]
+
+
+@pytest.mark.asyncio
+async def test_one_message_admits_with_the_route_in_the_decision_metadata() -> None:
+    """The routes match the decision's model, override_host picks its endpoint, and the response echoes
+    its max_tokens: the body's answer carries all three."""
+    s = servicer()
+    (admitted,) = await run(s, one_message(orjson.dumps({"model": "m", "prompt": "hello", "max_tokens": 500})))
+    decided = decision_of(admitted)
+    assert (decided["decision"], decided["model"], decided["endpoint"], decided["max_tokens"]) == ("admitted", "m", "e:1", 100)
+    assert admitted.request_body.response.clear_route_cache
+    assert orjson.loads(admitted.request_body.response.body_mutation.body)["max_tokens"] == 100
+    assert reserved(s) == 0  # the stream ended: released
+
+
+@pytest.mark.asyncio
+async def test_one_message_checks_the_key_from_its_attributes() -> None:
+    s = guarded()
+    good = {"model": "m", "prompt": "hi"}
+    (admitted,) = await run(s, one_message(orjson.dumps(good), authorization=f"Bearer {KEY}"))
+    assert decision_of(admitted)["decision"] == "admitted"
+    for bad in ({}, {"authorization": "Bearer nope"}, {"authorization": "\ufffd"}):  # U+FFFD: it was not ASCII
+        (refused,) = await run(s, one_message(orjson.dumps(good), **bad))
+        assert refused.immediate_response.status.code == 401
+
+
+@pytest.mark.asyncio
+async def test_one_message_to_an_unknown_url_is_refused_in_its_convention() -> None:
+    (refused,) = await run(servicer(), one_message(b"{}", path="/v2/nothing"))
+    assert refused.immediate_response.status.code == 404
+    assert "error" in orjson.loads(refused.immediate_response.body)  # Triton's {"error": "..."}
+
+
+@pytest.mark.asyncio
+async def test_a_grpc_call_names_its_upstream_when_the_engines_grpc_port_is_not_its_address() -> None:
+    s = stream_servicer()
+    (admitted,) = await run(s, one_message(infer_frame(b"hi", 5), path="/inference.GRPCInferenceService/ModelInfer",
+                                           content_type="application/grpc"))
+    decided = decision_of(admitted)
+    assert (decided["endpoint"], decided["upstream"]) == ("t:1", "t:2")

@@ -24,7 +24,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3.http_connection
 from envoy.extensions.load_balancing_policies.override_host.v3.override_host_pb2 import OverrideHost
 from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpProtocolOptions
 from kvgate.catalog import Address, Catalog, CatalogError, bundled_catalog_path, load_catalog, parse_catalog
-from kvgate.wire import ENDPOINT_HEADER, MODEL_HEADER
+from kvgate.wire import ADMISSION_ATTRIBUTES, BINARY_HEADER, DECISION_NAMESPACE, header_attribute
 from kvgate.v1.policy_pb2 import ModelPolicy
 from xds_server.render import policies, resources
 from xds_server.settings import GatewaySettings
@@ -81,8 +81,7 @@ def hcm(snap: Snapshot) -> HttpConnectionManager:
 
 
 def ext_proc_config(snap: Snapshot) -> ExternalProcessor:
-    http_filter = hcm(snap).http_filters[0]
-    assert http_filter.name == resources.EXT_PROC_FILTER
+    (http_filter,) = [f for f in hcm(snap).http_filters if f.name == resources.EXT_PROC_FILTER]
     out = ExternalProcessor()
     assert http_filter.typed_config.Unpack(out)
     return out
@@ -108,10 +107,20 @@ def changed_types(a: Snapshot, b: Snapshot) -> set[str]:
 
 # --- ext_proc filter and its cluster ---------------------------------------------------------
 
-def test_ext_proc_filter_buffers_the_request_body() -> None:
-    mode = ext_proc_config(snapshot()).processing_mode
-    assert mode.request_body_mode == ProcessingMode.BUFFERED
-    assert mode.request_header_mode == ProcessingMode.SEND
+def test_ext_proc_gets_one_message_per_request_the_body_with_the_headers_it_reads() -> None:
+    cfg = ext_proc_config(snapshot())
+    assert cfg.processing_mode.request_body_mode == ProcessingMode.BUFFERED
+    assert cfg.processing_mode.request_header_mode == ProcessingMode.SKIP
+    assert list(cfg.request_attributes) == list(ADMISSION_ATTRIBUTES)
+    assert set(ADMISSION_ATTRIBUTES.values()) >= {":path", ":method", "authorization", BINARY_HEADER}
+
+
+def test_a_header_that_is_not_printable_ascii_reaches_ext_proc_as_a_replacement_character() -> None:
+    """Attributes are protobuf strings: raw bytes that are not UTF-8 would make the whole message
+    unreadable to ext_proc. Each header is sent only when printable ASCII, else as U+FFFD."""
+    expression = header_attribute("authorization")
+    assert expression == ("request.headers['authorization'].matches('^[ -~]*$') ? "
+                          "request.headers['authorization'] : '\ufffd'")
 
 
 def test_ext_proc_filter_fails_closed() -> None:
@@ -130,9 +139,10 @@ def test_ext_proc_filter_talks_to_the_ext_proc_cluster() -> None:
     assert cfg.grpc_service.envoy_grpc.cluster_name == resources.EXT_PROC_CLUSTER
 
 
-def test_router_is_the_last_http_filter() -> None:
+def test_content_length_goes_before_ext_proc_and_the_buffer_holds_the_headers_after_it() -> None:
     names = [f.name for f in hcm(snapshot()).http_filters]
-    assert names == [resources.EXT_PROC_FILTER, "envoy.filters.http.router"]
+    assert names == ["envoy.filters.http.header_mutation", resources.EXT_PROC_FILTER, resources.BUFFER_FILTER,
+                     "envoy.filters.http.router"]
 
 
 def test_listener_uses_rds_over_ads_and_listens_where_told() -> None:
@@ -209,12 +219,12 @@ def test_unresolved_sim_cannot_be_rendered() -> None:
 
 # --- RDS -------------------------------------------------------------------------------------
 
-def test_each_model_routed_by_the_model_header() -> None:
+def test_each_model_routed_by_the_model_ext_procs_decision_names() -> None:
     by_cluster = {}
     for r in routes(snapshot()).values():
-        for h in r.match.headers:
-            if h.name == MODEL_HEADER:
-                by_cluster[h.string_match.exact] = r.route.cluster
+        for m in r.match.dynamic_metadata:
+            assert (m.filter, [k.key for k in m.path]) == (DECISION_NAMESPACE, ["model"])
+            by_cluster[m.value.string_match.exact] = r.route.cluster
     assert by_cluster == {m.name: m.cluster_name for m in catalog().models}
 
 
@@ -263,9 +273,13 @@ def test_triton_model_gets_grpc_cluster_endpoints_and_renaming_routes() -> None:
     assert gamma.grpc_cluster_name in snap.get(CLUSTER).items
     cla = ClusterLoadAssignment.FromString(snap.get(ENDPOINT).items[gamma.grpc_cluster_name].value)
     assert [e.endpoint.address.socket_address.port_value for e in cla.endpoints[0].lb_endpoints] == [8001]
-    grpc_route, http_route = [r for r in resources.model_routes(gamma)]
-    assert grpc_route["route"]["cluster"] == gamma.grpc_cluster_name
-    assert {"name": "content-type", "string_match": {"prefix": "application/grpc"}} in grpc_route["match"]["headers"]
+    stream_route, grpc_route, http_route = [r for r in resources.model_routes(gamma)]
+    for r in (stream_route, grpc_route):
+        assert r["route"]["cluster"] == gamma.grpc_cluster_name
+        assert {"name": "content-type", "string_match": {"prefix": "application/grpc"}} in r["match"]["headers"]
+    # A bidi stream never ends its body: the buffer filter must let it through.
+    assert stream_route["typed_per_filter_config"][resources.BUFFER_FILTER]["disabled"] is True
+    assert resources.BUFFER_FILTER not in grpc_route.get("typed_per_filter_config", {})
     assert http_route["route"]["regex_rewrite"]["substitution"] == "/v2/models/ensemble\\1"
 
 
@@ -398,7 +412,8 @@ def test_model_clusters_offer_override_host_then_least_request_then_round_robin_
         override = OverrideHost()
         policies[0].typed_extension_config.typed_config.Unpack(override)
         # The host ext_proc reserved on, else the same balancing as clients without override_host.
-        assert [s.header for s in override.override_host_sources] == [ENDPOINT_HEADER]
+        assert [(s.metadata.key, [k.key for k in s.metadata.path]) for s in override.override_host_sources] == [
+            (DECISION_NAMESPACE, ["upstream"]), (DECISION_NAMESPACE, ["endpoint"])]
         assert override.fallback_policy.policies == policies[1:]
     for packed in snap.get(ENDPOINT).items.values():
         cla = ClusterLoadAssignment.FromString(packed.value)

@@ -14,10 +14,10 @@ from typing import Any
 import orjson
 
 # Registers the CEL filter's type, which protos.parse meets in the local reply mappers.
-from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2  # noqa: F401
 from kvgate import __version__
 from kvgate.catalog import Address, Catalog, Model, Timeouts, is_ip_address
-from kvgate.wire import DECISION_NAMESPACE, ENDPOINT_HEADER, MAX_TOKENS_HEADER, MODEL_HEADER, TRITON_GRPC_SERVICE
+from kvgate.wire import (ADMISSION_ATTRIBUTES, BINARY_HEADER, DECISION_NAMESPACE, MAX_TOKENS_HEADER, OPENAI_PATHS, TRITON_CALL_PATH,
+                         TRITON_GRPC_SERVICE)
 from kvgate.tls import envoy_upstream_tls
 from xds_server.settings import GatewaySettings
 
@@ -97,12 +97,15 @@ def _lb_policy(name: str, message: str) -> dict[str, Any]:
 _BALANCED = [
     _lb_policy("least_request", "envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest"),
     _lb_policy("round_robin", "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin")]
-# Envoy first takes the host ext_proc reserved KV on (its header); a host that is not there or not
-# healthy (health checks, outlier detection) falls back to balancing. Clients without override_host
-# (grpc's xDS client) skip to the plain policies.
+# Envoy first takes the host ext_proc reserved KV on (its decision's `upstream`, the address in this
+# cluster, when it differs from the engine's `endpoint`); a host that is not there or not healthy
+# (health checks, outlier detection) falls back to balancing. Clients without override_host (grpc's
+# xDS client) skip to the plain policies.
 _OVERRIDE = _lb_policy("override_host", "envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost")
 _OVERRIDE["typed_extension_config"]["typed_config"].update({
-    "override_host_sources": [{"header": ENDPOINT_HEADER}], "fallback_policy": {"policies": _BALANCED}})
+    "override_host_sources": [{"metadata": {"key": DECISION_NAMESPACE, "path": [{"key": key}]}}
+                              for key in ("upstream", "endpoint")],
+    "fallback_policy": {"policies": _BALANCED}})
 _MODEL_LB = {"policies": [_OVERRIDE, *_BALANCED]}
 
 
@@ -176,8 +179,12 @@ def ext_proc_filter(settings: GatewaySettings) -> dict[str, Any]:
             "message_timeout": _duration(settings.ext_proc_message_timeout_s),
             # ext_proc may extend one wait up to this: a gRPC stream's headers wait for its first message.
             "max_message_timeout": _duration(settings.stream_first_message_timeout_s),
+            # One exchange per request: the headers go on without waiting, and what ext_proc needs of
+            # them comes with the body as attributes; the buffer filter after this one holds the
+            # headers until the body's answer routed the request (docs/architecture.md, "The request
+            # path"). Routes that need the headers themselves (lookups, gRPC streams) ask for them.
             "processing_mode": {
-                "request_header_mode": "SEND",
+                "request_header_mode": "SKIP",
                 # BUFFERED: the whole JSON body in one message, and the stream stays open until the
                 # request ends, which is when ext_proc releases the reservation.
                 "request_body_mode": "BUFFERED",
@@ -190,10 +197,28 @@ def ext_proc_filter(settings: GatewaySettings) -> dict[str, Any]:
             # first message must reach ext_proc before it answers the headers, since that message
             # names the model. No effect on BUFFERED bodies.
             "send_body_without_waiting_for_header_response": True,
+            "request_attributes": list(ADMISSION_ATTRIBUTES),
             # Envoy drops dynamic metadata from ext_proc in namespaces not listed here.
             "metadata_options": {"receiving_namespaces": {"untyped": [DECISION_NAMESPACE]}},
         },
     }
+
+
+# Before ext_proc: a body ext_proc rewrites would no longer match the client's content-length (Envoy
+# answers 500 for that), and with the headers already on their way the answer cannot set a new one.
+_NO_CONTENT_LENGTH = {"name": "envoy.filters.http.header_mutation", "typed_config": {
+    "@type": _T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+    "mutations": {"request_mutations": [{"remove": "content-length"}]}}}
+BUFFER_FILTER = "envoy.filters.http.buffer"
+# A gRPC stream's body never ends: it must not wait in the buffer filter.
+_UNBUFFERED = {BUFFER_FILTER: {"@type": _T + "envoy.extensions.filters.http.buffer.v3.BufferPerRoute", "disabled": True}}
+
+
+def buffer_filter(settings: GatewaySettings) -> dict[str, Any]:
+    """After ext_proc: holds the headers until the body is through (so the route chosen from ext_proc's
+    answer is the one they take) and sets content-length to the body as it then is."""
+    return {"name": BUFFER_FILTER, "typed_config": {
+        "@type": _T + "envoy.extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": settings.max_request_bytes}}
 
 
 # One JSON line per request. `kvgate` is ext_proc's decision as it sent it (dynamic metadata); the
@@ -346,7 +371,7 @@ _ROUTER = {"name": "envoy.filters.http.router",
 
 def listener(settings: GatewaySettings) -> dict[str, Any]:
     hcm = {
-        **_hcm("kvgate", ROUTE_CONFIG_NAME, [ext_proc_filter(settings)]),
+        **_hcm("kvgate", ROUTE_CONFIG_NAME, [_NO_CONTENT_LENGTH, ext_proc_filter(settings), buffer_filter(settings)]),
         "codec_type": "AUTO",  # HTTP/1.1 and HTTP/2 (h2c) on one port
         # HTTP/2 buffers per stream up to its window: the same cap as HTTP/1.1's buffer limit.
         "http2_protocol_options": {"initial_stream_window_size": max(65535, settings.max_request_bytes)},
@@ -438,19 +463,27 @@ def _to_cluster(cluster: str, model: Model | None = None) -> dict[str, Any]:
     return action
 
 
+# ext_proc's decision names the clamp it applied; Envoy copies it to the response, so telling the client
+# costs no extra ext_proc round trip.
+_ECHO_MAX_TOKENS = [{"header": {"key": MAX_TOKENS_HEADER, "value": f"%DYNAMIC_METADATA({DECISION_NAMESPACE}:max_tokens)%"},
+                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+
+
 def model_routes(model: Model) -> list[dict[str, Any]]:
-    """Routes on the header ext_proc sets after admission; gRPC goes to the HTTP/2 cluster."""
-    # ext_proc puts the applied clamp on the request; Envoy copies it to the response, so telling
-    # the client costs no extra ext_proc round trip.
-    echo = [{"header": {"key": MAX_TOKENS_HEADER, "value": f"%REQ({MAX_TOKENS_HEADER})%"},
-             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
-    by_model = {"name": MODEL_HEADER, "string_match": {"exact": model.name}}
+    """Routes on the model ext_proc's decision names (its dynamic metadata, which no client can
+    forge); gRPC goes to the HTTP/2 cluster, a gRPC stream without the buffer filter."""
+    by_model = [{"filter": DECISION_NAMESPACE, "path": [{"key": "model"}], "value": {"string_match": {"exact": model.name}}}]
     routes = []
     if model.protocol == "triton":
-        routes.append({"name": f"{model.name} grpc", "match": {"prefix": "/", "headers": [by_model, _GRPC]},
-                       "route": _to_cluster(model.grpc_cluster_name, model), "response_headers_to_add": echo})
-    routes.append({"name": model.name, "match": {"prefix": "/", "headers": [by_model]},
-                   "route": _to_cluster(model.cluster_name, model), "response_headers_to_add": echo})
+        grpc = _to_cluster(model.grpc_cluster_name, model)
+        routes += [{"name": f"{model.name} grpc stream", "route": grpc, "response_headers_to_add": _ECHO_MAX_TOKENS,
+                    "match": {"path": TRITON_GRPC_SERVICE + "ModelStreamInfer", "headers": [_GRPC],
+                              "dynamic_metadata": by_model},
+                    "typed_per_filter_config": _UNBUFFERED},
+                   {"name": f"{model.name} grpc", "route": grpc, "response_headers_to_add": _ECHO_MAX_TOKENS,
+                    "match": {"prefix": "/", "headers": [_GRPC], "dynamic_metadata": by_model}}]
+    routes.append({"name": model.name, "match": {"prefix": "/", "dynamic_metadata": by_model},
+                   "route": _to_cluster(model.cluster_name, model), "response_headers_to_add": _ECHO_MAX_TOKENS})
     return routes
 
 
@@ -493,7 +526,7 @@ def stream_routes(catalog: Catalog) -> list[dict[str, Any]]:
             "response_body_mode": "NONE", "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}}}}
     # Reached only when ext_proc routed nothing, which it never does without refusing.
     return [{"name": "triton grpc stream", "match": {"path": TRITON_GRPC_SERVICE + "ModelStreamInfer"},
-             **_direct(404, NO_ROUTE_BODY, ext_proc=grpc_mode)}]
+             **_direct(404, NO_ROUTE_BODY, ext_proc={**grpc_mode, **_UNBUFFERED})}]
 
 
 NO_ROUTE_BODY = orjson.dumps({"error": {
@@ -501,11 +534,57 @@ NO_ROUTE_BODY = orjson.dumps({"error": {
     "param": None, "code": "not_found"}})
 
 
+_POST = {"name": ":method", "string_match": {"exact": "POST"}}
+_ADMITS = ("The gateway admits the OpenAI API, Triton's generate and KServe v2 infer over HTTP, and Triton's "
+           "gRPC inference.")
+
+
+def _openai_error(status: int, code: str, message: str) -> dict[str, Any]:
+    return _direct(status, orjson.dumps({"error": {"message": message, "type": "invalid_request_error",
+                                                   "param": None, "code": code}}), ext_proc=None)
+
+
+def _triton_error(status: int, message: str) -> dict[str, Any]:
+    return _direct(status, orjson.dumps({"error": message}), ext_proc=None)
+
+
+def unrouted_routes() -> list[dict[str, Any]]:
+    """Where a request ends that ext_proc did not route: it is called with a request's body, so these
+    answer the ones without one (a POST with an empty body, a GET to an inference call, an unknown URL)
+    in the convention of the path. A request with a body starts on one of these too, and leaves it when
+    ext_proc's answer names its model. They keep the filter's ext_proc mode: with a body, it is called."""
+    routes = []
+    for path in OPENAI_PATHS:
+        routes += [{"name": f"{path} without a body", "match": {"path": path, "headers": [_POST]},
+                    **_openai_error(400, "invalid_request", "request body is empty")},
+                   {"name": f"{path} by another method", "match": {"path": path},
+                    **_openai_error(405, "method_not_allowed", f"{path} takes POST")}]
+    triton = {"safe_regex": {"regex": TRITON_CALL_PATH}}
+    # KServe's binary-tensor extension: a clamp that changes the JSON part's length must change the
+    # Inference-Header-Content-Length header too, which an answer to the body alone cannot. So these
+    # take two exchanges, the headers held until the body's answer (ext_proc's original mode).
+    binary = {**_triton_error(400, "request body is empty"),
+              "typed_per_filter_config": {EXT_PROC_FILTER: {
+                  "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                  "overrides": {"processing_mode": {"request_header_mode": "SEND", "request_body_mode": "BUFFERED",
+                                                    "response_header_mode": "SKIP", "response_body_mode": "NONE",
+                                                    "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}}}}}
+    routes += [{"name": "kserve binary call", "match": {**triton, "headers": [
+                    _POST, {"name": BINARY_HEADER, "present_match": True}]}, **binary},
+               {"name": "triton call without a body", "match": {**triton, "headers": [_POST]},
+                **_triton_error(400, "request body is empty")},
+               {"name": "triton call by another method", "match": triton,
+                **_triton_error(405, "Triton's generate and infer calls take POST")},
+               {"name": "unknown triton url", "match": {"prefix": "/v2"},
+                **_triton_error(404, f"Unknown request URL. {_ADMITS}")},
+               {"name": "unknown url", "match": {"prefix": "/"},
+                **_openai_error(404, "unknown_url", f"Unknown request URL. {_ADMITS}")}]
+    return routes
+
+
 def route_configuration(catalog: Catalog, settings: GatewaySettings) -> dict[str, Any]:
     models_route = {"name": "models_list", "match": {"path": "/v1/models", "headers": [_GET]},
                     **_direct(200, models_list_body(catalog), ext_proc=_lookup_filter(catalog))}
-    # Reached only by a request ext_proc let through without a model, which it never should.
-    fallback = {"name": "no_model", "match": {"prefix": "/"}, **_direct(404, NO_ROUTE_BODY, ext_proc=None)}
     return {
         "name": ROUTE_CONFIG_NAME,
         "virtual_hosts": [{
@@ -513,6 +592,6 @@ def route_configuration(catalog: Catalog, settings: GatewaySettings) -> dict[str
             "domains": ["*"],
             "routes": [models_route, *triton_routes(catalog),
                        *(r for m in catalog.models for r in model_routes(m)),
-                       *stream_routes(catalog), fallback],
+                       *stream_routes(catalog), *unrouted_routes()],
         }],
     }
