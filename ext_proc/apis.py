@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ext_proc import openai_protocol, triton_grpc, triton_http
 from ext_proc.request import Parsed
+from kvgate.openai_models import MODELS_PATH
 from kvgate.wire import TRITON_GRPC_SERVICE
 
 Parser = Callable[[str | None, Mapping[str, str], bytes], Parsed]
@@ -71,7 +72,8 @@ def is_lookup(method: str, path: str, content_type: str) -> bool:
     metadata, server-level gRPC calls): ext_proc sees only their headers, to check the API key."""
     if content_type.startswith("application/grpc"):
         return method == "POST" and path.startswith(TRITON_GRPC_SERVICE + "Server")
-    return method == "GET" and (path in ("/v1/models", "/v2") or path.startswith(("/v2/models/", "/v2/health/")))
+    return method == "GET" and (path in (MODELS_PATH, "/v2") or path.startswith((f"{MODELS_PATH}/", "/v2/models/",
+                                                                                 "/v2/health/")))
 
 
 def match(path: str, content_type: str) -> Call | None:

@@ -28,6 +28,7 @@ from ext_proc.request import Parsed, ProtocolError, Rewrite
 from ext_proc.state import AdmissionState
 from ext_proc.tenants import Tenant, Unauthenticated
 from ext_proc.waitqueue import WaitQueue
+from kvgate.openai_models import MODELS_PATH, ModelCard, model_list, model_object
 from kvgate.wire import PRIORITY_HEADER
 
 
@@ -51,6 +52,13 @@ class Expect:
 @dataclass(frozen=True)
 class Lookup:
     """Answered or routed by Envoy without admission (models list, metadata): only the key is checked."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A lookup ext_proc answers itself: the tenant's view of the catalog."""
+
+    body: bytes
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,38 @@ def match_call(headers: Mapping[str, str], path: str) -> apis.Call | Lookup | Re
     if apis.is_lookup(headers.get(":method", ""), path, content_type):
         return Lookup()
     return Refuse("", Refusal(404, "unknown_url", f"Unknown request URL: {path}. {UNKNOWN_URL}"))
+
+
+def lookup(state: AdmissionState, tenant: Tenant | None, path: str) -> Lookup | Answer | Refuse:
+    """A lookup as the caller may see it: an open gateway's are Envoy's to answer; a tenant sees only
+    the models it may call (the models list and objects answered here, another model's Triton
+    metadata refused)."""
+    if tenant is None:
+        return Lookup()
+    if path == MODELS_PATH:
+        return Answer(model_list(_card(p) for p in state.policies.values() if p.protocol == "openai"
+                                 and tenant.may_call(p.name)))
+    if path.startswith(f"{MODELS_PATH}/"):
+        policy = state.policies.get(path[len(MODELS_PATH) + 1:])
+        if policy is None or policy.protocol != "openai" or not tenant.may_call(policy.name):
+            return Refuse("", Refusal(404, "model_not_found", "The model does not exist.", param="model"))
+        return Answer(model_object(_card(policy)))
+    model = _triton_model_in(state, path)
+    if model is not None and not tenant.may_call(model):
+        return Refuse(model, Refusal(403, "permission_denied", f"Tenant {tenant.name!r} may not call model {model!r}."))
+    return Lookup()
+
+
+def _card(policy: Policy) -> ModelCard:
+    return ModelCard(policy.name, policy.max_context_tokens, policy.max_output_tokens)
+
+
+def _triton_model_in(state: AdmissionState, path: str) -> str | None:
+    """The model a Triton metadata path (/v2/models/<name>[/...]) names; names may hold slashes."""
+    rest = path.removeprefix("/v2/models/")
+    if rest == path:
+        return None
+    return next((name for name in state.policies if rest == name or rest.startswith(f"{name}/")), None)
 
 
 def check_call(call: apis.Call, method: str, path: str, body_follows: bool) -> Refuse | None:

@@ -19,7 +19,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import HttpHeaders, Proces
 from ext_proc import apis, decision, responses
 from ext_proc.admission import Refusal
 from ext_proc.apis import Convention
-from ext_proc.decision import Admit, Expect, Lookup, Pass, Planned, Refuse
+from ext_proc.decision import Admit, Answer, Expect, Lookup, Pass, Planned, Refuse
 from ext_proc.decision_metadata import DecisionRecord
 from ext_proc.ledger import Reservation
 from ext_proc.metrics import Decisions, operation_name
@@ -110,7 +110,10 @@ class Exchange:
             return self.refuse(tenant)
         call = decision.match_call(headers, path)
         if isinstance(call, Lookup):
-            return responses.continue_lookup()
+            found = decision.lookup(self.gate.table, tenant, path)
+            if isinstance(found, Answer):
+                return responses.answer(found.body)
+            return self.refuse(found) if isinstance(found, Refuse) else responses.continue_headers()
         if isinstance(call, Refuse):
             return self.refuse(call)
         self.convention = call.api.convention

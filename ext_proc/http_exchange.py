@@ -22,7 +22,7 @@ async def on_body(ex: Exchange, raw: bytes) -> AsyncIterator[ProcessingResponse]
     found = decision.parse(state, ex.expect, ex.headers, raw)
     if isinstance(found, Pass):
         ex.passed(found)
-        yield responses.admit(found.model, None, found.rewrite)
+        yield responses.admit(found.model, found.rewrite)
         return
     if isinstance(found, Refuse):
         yield ex.refuse(found)
@@ -45,7 +45,7 @@ async def on_body(ex: Exchange, raw: bytes) -> AsyncIterator[ProcessingResponse]
         yield ex.refuse(outcome)
         return
     ex.admitted(outcome)
-    yield responses.admit(outcome.model, outcome.max_tokens, outcome.rewrite, outcome.upstream)
+    yield responses.admit(outcome.model, outcome.rewrite)
 
 
 async def _wait(ex: Exchange, planned: Planned, wait: Wait, body_bytes: int, grpc: bool) -> Admit | Refuse:

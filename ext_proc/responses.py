@@ -21,7 +21,7 @@ from ext_proc.admission import Refusal
 from ext_proc.apis import Convention
 from ext_proc.openai_protocol import error_body
 from ext_proc.request import Rewrite
-from kvgate.wire import ENDPOINT_HEADER, MAX_TOKENS_HEADER, MODEL_HEADER
+from kvgate.wire import MODEL_HEADER
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _JSON = HeaderValueOption(header=HeaderValue(key="content-type", raw_value=b"application/json"),
@@ -37,17 +37,13 @@ def _set(key: str, value: str) -> HeaderValueOption:
     return HeaderValueOption(header=HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE)
 
 
-def _route(model: str, endpoint: str | None) -> list[HeaderValueOption]:
-    """The model picks the route (cluster); the endpoint, if admission chose one, the host in it."""
-    return [_set(MODEL_HEADER, model)] + ([_set(ENDPOINT_HEADER, endpoint)] if endpoint else [])
-
-
-def admit(model: str, max_tokens: int | None, rewrite: Rewrite | None, endpoint: str | None = None) -> ProcessingResponse:
-    """Route by model (header + route-cache clear in one response, or Envoy ignores the clear) and
-    rewrite the body with a matching content-length, or Envoy answers 500."""
-    headers = _route(model, endpoint)
-    if max_tokens is not None:
-        headers.append(_set(MAX_TOKENS_HEADER, str(max_tokens)))
+def admit(model: str, rewrite: Rewrite | None) -> ProcessingResponse:
+    """Admitted: the decision's dynamic metadata, which the caller attaches, routes it (docs/architecture.md,
+    "One exchange per request"). The route cache is cleared in the same response, with a header
+    mutation, or Envoy ignores the clear. A rewritten body goes with its content-length and any header
+    its format ties to it (applied where the headers still wait for this answer: a two-message exchange;
+    elsewhere the buffer filter sets content-length)."""
+    headers = [_set(MODEL_HEADER, model)]
     common = CommonResponse(clear_route_cache=True)
     if rewrite is not None:
         headers.append(_set("content-length", str(len(rewrite.body))))
@@ -57,21 +53,16 @@ def admit(model: str, max_tokens: int | None, rewrite: Rewrite | None, endpoint:
     return ProcessingResponse(request_body=BodyResponse(response=common))
 
 
-def continue_lookup() -> ProcessingResponse:
-    """Let a lookup through (its key checked), without routing headers a client may have forged."""
-    return ProcessingResponse(request_headers=HeadersResponse(response=CommonResponse(
-        header_mutation=HeaderMutation(remove_headers=[MODEL_HEADER, ENDPOINT_HEADER]), clear_route_cache=True)))
-
-
 def wait_longer(seconds: float) -> ProcessingResponse:
     """Extends Envoy's wait for the pending answer (bounded by the filter's max_message_timeout)."""
     return ProcessingResponse(override_message_timeout=Duration(seconds=int(seconds)))
 
 
-def route_headers(model: str, endpoint: str | None = None) -> ProcessingResponse:
-    """The answer to a stream's headers, sent once its first message named the model."""
+def route_headers(model: str) -> ProcessingResponse:
+    """The answer to a stream's headers, sent once its first message named the model (its decision's
+    metadata, attached by the caller, routes it; the header mutation makes the route-cache clear count)."""
     return ProcessingResponse(request_headers=HeadersResponse(response=CommonResponse(
-        header_mutation=HeaderMutation(set_headers=_route(model, endpoint)), clear_route_cache=True)))
+        header_mutation=HeaderMutation(set_headers=[_set(MODEL_HEADER, model)]), clear_route_cache=True)))
 
 
 def stream_chunk(data: bytes) -> ProcessingResponse:
@@ -103,6 +94,12 @@ def _http(r: Refusal, body: bytes) -> ImmediateResponse:
         headers.append(_set("retry-after", str(r.retry_after)))
     return ImmediateResponse(status=HttpStatus(code=r.status), headers=HeaderMutation(set_headers=headers),
                              body=body, details=f"kvgate_{r.code}")
+
+
+def answer(body: bytes) -> ProcessingResponse:
+    """A lookup ext_proc answers itself (200, JSON); its details keep Envoy's local replies off it."""
+    return ProcessingResponse(immediate_response=ImmediateResponse(
+        status=HttpStatus(code=200), headers=HeaderMutation(set_headers=[_JSON]), body=body, details="kvgate_lookup"))
 
 
 def refuse(r: Refusal, convention: Convention) -> ProcessingResponse:

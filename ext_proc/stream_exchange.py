@@ -21,8 +21,7 @@ from ext_proc.request import ProtocolError
 @dataclass
 class StreamExchange:
     ex: Exchange
-    model: str | None = None  # the model and endpoint its first message routed it to
-    endpoint: str | None = None
+    model: str | None = None  # the model its first message routed it to
     ledger: Ledger | None = None
     rest: bytes = b""  # the bytes of a frame still arriving
     unanswered_chunks: int = 0  # chunks Envoy sent before the first message completed
@@ -43,7 +42,6 @@ class StreamExchange:
                 return [ex.refuse(outcome)]  # a refusal ends the whole stream: gRPC has no per-message status
             if isinstance(outcome, Admit):
                 ex.admitted(outcome)
-                self.endpoint = self.endpoint or outcome.upstream
                 self.ledger = self.ledger or outcome.reservation.ledger
             else:
                 ex.passed(outcome)
@@ -52,7 +50,7 @@ class StreamExchange:
         self.unanswered_chunks += 1
         if self.model is None:
             return []
-        replies = [] if routed else [responses.route_headers(self.model, self.endpoint)]
+        replies = [] if routed else [responses.route_headers(self.model)]
         replies += [responses.stream_chunk(b"") for _ in range(self.unanswered_chunks - 1)]
         replies.append(responses.stream_chunk(b"".join(out)))
         self.unanswered_chunks = 0

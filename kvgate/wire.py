@@ -9,12 +9,11 @@ subscribes to the resource types xds_server serves, and reports itself in node m
 from __future__ import annotations
 
 # --- Headers --------------------------------------------------------------------------------------
-# Set by ext_proc on an admitted request; the routes match it to pick the model's cluster.
+# Set by ext_proc on an admitted request: a header mutation must come with a route-cache clear, or
+# Envoy ignores the clear (the routes match the decision's metadata, not this).
 MODEL_HEADER = "x-kvgate-model"
-# The max_tokens ext_proc applied; Envoy copies it onto the response for the client.
+# The max_tokens ext_proc applied, on the response for the client.
 MAX_TOKENS_HEADER = "x-kvgate-max-tokens"
-# Set by ext_proc: the engine ("host:port") it reserved KV on; Envoy's override_host policy picks it.
-ENDPOINT_HEADER = "x-kvgate-endpoint"
 # Sent by clients: the priority class a request waits in when it does not fit yet.
 PRIORITY_HEADER = "x-kvgate-priority"
 

@@ -33,10 +33,13 @@ def catalog(tmp: Path) -> dict:
             {"name": "tri", "protocol": "triton", "backend_model": "ensemble", "endpoints": ["sim"],
              "max_context_tokens": 1024, "max_output_tokens": 16,
              "kv": {"bytes_per_token": 1024, "budget_per_endpoint": "16MiB"}, "sim": QUICK},
+            {"name": "alice-only", "backend_model": "open-model", "endpoints": ["sim"], "max_context_tokens": 1024,
+             "max_output_tokens": 16, "kv": {"bytes_per_token": 1024, "budget_per_endpoint": "16MiB"}, "sim": QUICK},
         ],
         "tenants": [
-            {"name": "alice", "api_key_sha256": [key_hash(ALICE)], "models": ["open-model", "tri"],
-             "tokens_per_minute": 100},
+            {"name": "alice", "api_key_sha256": [key_hash(ALICE)], "models": ["open-model", "tri", "alice-only"],
+             # The readiness probes (one per model, ~29 tokens each) are charged to alice too.
+             "tokens_per_minute": 130},
             {"name": "bob", "api_keys_file": str(keys_file), "models": ["open-model"], "requests_per_minute": 2},
         ],
     }
@@ -87,16 +90,16 @@ def test_requests_per_minute_from_a_keys_file(gateway: Gateway) -> None:
 
 
 def test_tokens_per_minute_are_charged_with_what_a_request_may_use(gateway: Gateway) -> None:
-    # 100 tokens a minute: a request that may use 16 output tokens + a 90-byte prompt bound is over.
+    # 130 tokens a minute: a request that may use 16 output tokens + a 120-byte prompt bound is over.
     with pytest.raises(openai.RateLimitError) as e:
-        client(gateway, ALICE).completions.create(model="open-model", prompt="p" * 90, max_tokens=16)
+        client(gateway, ALICE).completions.create(model="open-model", prompt="p" * 120, max_tokens=16)
     assert e.value.body["type"] == "tokens"
 
 
 def test_the_models_list_needs_a_key_too(gateway: Gateway) -> None:
     assert httpx.get(f"{gateway.url}/v1/models").status_code == 401
     listed = httpx.get(f"{gateway.url}/v1/models", headers={"authorization": f"Bearer {ALICE}"})
-    assert listed.status_code == 200 and {m["id"] for m in listed.json()["data"]} == {"open-model"}
+    assert listed.status_code == 200 and {m["id"] for m in listed.json()["data"]} == {"open-model", "alice-only"}
     assert httpx.get(f"{gateway.url}/v2/health/ready").status_code == 200  # health stays open
 
 
@@ -110,3 +113,20 @@ def test_grpc_clients_get_unauthenticated_then_are_served_with_the_key(gateway: 
     result = triton.infer("tri", inputs, headers={"authorization": f"Bearer {ALICE}"})
     assert result.as_numpy("text_output") is not None
     triton.close()
+
+
+def test_each_tenant_lists_and_reads_only_the_models_it_may_call(gateway: Gateway) -> None:
+    assert sorted(m.id for m in client(gateway, ALICE).models.list().data) == ["alice-only", "open-model"]
+    assert [m.id for m in client(gateway, BOB).models.list().data] == ["open-model"]
+    assert client(gateway, ALICE).models.retrieve("alice-only").id == "alice-only"
+    with pytest.raises(openai.NotFoundError):
+        client(gateway, BOB).models.retrieve("alice-only")
+    with pytest.raises(openai.AuthenticationError):
+        client(gateway, "kvg-not-a-key").models.list()
+
+
+def test_triton_metadata_of_another_tenants_model_is_403_over_http(gateway: Gateway) -> None:
+    for path in ("/v2/models/tri", "/v2/models/tri/config", "/v2/models/tri/ready"):
+        refused = httpx.get(f"{gateway.url}{path}", headers={"authorization": f"Bearer {BOB}"})
+        assert refused.status_code == 403 and "error" in refused.json(), path
+    assert httpx.get(f"{gateway.url}/v2/models/tri/ready", headers={"authorization": f"Bearer {ALICE}"}).status_code == 200

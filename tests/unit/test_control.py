@@ -129,7 +129,7 @@ async def test_removing_a_model_keeps_its_cluster_until_routes_no_longer_use_it(
     bridge, final = published
     b_cluster = c.catalog.model("a").cluster_name.replace("/a", "/b")
     assert b_cluster in bridge.get(CLUSTER).items and b_cluster in bridge.get(ENDPOINT).items
-    assert route_names(bridge) == route_names(final) == {"a", "models_list"}
+    assert route_names(bridge) == route_names(final) == {"a", "models_list", "model a", "unknown model"}
     assert bridge.get(ROUTE).version == final.get(ROUTE).version
     assert b_cluster not in final.get(CLUSTER).items and b_cluster not in final.get(ENDPOINT).items
     assert c.server.cache.snapshot is final
@@ -144,9 +144,9 @@ async def test_adding_a_model_sends_its_cluster_before_the_routes_that_use_it() 
     make, final = published
     b_cluster = "kvgate_model/b"
     assert b_cluster in make.get(CLUSTER).items and b_cluster in make.get(ENDPOINT).items
-    assert route_names(make) == route_names(before) == {"a", "models_list"}
+    assert route_names(make) == route_names(before) == {"a", "models_list", "model a", "unknown model"}
     assert make.get(POLICY).version == before.get(POLICY).version  # ext_proc admits b only with the routes
-    assert route_names(final) == {"a", "b", "models_list"}
+    assert route_names(final) == {"a", "b", "models_list", "model a", "model b", "unknown model"}
 
 
 @pytest.mark.asyncio

@@ -24,8 +24,7 @@ from ext_proc.state import AdmissionState
 from ext_proc.tenants import TenantTable
 from kvgate.api_keys import key_hash
 from kvgate.v1 import policy_pb2
-from kvgate.wire import (ADMISSION_ATTRIBUTES, DECISION_NAMESPACE, ENDPOINT_HEADER, MAX_TOKENS_HEADER, MODEL_HEADER,
-                         PRIORITY_HEADER)
+from kvgate.wire import ADMISSION_ATTRIBUTES, DECISION_NAMESPACE, MODEL_HEADER, PRIORITY_HEADER
 from engines.real.tiny_tokenizer import load as load_tokenizer
 from engines.real.tiny_tokenizer import write_tokenizer
 from tritonclient.grpc import service_pb2
@@ -82,8 +81,9 @@ async def test_admitted_request_is_routed_clamped_and_released_at_stream_end() -
     common = admitted.request_body.response
     new_body = orjson.loads(common.body_mutation.body)
     assert common.clear_route_cache
-    assert set_headers(admitted) == {MODEL_HEADER: "m", MAX_TOKENS_HEADER: "100", ENDPOINT_HEADER: "e:1",
-                                     "content-length": str(len(common.body_mutation.body))}
+    assert set_headers(admitted) == {MODEL_HEADER: "m", "content-length": str(len(common.body_mutation.body))}
+    decided = decision_of(admitted)  # what the routes, override_host and the response header read
+    assert (decided["model"], decided["endpoint"], decided["max_tokens"]) == ("m", "e:1", 100)
     assert new_body == {"model": "m", "prompt": "x" * 60, "max_tokens": 100}
     assert reserved(s) == 10 * 16 * 10  # 160 tokens -> 10 blocks of 16
     with pytest.raises(StopAsyncIteration):
@@ -197,13 +197,36 @@ async def test_a_model_outside_the_tenants_list_is_403() -> None:
 
 
 @pytest.mark.asyncio
-async def test_lookups_need_a_key_then_pass_without_forged_routing_headers() -> None:
+async def test_lookups_need_a_key() -> None:
     s = guarded()
+    s.table.replace([POLICY, dataclasses.replace(POLICY, name="t", protocol="triton")])
     (refused,) = await run(s, keyed(headers("/v1/models", method="GET"), None))
     assert refused.immediate_response.status.code == 401
-    (passed,) = await run(s, keyed(headers("/v1/models", method="GET")))
-    mutation = passed.request_headers.response.header_mutation
-    assert set(mutation.remove_headers) == {MODEL_HEADER, ENDPOINT_HEADER}
+    (passed,) = await run(s, keyed(headers("/v2/models/t/ready", method="GET")))
+    assert passed.HasField("request_headers")  # Envoy routes it to the engine
+
+
+@pytest.mark.asyncio
+async def test_a_tenant_lists_and_reads_only_its_own_models() -> None:
+    other = dataclasses.replace(POLICY, name="other")
+    s = guarded(tenant(models=("m",)))
+    s.table.replace([POLICY, other])
+    (listed,) = await run(s, keyed(headers("/v1/models", method="GET")))
+    assert listed.immediate_response.status.code == 200
+    assert [m["id"] for m in orjson.loads(listed.immediate_response.body)["data"]] == ["m"]
+    (mine,) = await run(s, keyed(headers("/v1/models/m", method="GET")))
+    assert orjson.loads(mine.immediate_response.body)["id"] == "m"
+    (hidden,) = await run(s, keyed(headers("/v1/models/other", method="GET")))
+    assert hidden.immediate_response.status.code == 404
+
+
+@pytest.mark.asyncio
+async def test_a_tenants_triton_metadata_lookups_are_limited_to_its_models() -> None:
+    s = guarded(tenant(models=("m",)))
+    s.table.replace([POLICY, dataclasses.replace(POLICY, name="org/t", protocol="triton")])
+    for path in ("/v2/models/org/t", "/v2/models/org/t/config", "/v2/models/org/t/versions/1/ready"):
+        (refused,) = await run(s, keyed(headers(path, method="GET")))
+        assert refused.immediate_response.status.code == 403, path
 
 
 @pytest.mark.asyncio
@@ -310,8 +333,9 @@ async def test_stream_is_routed_by_its_first_message_even_split_across_chunks() 
     assert replies[0].override_message_timeout.seconds == 60
     routed = replies[1].request_headers.response
     assert routed.clear_route_cache
-    assert [(h.header.key, h.header.raw_value) for h in routed.header_mutation.set_headers] == [
-        (MODEL_HEADER, b"t"), (ENDPOINT_HEADER, b"t:2")]  # the engine's gRPC port: the stream is gRPC
+    assert [(h.header.key, h.header.raw_value) for h in routed.header_mutation.set_headers] == [(MODEL_HEADER, b"t")]
+    decided = decision_of(replies[1])
+    assert (decided["model"], decided["upstream"]) == ("t", "t:2")  # the engine's gRPC port: the stream is gRPC
     bodies = [r.request_body.response.body_mutation for r in replies[2:]]
     assert bodies[0].clear_body
     sent = [service_pb2.ModelInferRequest.FromString(m) for b in bodies[1:] for m in triton_grpc.deframe(b.body)]
@@ -356,7 +380,7 @@ async def admitted_to(s: ExtProcServicer, *msgs: ProcessingRequest) -> tuple[Asy
     gen = s.Process(feed(*msgs), None)
     await gen.__anext__()
     reply = await gen.__anext__()
-    return gen, set_headers(reply)[ENDPOINT_HEADER]
+    return gen, decision_of(reply)["endpoint"]
 
 
 @pytest.mark.asyncio
@@ -383,7 +407,7 @@ async def test_a_request_that_does_not_fit_waits_then_gets_the_freed_budget() ->
     assert not pending.done()
     await holders[1].aclose()  # the request on one endpoint ends
     admitted = await asyncio.wait_for(pending, 1.0)
-    assert set_headers(admitted)[ENDPOINT_HEADER] in ("a:1", "b:1")
+    assert decision_of(admitted)["endpoint"] in ("a:1", "b:1")
     await waiter.aclose()
     await holders[0].aclose()
     assert sum(lg.reserved for lg in s.table.ledgers.all()) == 0
@@ -504,7 +528,7 @@ async def test_a_policy_push_just_before_a_request_starts_waiting_does_not_lose_
     await asyncio.sleep(0.05)
     await holders[1].aclose()
     admitted = await asyncio.wait_for(pending, 1.0)  # within the wake-up, not at the 5 s deadline
-    assert set_headers(admitted)[ENDPOINT_HEADER] in ("a:1", "b:1")
+    assert decision_of(admitted)["endpoint"] in ("a:1", "b:1")
     await waiter.aclose()
     await holders[0].aclose()
 
@@ -523,7 +547,7 @@ async def test_a_waiter_is_admitted_on_the_endpoints_the_latest_policy_names() -
     moved = dataclasses.replace(TWO_ENDPOINTS, endpoints=(EndpointPolicy("c:1", 10 * 16 * 40, "", ""),))
     s.table.replace([moved])
     admitted = await asyncio.wait_for(pending, 1.0)
-    assert set_headers(admitted)[ENDPOINT_HEADER] == "c:1"
+    assert decision_of(admitted)["endpoint"] == "c:1"
     await waiter.aclose()
     for g in holders:
         await g.aclose()

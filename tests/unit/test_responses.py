@@ -11,7 +11,7 @@ from ext_proc.admission import Refusal
 from ext_proc.apis import Convention
 from ext_proc.request import Rewrite
 from ext_proc.responses import admit, refuse
-from kvgate.wire import MAX_TOKENS_HEADER, MODEL_HEADER
+from kvgate.wire import MODEL_HEADER
 
 RATE_LIMITED = Refusal(429, "rate_limit_exceeded", "no KV budget free", type_="rate_limit_error", retry_after=3)
 TOO_LONG = Refusal(400, "context_length_exceeded", "prompt too long", param="messages")
@@ -141,37 +141,31 @@ def test_grpc_unicode_message_utf8() -> None:
 
 # --- admit -------------------------------------------------------------------------------------
 
-def test_admit_without_rewrite() -> None:
-    resp = admit("llama", 100, None)
+def test_admit_without_rewrite_clears_the_route_cache_with_a_header_mutation() -> None:
+    """Envoy ignores a route-cache clear that comes without a header mutation."""
+    resp = admit("llama", None)
     common = resp.request_body.response
     assert common.clear_route_cache
     assert not common.HasField("body_mutation")
-    assert admit_headers(resp) == {MODEL_HEADER: "llama", MAX_TOKENS_HEADER: "100"}
-
-
-def test_admit_without_max_tokens() -> None:
-    resp = admit("llama", None, None)
     assert admit_headers(resp) == {MODEL_HEADER: "llama"}
-    assert resp.request_body.response.clear_route_cache
 
 
 def test_admit_with_rewrite_sets_body_and_content_length() -> None:
     body = '{"prompt": "héllo"}'.encode()
-    resp = admit("llama", 50, Rewrite(body))
+    resp = admit("llama", Rewrite(body))
     common = resp.request_body.response
     assert common.clear_route_cache
     assert common.body_mutation.body == body
-    assert admit_headers(resp) == {MODEL_HEADER: "llama", MAX_TOKENS_HEADER: "50", "content-length": str(len(body))}
+    assert admit_headers(resp) == {MODEL_HEADER: "llama", "content-length": str(len(body))}
 
 
 def test_admit_with_rewrite_extra_headers() -> None:
     body = b'{"inputs":[]}' + b"\x00" * 6
-    resp = admit("llama", None, Rewrite(body, (("inference-header-content-length", "13"),)))
+    resp = admit("llama", Rewrite(body, (("inference-header-content-length", "13"),)))
     headers = admit_headers(resp)
     assert headers["content-length"] == str(len(body))
     assert headers["inference-header-content-length"] == "13"
-    assert MAX_TOKENS_HEADER not in headers
 
 
 def test_admit_is_a_body_response() -> None:
-    assert admit("m", 1, None).WhichOneof("response") == "request_body"
+    assert admit("m", None).WhichOneof("response") == "request_body"

@@ -16,6 +16,7 @@ import orjson
 # Registers the CEL filter's type, which protos.parse meets in the local reply mappers.
 from kvgate import __version__
 from kvgate.catalog import Address, Catalog, Model, Timeouts, is_ip_address
+from kvgate.openai_models import MODELS_PATH, ModelCard, model_list, model_object
 from kvgate.wire import (ADMISSION_ATTRIBUTES, BINARY_HEADER, DECISION_NAMESPACE, MAX_TOKENS_HEADER, OPENAI_PATHS, TRITON_CALL_PATH,
                          TRITON_GRPC_SERVICE)
 from kvgate.tls import envoy_upstream_tls
@@ -404,13 +405,14 @@ def proxyless_routes(catalog: Catalog) -> list[dict[str, Any]]:
 
 # --- RDS -------------------------------------------------------------------------------------
 
+def _cards(catalog: Catalog) -> list[ModelCard]:
+    """The models the OpenAI API reaches (Triton models answer Triton's own calls)."""
+    return [ModelCard(m.name, m.max_context_tokens, m.max_output_tokens) for m in catalog.models if m.protocol == "openai"]
+
+
 def models_list_body(catalog: Catalog) -> bytes:
-    """GET /v1/models, answered by Envoy itself; max_model_len is vLLM's field for the context.
-    Only models the OpenAI API reaches are listed (Triton models answer Triton's own calls)."""
-    return orjson.dumps({"object": "list", "data": [
-        {"id": m.name, "object": "model", "created": 0, "owned_by": "kvgate",
-         "max_model_len": m.max_context_tokens, "max_output_tokens": m.max_output_tokens}
-        for m in catalog.models if m.protocol == "openai"]})
+    """GET /v1/models, answered by Envoy itself (by ext_proc, per tenant, when the catalog has tenants)."""
+    return model_list(_cards(catalog))
 
 
 _NO_EXT_PROC = {EXT_PROC_FILTER: {"@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
@@ -582,15 +584,27 @@ def unrouted_routes() -> list[dict[str, Any]]:
     return routes
 
 
+def model_lookup_routes(catalog: Catalog) -> list[dict[str, Any]]:
+    """GET /v1/models and /v1/models/{id}, answered by Envoy (with tenants, ext_proc answers them from
+    the tenant's list: it sees their headers)."""
+    lookup = _lookup_filter(catalog)
+    unknown = orjson.dumps({"error": {"message": "The model does not exist.", "type": "invalid_request_error",
+                                      "param": "model", "code": "model_not_found"}})
+    return [{"name": "models_list", "match": {"path": MODELS_PATH, "headers": [_GET]},
+             **_direct(200, models_list_body(catalog), ext_proc=lookup)},
+            *({"name": f"model {c.name}", "match": {"path": f"{MODELS_PATH}/{c.name}", "headers": [_GET]},
+               **_direct(200, model_object(c), ext_proc=lookup)} for c in _cards(catalog)),
+            {"name": "unknown model", "match": {"prefix": f"{MODELS_PATH}/", "headers": [_GET]},
+             **_direct(404, unknown, ext_proc=lookup)}]
+
+
 def route_configuration(catalog: Catalog, settings: GatewaySettings) -> dict[str, Any]:
-    models_route = {"name": "models_list", "match": {"path": "/v1/models", "headers": [_GET]},
-                    **_direct(200, models_list_body(catalog), ext_proc=_lookup_filter(catalog))}
     return {
         "name": ROUTE_CONFIG_NAME,
         "virtual_hosts": [{
             "name": "kvgate",
             "domains": ["*"],
-            "routes": [models_route, *triton_routes(catalog),
+            "routes": [*model_lookup_routes(catalog), *triton_routes(catalog),
                        *(r for m in catalog.models for r in model_routes(m)),
                        *stream_routes(catalog), *unrouted_routes()],
         }],
