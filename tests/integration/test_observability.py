@@ -100,3 +100,23 @@ def test_a_busy_refusal_is_logged_with_its_request_id_and_a_wait_is_not_overhead
     assert waited_s > 0.5  # it waited for the first request to end
     # Every body message of this module together took less than that one wait: the wait is excluded.
     assert metric(gateway, "kvgate_ext_proc_processing_seconds_sum", phase="body") < waited_s
+
+
+def test_envoy_exposes_the_ext_proc_counters_the_dashboard_reads_and_a_request_is_one_message(
+        gateway: Gateway) -> None:
+    from tests.unit.test_dashboard import ENVOY_EXT_PROC_METRICS
+
+    def envoy(name: str) -> float:
+        # As Prometheus stores it: the family's name (prometheus_client's parser adds _total to samples).
+        families = text_string_to_metric_families(httpx.get(f"{gateway.admin_url}/stats/prometheus").text)
+        values = [s.value for f in families if f.name == name for s in f.samples
+                  if s.labels.get("envoy_http_conn_manager_prefix") == "kvgate"]
+        assert values, f"Envoy exposes no {name}"
+        return sum(values)
+
+    for name in ENVOY_EXT_PROC_METRICS:
+        envoy(name)
+    streams, sent = envoy("envoy_http_ext_proc_streams_started"), envoy("envoy_http_ext_proc_stream_msgs_sent")
+    httpx.post(f"{gateway.url}/v1/completions", json={"model": "fast", "prompt": "hi", "max_tokens": 2})
+    assert envoy("envoy_http_ext_proc_streams_started") - streams == 1
+    assert envoy("envoy_http_ext_proc_stream_msgs_sent") - sent == 1  # the body, the headers as its attributes

@@ -19,6 +19,11 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # xds_server's metrics (its HTTP port), with their labels: the names agreed with that server's owner.
 XDS_METRICS = {"kvgate_xds_pushes_total": {"type_url"}, "kvgate_xds_nacks_total": {"type_url"},
                "kvgate_xds_connected_nodes": {"group"}}
+# Envoy's own ext_proc filter counters (its /stats/prometheus), as Envoy 1.40 names them;
+# tests/integration/test_observability.py checks the real Envoy exposes each of them.
+ENVOY_EXT_PROC_METRICS = {f"envoy_http_ext_proc_{name}": {"envoy_http_conn_manager_prefix"} for name in (
+    "streams_started", "streams_failed", "stream_msgs_sent", "immediate_responses_sent", "message_timeouts",
+    "spurious_msgs_received", "clear_route_cache_ignored")}
 # Labels Prometheus adds to every scraped series.
 TARGET_LABELS = {"instance", "job"}
 # PromQL words that look like names: functions are told apart by their "(", these are not.
@@ -105,7 +110,7 @@ def test_metric_names_are_found_in_queries() -> None:
 
 @pytest.mark.parametrize("expr", queries())
 def test_every_metric_and_label_a_query_names_is_exposed(expr: str) -> None:
-    exposed = {**exposed_metrics(), **XDS_METRICS}
+    exposed = {**exposed_metrics(), **XDS_METRICS, **ENVOY_EXT_PROC_METRICS}
     names = metric_names(expr)
     assert names, f"no metric in {expr!r}"
     assert names <= exposed.keys(), f"not exposed: {names - exposed.keys()}"
