@@ -1,7 +1,8 @@
 """`python -m bench.spike`: the sequence-length spike. Steady short requests at a rate the engine serves
 comfortably, then a burst of requests asking for 4,000 output tokens, through three set-ups one after
 the other, each with a fresh simulated engine of the same size (Llama-2-7B fp16 on a 40 GB GPU: 8 GiB
-of KV, about 16 concurrent 1,000-token requests):
+of KV, about 16 concurrent 1,000-token requests), or with `--engine vllm` a fresh real vLLM on the CPU
+(engines/real/vllm.py) with the scenario scaled to it (bench/spike_scenario.py, VLLM_SEED):
 
   envoy           (1) Envoy only, no admission
   shedding        (2) shedding by scraped KV utilisation and queue depth, as the Gateway API Inference
@@ -11,7 +12,8 @@ of KV, about 16 concurrent 1,000-token requests):
   envoy-noburst   Envoy only, no burst
 
 Simulated engines run in real time (one simulated second is one second), so a run takes about as
-long as its traffic: ~6 minutes for all five by default, ~35 s with --quick.
+long as its traffic: ~6 minutes for all five by default, ~35 s with --quick. vLLM adds its start
+(~40 s on 2 cores) to every set-up.
 """
 
 from __future__ import annotations
@@ -25,24 +27,28 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from tokenizers import Tokenizer
 
 from bench import cpu
 from bench.machine import describe
 from bench.spike_client import run_load
-from bench.spike_metrics import EXHAUSTION, EngineSample, fetch, sample_engine
+from bench.spike_engines import ENGINES, SIM, Engine
+from bench.spike_metrics import EngineSample, fetch, sample_engine
 from bench.spike_report import Run, RequestResult, SpikeReport, goals, render, summarize, to_json, with_ratios
-from bench.spike_scenario import BURST, QUICK, STEADY, Planned, Scenario, build_plan, catalog, without_burst
+from bench.spike_scenario import (BURST, QUICK, STEADY, VLLM_FIELDS, VLLM_MODEL, VLLM_QUICK, VLLM_SEED, Planned,
+                                  Scenario, build_plan, catalog, vllm_catalog, without_burst)
 from bench.spike_setups import SETUPS, Setup, Target, started
+from engines.real.vllm import DEFAULT_MODEL_DIR, build_model, install
 from kvgate.catalog import parse_catalog
+from kvgate.chat_template import ChatTemplate, read_template
 from kvgate.cli.envoy_bootstrap import envoy_binary
 
-PLOT_NAME = "spike-latency.png"
 QUICK_SETUPS = ["envoy", "shedding", "kvgate", "kvgate-noburst"]
 SAMPLE_EVERY_S = 0.25
 # The first request is due this long after the clock starts, so it is not late already.
@@ -80,6 +86,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--setups", type=_setups, help=f"comma-separated, run in this order (default: all: "
                                                   f"{','.join(SETUPS)}; with --quick: {','.join(QUICK_SETUPS)})")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny traffic, numbers mean nothing")
+    p.add_argument("--engine", choices=ENGINES, default=SIM.name,
+                   help="the simulator, or a real vLLM on the CPU with the scenario scaled to it (default: %(default)s)")
     d = Scenario()
     p.add_argument("--seed", type=int, help=f"seed of arrivals and prompts (default: {d.seed})")
     p.add_argument("--steady-rate", type=float, help=f"steady req/s (default: {d.steady_rate:g})")
@@ -93,7 +101,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="sent with every steady request, in every set-up (e.g. x-kvgate-priority=high)")
     p.add_argument("--burst-header", type=_header, action="append", default=[], metavar="NAME=VALUE",
                    help="sent with every burst request, in every set-up")
-    p.add_argument("--plots", type=Path, metavar="DIR", help=f"write {PLOT_NAME} there (e.g. docs)")
+    p.add_argument("--plots", type=Path, metavar="DIR",
+                   help=f"write {', '.join(e.plot_name for e in ENGINES.values())} (by engine) there (e.g. docs)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = p.parse_args(argv)
     args.setups = args.setups or (QUICK_SETUPS if args.quick else list(SETUPS))
@@ -101,7 +110,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def scenario_of(args: argparse.Namespace) -> Scenario:
-    base = QUICK if args.quick else Scenario()
+    base = (VLLM_QUICK if args.quick else VLLM_SEED) if args.engine == "vllm" else QUICK if args.quick else Scenario()
     given = {"seed": args.seed, "steady_rate": args.steady_rate, "burst_count": args.burst_count,
              "duration_s": args.duration}
     s = replace(base, **{k: v for k, v in given.items() if v is not None})
@@ -110,30 +119,31 @@ def scenario_of(args: argparse.Namespace) -> Scenario:
     return s
 
 
-async def _drive(target: Target, plan: list[Planned], s: Scenario,
+async def _drive(target: Target, engine: Engine, plan: list[Planned], s: Scenario,
                  headers: Mapping[str, Mapping[str, str]]) -> tuple[list[RequestResult], list[EngineSample], int]:
-    """The traffic of one run, with the engine sampled throughout; the engine's KV-exhaustion events
-    are read before and after."""
+    """The traffic of one run, with the engine sampled throughout; the engine's exhaustion counter is
+    read before and after."""
     loop = asyncio.get_running_loop()
+    counter = engine.metrics.exhaustion
     async with aiohttp.ClientSession() as session:
-        before = (await fetch(session, target.engine_metrics_url, [EXHAUSTION]))[EXHAUSTION]
+        before = (await fetch(session, target.engine_metrics_url, [counter]))[counter]
         samples: list[EngineSample] = []
         t0 = loop.time() + _START_SLACK_S
-        sampler = asyncio.create_task(sample_engine(session, target.engine_metrics_url, target.ledger_metrics_url,
-                                                    t0, SAMPLE_EVERY_S, samples))
+        sampler = asyncio.create_task(sample_engine(session, engine.metrics, target.engine_metrics_url,
+                                                    target.ledger_metrics_url, t0, SAMPLE_EVERY_S, samples))
         try:
             recordings = await run_load(target.url, plan, headers, t0, s.give_up_s,
                                         stop_at=t0 + s.duration_s + s.drain_s)
         finally:
             sampler.cancel()
-        after = (await fetch(session, target.engine_metrics_url, [EXHAUSTION]))[EXHAUSTION]
+        after = (await fetch(session, target.engine_metrics_url, [counter]))[counter]
     return [RequestResult.of(r, s) for r in recordings], samples, int(after - before)
 
 
-def measure(setup: Setup, catalog_data: dict[str, Any], plan: list[Planned], s: Scenario,
+def measure(setup: Setup, engine: Engine, catalog_data: dict[str, Any], plan: list[Planned], s: Scenario,
             headers: Mapping[str, Mapping[str, str]], run_dir: Path) -> Run:
     started_at = time.monotonic()
-    with started(setup.path, parse_catalog(catalog_data), run_dir / setup.name) as target:
+    with started(setup.path, parse_catalog(catalog_data), run_dir / setup.name, engine) as target:
         before = cpu.snapshot(target.pids)
         # Objects alive now never need collecting again: frozen, full collections during the run stay
         # short (the client's own GC pauses would otherwise land in some set-up's latencies).
@@ -141,11 +151,28 @@ def measure(setup: Setup, catalog_data: dict[str, Any], plan: list[Planned], s: 
         gc.freeze()
         try:
             requests, samples, exhaustion = asyncio.run(
-                _drive(target, plan if setup.burst else without_burst(plan), s, headers))
+                _drive(target, engine, plan if setup.burst else without_burst(plan), s, headers))
         finally:
             gc.unfreeze()
         cpu_s = cpu.spent(before, cpu.snapshot(target.pids))
     return Run(setup, requests, samples, exhaustion, cpu_s, time.monotonic() - started_at)
+
+
+def vllm_chat_tokens() -> Callable[[Sequence[dict[str, str]]], int]:
+    """vLLM's count of a chat's prompt tokens: the tiny Llama's template rendered, then tokenized."""
+    template = read_template(DEFAULT_MODEL_DIR / "tokenizer.json")
+    assert template is not None
+    chat, tokenizer = ChatTemplate(template), Tokenizer.from_file(str(DEFAULT_MODEL_DIR / "tokenizer.json"))
+    return lambda messages: len(tokenizer.encode(chat.render({"messages": list(messages)}),
+                                                 add_special_tokens=False).ids)
+
+
+def plan_and_catalog(engine: Engine, s: Scenario, extra: dict[str, Any]) -> tuple[list[Planned], dict[str, Any]]:
+    if engine.name == "vllm":
+        build_model(DEFAULT_MODEL_DIR, install())  # before anything is timed; a no-op once done
+        return build_plan(s, VLLM_MODEL, vllm_chat_tokens(), VLLM_FIELDS), vllm_catalog(DEFAULT_MODEL_DIR, s, extra)
+    plan = build_plan(s)
+    return plan, catalog(plan, extra)
 
 
 def _progress(run: Run, s: Scenario) -> str:
@@ -162,27 +189,28 @@ def main(argv: list[str] | None = None) -> SpikeReport:
     loadavg = Path("/proc/loadavg").read_text().strip()
     machine = describe(envoy_binary())
     s = scenario_of(args)
-    plan = build_plan(s)
-    catalog_data = catalog(plan, args.kvgate_catalog_extra)
+    engine = ENGINES[args.engine]
+    plan, catalog_data = plan_and_catalog(engine, s, args.kvgate_catalog_extra)
     headers = {STEADY: dict(args.steady_header), BURST: dict(args.burst_header)}
     run_dir = Path(tempfile.mkdtemp(prefix="kvgate-spike-"))
     runs: list[Run] = []
     try:
         for name in args.setups:
-            runs.append(measure(SETUPS[name], catalog_data, plan, s, headers, run_dir))
+            runs.append(measure(SETUPS[name], engine, catalog_data, plan, s, headers, run_dir))
             print(_progress(runs[-1], s), file=sys.stderr, flush=True)
     except BaseException:
         print(f"process logs kept in {run_dir}", file=sys.stderr)
         raise
     shutil.rmtree(run_dir)
     summaries = with_ratios([summarize(r, s) for r in runs])
-    report = SpikeReport(command=shlex.join([sys.executable, "-m", "bench.spike", *argv]), machine=machine,
-                         loadavg_before=loadavg, scenario=s, catalog=catalog_data, summaries=summaries,
-                         goals=goals(summaries), runs=runs, wall_s=time.monotonic() - started_at)
+    report = SpikeReport(command=shlex.join([sys.executable, "-m", "bench.spike", *argv]), engine=engine.name,
+                         exhaustion=engine.exhaustion, machine=machine, loadavg_before=loadavg, scenario=s,
+                         catalog=catalog_data, summaries=summaries, goals=goals(summaries, engine.exhaustion),
+                         runs=runs, wall_s=time.monotonic() - started_at)
     if args.plots:
         from bench.spike_plot import plot  # matplotlib only when a plot is asked for
 
-        print(f"plot: {plot(runs, s, args.plots / PLOT_NAME)}", file=sys.stderr)
+        print(f"plot: {plot(runs, s, args.plots / engine.plot_name)}", file=sys.stderr)
     print(to_json(report) if args.json else render(report))
     return report
 

@@ -75,7 +75,7 @@ class Run:
     setup: Setup
     requests: list[RequestResult]
     samples: list[EngineSample]
-    exhaustion_events: int  # the engine's kvgate_sim_kv_exhaustion_events_total over the run
+    exhaustion_events: int  # the engine's exhaustion counter over the run: the simulator's events, vLLM's preemptions
     cpu_s: dict[str, float]  # role -> CPU seconds during the run
     wall_s: float
 
@@ -109,6 +109,7 @@ class Summary:
     kv_mean: float  # engine KV utilisation sampled in the measured window
     kv_peak: float
     waiting_peak: int  # engine queue, over the whole run
+    capacity_wait_s: float  # request-seconds spent queued at the engine for KV blocks, over the whole run
     client_lag_max_ms: float  # worst delay between a request's due time and its sending
     cpu_s: dict[str, float]
     wall_s: float
@@ -150,6 +151,7 @@ def summarize(run: Run, s: Scenario) -> Summary:
                                 if r.outcome == REFUSED and r.answered_s is not None), default=math.nan),
         kv_mean=sum(kv) / len(kv) if kv else math.nan, kv_peak=max(kv, default=math.nan),
         waiting_peak=max((x.waiting for x in run.samples), default=0),
+        capacity_wait_s=sum(a.capacity_waiting * (b.t_s - a.t_s) for a, b in zip(run.samples, run.samples[1:])),
         client_lag_max_ms=1000 * max(lags, default=0.0), cpu_s=run.cpu_s, wall_s=run.wall_s)
 
 
@@ -169,17 +171,19 @@ class Goal:
     met: bool | None  # None: a set-up it needs was not run
 
 
-def goals(summaries: Sequence[Summary]) -> list[Goal]:
-    """The issue's goals for kvgate, against its own no-burst run and the two other set-ups."""
+def goals(summaries: Sequence[Summary], exhaustion: str = "KV exhaustion events") -> list[Goal]:
+    """The issue's goals for kvgate, against its own no-burst run and the two other set-ups; `exhaustion`
+    names what the engine's exhaustion counter counts."""
     by = {x.name: x for x in summaries}
     k, base = by.get("kvgate"), by.get(BASELINE)
+    first = f"zero {exhaustion} at the engine"
     if k is None or base is None:
         missing = "needs the kvgate and kvgate-noburst set-ups"
-        return [Goal(g, missing, None) for g in ("zero KV exhaustion at the engine", "steady p99 TTFT <= 1.5x no-burst",
+        return [Goal(g, missing, None) for g in (first, "steady p99 TTFT <= 1.5x no-burst",
                                                  "goodput >= 95% of no-burst", "goodput above (1) and (2)")]
     others = [by[n] for n in ("envoy", "shedding") if n in by]
     return [
-        Goal("zero KV exhaustion at the engine", f"{k.exhaustion_events} events", k.exhaustion_events == 0),
+        Goal(first, f"{k.exhaustion_events} {exhaustion}", k.exhaustion_events == 0),
         Goal("steady p99 TTFT <= 1.5x no-burst",
              f"{_ms(k.ttft_p99_ms)} vs {_ms(base.ttft_p99_ms)} ms ({_x(k.ttft_p99_ratio)})",
              k.ttft_p99_ratio <= 1.5),
@@ -195,6 +199,8 @@ def goals(summaries: Sequence[Summary]) -> list[Goal]:
 @dataclass(frozen=True)
 class SpikeReport:
     command: str
+    engine: str  # bench/spike_engines.py's name
+    exhaustion: str  # what the engine's exhaustion counter counts, as the tables name it
     machine: Machine
     loadavg_before: str
     scenario: Scenario
@@ -217,10 +223,10 @@ def _pct(v: float) -> str:
     return "-" if math.isnan(v) else f"{100 * v:.0f}%"
 
 
-def _main_table(xs: Sequence[Summary]) -> str:
+def _main_table(xs: Sequence[Summary], exhaustion: str) -> str:
     return markdown_table(
         ["set-up", "steady reqs", "TTFT p50 ms", "TTFT p99 ms", "p99 vs no-burst", "ITL p50 ms", "ITL p99 ms",
-         "goodput req/s", "goodput vs no-burst", "KV exhaustion events", "refused steady", "refused burst",
+         "goodput req/s", "goodput vs no-burst", exhaustion, "refused steady", "refused burst",
          "failed steady"],
         [[x.label, str(x.steady_measured), _ms(x.ttft_p50_ms), _ms(x.ttft_p99_ms), _x(x.ttft_p99_ratio),
           _ms(x.itl_p50_ms), _ms(x.itl_p99_ms), f"{x.goodput_rps:.3f}", _pct(x.goodput_ratio),
@@ -232,13 +238,14 @@ def _detail_table(xs: Sequence[Summary]) -> str:
     return markdown_table(
         ["set-up", "steady failed: gave up / cut / error", "burst sent: refused / gave up / done / cut",
          "slowest refusal s", "worst-gap p99 ms", "engine KV mean", "engine KV peak", "engine waiting peak",
-         "client lag max ms", *(f"CPU s {r}" for r in roles), "wall s"],
+         "waiting for KV, request-s", "client lag max ms", *(f"CPU s {r}" for r in roles), "wall s"],
         [[x.label, f"{x.gave_up_steady} / {x.unfinished_steady} / "
                    f"{x.failed_steady - x.gave_up_steady - x.unfinished_steady}",
           f"{x.burst_sent}: {x.refused_burst} / {x.burst_gave_up} / {x.burst_done} / {x.burst_cut}"
           if x.burst else "-", "-" if math.isnan(x.refusal_wait_max_s) else f"{x.refusal_wait_max_s:.2f}",
           _ms(x.gap_p99_ms),
-          _pct(x.kv_mean), _pct(x.kv_peak), str(x.waiting_peak), f"{x.client_lag_max_ms:.1f}",
+          _pct(x.kv_mean), _pct(x.kv_peak), str(x.waiting_peak), f"{x.capacity_wait_s:.1f}",
+          f"{x.client_lag_max_ms:.1f}",
           *(f"{x.cpu_s[r]:.1f}" if r in x.cpu_s else "-" for r in roles), f"{x.wall_s:.0f}"] for x in xs])
 
 
@@ -260,14 +267,14 @@ def render(report: SpikeReport) -> str:
         f"SLO: finished, TTFT < {1000 * s.slo_ttft_s:g} ms and mean ITL < {1000 * s.slo_itl_s:g} ms; goodput = "
         f"steady requests meeting it per second of the window. Clients give up after {s.give_up_s:g} s without a "
         f"token. Ratios are against \"{BASELINE}\".",
-        _main_table(report.summaries),
+        _main_table(report.summaries, report.exhaustion),
         "TTFT counts from when a request was due; ∞: the percentile fell on a request that never got a token "
         "(gave up or still waiting at the end). ITL: each request's mean gap between tokens.",
         _detail_table(report.summaries),
         "Refusals (kind, status, code): " + ("; ".join(codes) if codes else "none"),
         "### Goals",
         _goals_table(report.goals),
-        "\n".join([f"command: {report.command}", f"date: {m.date}", f"load average before: {report.loadavg_before}",
+        "\n".join([f"command: {report.command}", f"engine: {report.engine}", f"date: {m.date}", f"load average before: {report.loadavg_before}",
                    f"run took: {report.wall_s:.0f} s", f"nproc: {m.nproc}", f"CPU: {m.cpu_model}",
                    f"memory: {m.memory_gib} GiB", f"Python: {m.python}", f"Envoy: {m.envoy}"]),
     ]

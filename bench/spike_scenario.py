@@ -4,13 +4,18 @@ Steady traffic is a seeded Poisson stream of chat requests for 512 output tokens
 handful of requests for 4,000 output tokens arriving within a short window after a warm-up. The
 steady stream and the burst come from two independent random streams, so the plan without the burst
 is the same steady traffic, request for request (`without_burst`).
+
+The same scenario scaled to a real vLLM on this machine's CPU (`VLLM_SEED`, `vllm_catalog`): the tiny
+Llama of engines/real/vllm.py with a cache of the same proportions, in blocks, as the simulator's.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -18,6 +23,7 @@ import orjson
 from engines.sim.text import VOCAB, count_chat_tokens, count_prompt_tokens
 
 MODEL = "llama-2-7b"
+VLLM_MODEL = "tiny-llama"  # engines/real/vllm.py's served name
 STEADY, BURST = "steady", "burst"
 
 
@@ -51,6 +57,21 @@ class Scenario:
 QUICK = Scenario(steady_rate=3.0, steady_output_tokens=24, prompt_words=(40, 80), burst_count=5,
                  burst_start_s=1.0, burst_window_s=0.5, duration_s=3.0, drain_s=2.0, give_up_s=2.0)
 
+# The seed scenario on vLLM (VLLM_BLOCKS blocks of 32 tokens, the tiny Llama's tokenizer making about
+# three tokens of each of the scenario's words): a steady request (a ~240-token prompt, 128 output
+# tokens) holds ~12 blocks, 5% of the cache, for a second or so; 2 req/s is what vLLM on two CPU cores,
+# which it shares with Envoy, ext_proc and the client (its worker alone spins one), serves comfortably.
+# A burst request (~1,750 output tokens) holds ~62 blocks, 26%, and the 8 of the burst claim 2.1
+# caches, as the seed's do on the simulator.
+VLLM_BLOCKS = 240
+VLLM_CONTEXT = 2048
+# The tiny Llama's random weights end a generation at any step: every request asks for all its tokens.
+VLLM_FIELDS = {"ignore_eos": True}
+VLLM_SEED = Scenario(steady_rate=2.0, steady_output_tokens=128, prompt_words=(20, 40), burst_output_tokens=1750)
+VLLM_QUICK = Scenario(steady_rate=4.0, steady_output_tokens=16, prompt_words=(10, 20), burst_count=5,
+                      burst_output_tokens=1750, burst_start_s=1.0, burst_window_s=0.5, duration_s=3.0, drain_s=2.0,
+                      give_up_s=5.0)
+
 
 @dataclass(frozen=True)
 class Planned:
@@ -58,9 +79,17 @@ class Planned:
     kind: str  # STEADY or BURST
     due_s: float  # from the start of the run
     max_tokens: int
-    prompt_tokens: int  # as the simulated engine counts them
+    prompt_tokens: int  # as the engine counts them
     content_bytes_per_token: float  # UTF-8 bytes of the message contents per simulator token
     body: bytes
+
+
+# Prompt tokens of a chat's messages, as the engine counts them.
+ChatCounter = Callable[[Sequence[dict[str, str]]], int]
+
+
+def sim_chat_tokens(messages: Sequence[dict[str, str]]) -> int:
+    return count_chat_tokens([m["content"] for m in messages])
 
 
 # Shared by every request, as a deployment's system prompt is.
@@ -71,18 +100,20 @@ def _words(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(VOCAB) for _ in range(n))
 
 
-def _request(index: int, kind: str, due_s: float, max_tokens: int, system: str, user: str) -> Planned:
+def _request(index: int, kind: str, due_s: float, max_tokens: int, system: str, user: str, model: str,
+             count: ChatCounter, fields: dict[str, Any]) -> Planned:
     contents = [system, user]
-    body = orjson.dumps({"model": MODEL, "stream": True, "max_tokens": max_tokens,
-                         "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]})
-    return Planned(index=index, kind=kind, due_s=due_s, max_tokens=max_tokens,
-                   prompt_tokens=count_chat_tokens(contents),
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    body = orjson.dumps({"model": model, "stream": True, "max_tokens": max_tokens, "messages": messages, **fields})
+    return Planned(index=index, kind=kind, due_s=due_s, max_tokens=max_tokens, prompt_tokens=count(messages),
                    content_bytes_per_token=min(len(c.encode()) / count_prompt_tokens(c) for c in contents),
                    body=body)
 
 
-def build_plan(s: Scenario) -> list[Planned]:
-    """Every request of the run with the burst, by due time."""
+def build_plan(s: Scenario, model: str = MODEL, count: ChatCounter = sim_chat_tokens,
+               fields: dict[str, Any] | None = None) -> list[Planned]:
+    """Every request of the run with the burst, by due time, for `model`, whose engine counts prompts
+    with `count`; `fields` go into every body."""
     system = _words(random.Random(f"{s.seed}-system"), _SYSTEM_WORDS)
     steady_rng, burst_rng = random.Random(f"{s.seed}-steady"), random.Random(f"{s.seed}-burst")
     timed: list[tuple[float, str, str]] = []
@@ -95,7 +126,8 @@ def build_plan(s: Scenario) -> list[Planned]:
         timed.append((due, BURST, _words(burst_rng, burst_rng.randint(*s.prompt_words))))
     timed.sort()
     out = {STEADY: s.steady_output_tokens, BURST: s.burst_output_tokens}
-    return [_request(i, kind, due, out[kind], system, user) for i, (due, kind, user) in enumerate(timed)]
+    return [_request(i, kind, due, out[kind], system, user, model, count, fields or {})
+            for i, (due, kind, user) in enumerate(timed)]
 
 
 def without_burst(plan: list[Planned]) -> list[Planned]:
@@ -136,5 +168,18 @@ def catalog(plan: list[Planned], extra: dict[str, Any] | None = None) -> dict[st
         # memory-bound), prefill ~0.1 ms per prompt token.
         "sim": {"ttft_base_ms": 20, "ttft_per_token_ms": 0.1, "itl_ms": 10, "batch_slowdown": 0.02,
                 "on_full": "queue"},
+    }
+    return {"models": [_merge(model, extra or {})]}
+
+
+def vllm_catalog(model_dir: Path, s: Scenario, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The catalog of the tiny Llama behind vLLM: its cache of VLLM_BLOCKS blocks (vLLM keeps one aside,
+    and ext_proc reads that from the engine), its context, its tokenizer and chat template (exact
+    prompt counts), vLLM's KV rules. kvgate's defaults for everything else."""
+    model = {
+        "name": VLLM_MODEL, "endpoints": ["sim"], "engine": "vllm", "max_context_tokens": VLLM_CONTEXT,
+        "max_output_tokens": max(s.burst_output_tokens, s.steady_output_tokens), "tokens_per_block": 32,
+        "tokenizer": str(model_dir / "tokenizer.json"),
+        "kv": {"config_json": str(model_dir / "config.json"), "budget_per_endpoint": VLLM_BLOCKS * 32 * 512},
     }
     return {"models": [_merge(model, extra or {})]}

@@ -1,5 +1,5 @@
-"""The data paths bench/spike compares, each started fresh with its own simulated engine (identical
-config: kvgate.cli.gateway.sim_argv of the same catalog entry) and stopped on exit:
+"""The data paths bench/spike compares, each started fresh with its own engine (the simulator or vLLM,
+bench/spike_engines.py: identical, from the same catalog entry) and stopped on exit:
 
 - envoy: Envoy alone, routing straight to the engine (envoy/bench-baseline.yaml, as bench/overhead).
 - shedding: the same Envoy with the ext_proc filter kvgate uses, calling bench/spike_shedding.py.
@@ -9,28 +9,23 @@ config: kvgate.cli.gateway.sim_argv of the same catalog entry) and stopped on ex
 from __future__ import annotations
 
 import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import orjson
 import yaml
 
 from bench.cpu import SELF
+from bench.spike_engines import HOST, Engine, status, wait
 from bench.targets import render_baseline
-from kvgate.catalog import Address, Catalog, Model
+from kvgate.catalog import Address, Catalog
 from kvgate.cli.envoy_bootstrap import envoy_binary
-from kvgate.cli.gateway import Gateway, NotReady, health_url, probe, sim_argv
+from kvgate.cli.gateway import Gateway, probe
 from kvgate.cli.processes import Supervisor, free_port
 from xds_server.render.resources import ext_proc_cluster, ext_proc_filter
 from xds_server.settings import GatewaySettings
 
-HOST = "127.0.0.1"
 ENVOY, SHEDDING, KVGATE = "envoy", "shedding", "kvgate"
 
 
@@ -61,8 +56,8 @@ class Target:
 
 def _role(child_name: str) -> str:
     """Process roles by child name, alike in every set-up (the comparator is the ext_proc role)."""
-    for prefix, role in (("sim", "sim"), ("envoy", "envoy"), ("ext_proc", "ext_proc"), ("shedder", "ext_proc"),
-                         ("xds_server", "xds_server")):
+    for prefix, role in (("sim", "sim"), ("vllm", "vllm"), ("envoy", "envoy"), ("ext_proc", "ext_proc"),
+                         ("shedder", "ext_proc"), ("xds_server", "xds_server")):
         if child_name.startswith(prefix):
             return role
     return child_name
@@ -70,28 +65,6 @@ def _role(child_name: str) -> str:
 
 def _pids(supervisor: Supervisor) -> dict[str, int]:
     return {"client": SELF, **{_role(c.name): c.proc.pid for c in supervisor.children}}
-
-
-def _status(url: str, body: dict[str, Any] | None = None) -> int:
-    """HTTP status of one GET (or POST of `body`); 0 when nothing answered."""
-    data = orjson.dumps(body) if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError):
-        return 0
-
-
-def _wait(supervisor: Supervisor, ready: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not ready():
-        supervisor.check()
-        if time.monotonic() > deadline:
-            raise NotReady(f"{what} not ready after {timeout_s} s (logs in {supervisor.log_dir})")
-        time.sleep(0.05)
 
 
 def with_ext_proc(envoy_config: str, ext_proc: Address) -> str:
@@ -107,56 +80,48 @@ def with_ext_proc(envoy_config: str, ext_proc: Address) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def _engine_metrics(engine: Address) -> str:
-    return f"http://{engine}/prometheus/metrics"
+def _static(path: str, catalog: Catalog, engine: Address, metrics_url: str, run_dir: Path,
+            supervisor: Supervisor, kind: Engine) -> Target:
+    listen, admin = free_port(), free_port()
+    # The baseline also routes gRPC to a Triton engine; none here, so that unused route points at the
+    # same engine.
+    config = render_baseline(listen_port=listen, admin_port=admin, openai=engine,
+                             triton=Address(host=engine.host, port=engine.port, grpc_port=engine.port))
+    if path == SHEDDING:
+        shedder = Address(host=HOST, port=free_port())
+        supervisor.start("shedder", [sys.executable, "-m", "bench.spike_shedding", "--port", str(shedder.port),
+                                     "--engine-metrics", metrics_url, "--kv-metric", kind.metrics.kv_utilization,
+                                     "--waiting-metric", kind.metrics.waiting])
+        config = with_ext_proc(config, shedder)
+    (run_dir / "envoy.yaml").write_text(config)
+    supervisor.start("envoy", [envoy_binary(), "-c", str(run_dir / "envoy.yaml"), "--log-level", "warn",
+                               "--disable-hot-restart"])
+    url = f"http://{HOST}:{listen}"
+    # A one-token request through the whole path (for shedding: once it has scraped the engine).
+    wait(supervisor, lambda: status(*probe(url, catalog.models[0])) == 200, path)
+    return Target(url, metrics_url, None, _pids(supervisor))
 
 
 @contextmanager
-def _static(path: str, model: Model, run_dir: Path) -> Iterator[Target]:
+def started(path: str, catalog: Catalog, run_dir: Path, kind: Engine) -> Iterator[Target]:
+    """One data path to the catalog's (single) model, with a fresh engine behind it, ready for traffic.
+    The catalog's `sim` endpoint stands for that engine."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = catalog.models[0]
     supervisor = Supervisor(run_dir)
     try:
-        engine = Address(host=HOST, port=free_port())
-        supervisor.start("sim", sim_argv(model, engine))
-        _wait(supervisor, lambda: _status(health_url(model, engine)) == 200, "simulated engine")
-        listen, admin = free_port(), free_port()
-        # The baseline also routes gRPC to a Triton engine; none here, so that unused route points at
-        # the same engine.
-        config = render_baseline(listen_port=listen, admin_port=admin, openai=engine,
-                                 triton=Address(host=engine.host, port=engine.port, grpc_port=engine.port))
-        if path == SHEDDING:
-            shedder = Address(host=HOST, port=free_port())
-            supervisor.start("shedder", [sys.executable, "-m", "bench.spike_shedding", "--port", str(shedder.port),
-                                         "--engine-metrics", _engine_metrics(engine)])
-            config = with_ext_proc(config, shedder)
-        (run_dir / "envoy.yaml").write_text(config)
-        supervisor.start("envoy", [envoy_binary(), "-c", str(run_dir / "envoy.yaml"), "--log-level", "warn",
-                                   "--disable-hot-restart"])
-        url = f"http://{HOST}:{listen}"
-        # A one-token request through the whole path (for shedding: once it has scraped the engine).
-        _wait(supervisor, lambda: _status(*probe(url, model)) == 200, path)
-        yield Target(url, _engine_metrics(engine), None, _pids(supervisor))
+        with kind.started(model, run_dir, supervisor) as engine:
+            metrics_url = f"http://{engine}{kind.metrics.path}"
+            if path != KVGATE:
+                yield _static(path, catalog, engine, metrics_url, run_dir, supervisor, kind)
+                return
+            gateway = Gateway(catalog.with_endpoints({model.name: [engine]}), run_dir=run_dir / "gateway",
+                              port=free_port())
+            gateway.start()  # ready: a request went through to the engine; stops everything if it fails
+            try:
+                yield Target(gateway.url, metrics_url, gateway.ext_proc_metrics_url,
+                             {**_pids(supervisor), **_pids(gateway.supervisor)})
+            finally:
+                gateway.stop()
     finally:
         supervisor.stop_all()
-
-
-@contextmanager
-def _kvgate(catalog: Catalog, run_dir: Path) -> Iterator[Target]:
-    gateway = Gateway(catalog, run_dir=run_dir, port=free_port())
-    gateway.start()  # ready: a request went through to the engine; stops everything if it fails
-    try:
-        (engine,) = gateway.sims[catalog.models[0].name]
-        yield Target(gateway.url, _engine_metrics(engine), gateway.ext_proc_metrics_url, _pids(gateway.supervisor))
-    finally:
-        gateway.stop()
-
-
-@contextmanager
-def started(path: str, catalog: Catalog, run_dir: Path) -> Iterator[Target]:
-    """One data path to the catalog's (single) model, ready for traffic."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if path == KVGATE:
-        with _kvgate(catalog, run_dir) as target:
-            yield target
-    else:
-        with _static(path, catalog.models[0], run_dir) as target:
-            yield target

@@ -1,7 +1,8 @@
 """`python -m bench.spike_shedding`: the comparator of bench/spike, an Envoy ext_proc that sheds load
 the way the Gateway API Inference Extension's endpoint picker does with its saturation detector.
 
-It scrapes the engine's Prometheus metrics every 50 ms (the picker's default --refresh-metrics-interval)
+It scrapes the engine's Prometheus metrics every 50 ms (the picker's default --refresh-metrics-interval;
+trtllm-serve's names by default, vLLM's with --kv-metric and --waiting-metric, the picker's own source)
 and refuses a request with 429 when the engine looks saturated: KV-cache utilisation >= 0.8, or
 >= 5 requests waiting, or metrics older than 200 ms (the picker's defaults:
 DefaultKVCacheUtilThreshold, DefaultQueueDepthThreshold, DefaultMetricsStalenessThreshold).
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import grpc
 
-from bench.spike_metrics import KV_UTILIZATION, WAITING, fetch
+from bench.spike_metrics import SIM_METRICS, fetch
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import BodyResponse, ProcessingRequest, ProcessingResponse
 from ext_proc.admission import Refusal
@@ -87,18 +88,19 @@ class Shedder(external_processor_pb2_grpc.ExternalProcessorServicer):
                                          type_="rate_limit_error"), Convention.OPENAI)
 
 
-async def scrape(url: str, every_s: float, state: EngineState) -> None:
-    """Refreshes `state` every `every_s` (start to start) until cancelled; a failed scrape leaves it
-    to go stale."""
+async def scrape(url: str, names: tuple[str, str], every_s: float, state: EngineState) -> None:
+    """Refreshes `state` every `every_s` (start to start) until cancelled from the engine's KV utilisation
+    and queue depth (`names`); a failed scrape leaves it to go stale."""
+    kv, waiting = names
     async with aiohttp.ClientSession() as session:
         while True:
             started = time.monotonic()
             try:
-                values = await fetch(session, url, (KV_UTILIZATION, WAITING))
+                values = await fetch(session, url, names)
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 pass
             else:
-                state.kv_utilization, state.waiting = values[KV_UTILIZATION], values[WAITING]
+                state.kv_utilization, state.waiting = values[kv], values[waiting]
                 state.scraped_at = time.monotonic()
             await asyncio.sleep(max(0.0, started + every_s - time.monotonic()))
 
@@ -109,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True, help="gRPC port Envoy's ext_proc filter calls")
     p.add_argument("--engine-metrics", required=True, help="the engine's Prometheus URL")
+    p.add_argument("--kv-metric", default=SIM_METRICS.kv_utilization, help="KV utilisation gauge (default: %(default)s)")
+    p.add_argument("--waiting-metric", default=SIM_METRICS.waiting, help="queue depth gauge (default: %(default)s)")
     p.add_argument("--interval-ms", type=float, default=50.0, help="scrape interval (default: %(default)s)")
     defaults = Thresholds()
     p.add_argument("--kv-threshold", type=float, default=defaults.kv_utilization, help="(default: %(default)s)")
@@ -126,7 +130,8 @@ async def run(args: argparse.Namespace) -> int:
         print(f"cannot bind {args.host}:{args.port}", file=sys.stderr)
         return 2
     await server.start()
-    scraper = asyncio.create_task(scrape(args.engine_metrics, args.interval_ms / 1000, state))
+    scraper = asyncio.create_task(scrape(args.engine_metrics, (args.kv_metric, args.waiting_metric),
+                                         args.interval_ms / 1000, state))
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)

@@ -24,6 +24,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from ext_proc.ledger import Ledgers
 from ext_proc.metrics import registry_for
 from ext_proc.policy import Policy
+from ext_proc.prompt_gap import PromptGap
 from ext_proc.reconcile import Reconciler
 from ext_proc.scraper import EngineScraper
 from ext_proc.server import ExtProcServicer
@@ -125,8 +126,10 @@ async def run(args: argparse.Namespace) -> int:
     ledgers = Ledgers(share=INITIAL_SHARE)
     table = AdmissionState(ledgers, max_waiting=args.max_waiting)
     registry, decisions = registry_for(ledgers, table.queue_lengths)
-    servicer = ExtProcServicer(table, decisions, log=log)
-    reconciler = Reconciler(table, EngineScraper(log=log))
+    gap = PromptGap()
+    registry.register(gap)
+    servicer = ExtProcServicer(table, decisions, log=log, prompt_gap=gap)
+    reconciler = Reconciler(table, EngineScraper(log=log), prompt_gap=gap)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", args.max_message_bytes),
                                       ("grpc.max_send_message_length", args.max_message_bytes)])
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(servicer, server)

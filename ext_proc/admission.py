@@ -27,6 +27,7 @@ class Plan:
     nbytes: int
     long: bool  # claims more than the policy's long-request threshold of the largest endpoint
     tokens: int  # prompt + output tokens of every sequence: what a tokens-per-minute limit charges
+    prompt_tokens_total: int = 0  # prompt tokens of every sequence: what the engine will prefill
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,11 @@ def plan(req: LLMRequest, policy: Policy, counter: TokenCounter | None) -> Plan 
                        f"your prompt may use up to {longest} tokens, leaving no room "
                        "for output. Please reduce the length of the prompt.", param=req.prompt_param)
     max_tokens = min(req.requested_max_tokens or policy.max_output_tokens, policy.max_output_tokens, room)
+    # Blocks as the engine takes them: for the longest the sequence can get (the clamp keeps it within
+    # the context), rounded up to whole blocks.
     nbytes = req.sequences_per_prompt * sum(
-        reservation_bytes(p + max_tokens, policy.tokens_per_block, policy.kv_bytes_per_token) for p in prompts)
+        reservation_bytes(policy.sequence_tokens(p, max_tokens), policy.tokens_per_block, policy.kv_bytes_per_token)
+        for p in prompts)
     if nbytes > policy.largest_budget:
         # Would never fit, however long the client waits: a 429 would only invite retries.
         return Refusal(400, "request_too_large",
@@ -58,21 +62,25 @@ def plan(req: LLMRequest, policy: Policy, counter: TokenCounter | None) -> Plan 
                        f"{policy.name!r} holds ({policy.largest_budget}). Send fewer prompts or a smaller n.")
     return Plan(max_tokens=max_tokens, prompt_tokens=longest, nbytes=nbytes,
                 long=nbytes > policy.long_request_threshold * policy.largest_budget,
-                tokens=req.sequences_per_prompt * sum(p + max_tokens for p in prompts))
+                tokens=req.sequences_per_prompt * sum(p + max_tokens for p in prompts),
+                prompt_tokens_total=req.sequences_per_prompt * sum(prompts))
 
 
-def _long_ok(ledger: Ledger, p: Plan, policy: Policy) -> bool:
-    """Long requests share at most max_share of the endpoint; one alone may take more, or a
-    request bigger than that share could never run."""
-    return (not p.long or ledger.reserved_long == 0
+def _long_ok(ledger: Ledger, p: Plan, policy: Policy, now: float) -> bool:
+    """Long requests share at most max_share of the endpoint while short ones use it (one holds budget,
+    or did within the policy's window): the cap keeps room for them. One long request alone may take
+    more, or a request bigger than that share could never run; and with no short traffic to protect, a
+    flood of long requests may fill the engine rather than leave it idle."""
+    short_traffic = ledger.reserved > ledger.reserved_long or now - ledger.short_at < policy.long_requests_short_window_s
+    return (not p.long or ledger.reserved_long == 0 or not short_traffic
             or ledger.reserved_long + p.nbytes <= policy.long_requests_max_share * ledger.capacity)
 
 
-def choose(ledgers: list[Ledger], p: Plan, policy: Policy) -> Ledger | None:
+def choose(ledgers: list[Ledger], p: Plan, policy: Policy, now: float) -> Ledger | None:
     """Of the endpoints the request fits, those of the first failover level (primary before
     overflow); of those, the one with the most headroom; ties go to the one with the fewest requests
     in flight, then to the catalog's order."""
-    fitting = [lg for lg in ledgers if lg.fits(p.nbytes) and _long_ok(lg, p, policy)]
+    fitting = [lg for lg in ledgers if lg.fits(p.nbytes) and _long_ok(lg, p, policy, now)]
     level = {e.address: e.priority for e in policy.endpoints}
     return max(fitting, key=lambda lg: (-level.get(lg.endpoint, 0), lg.headroom, -lg.active), default=None)
 
@@ -85,7 +93,7 @@ def admit(p: Plan, policy: Policy, ledgers: list[Ledger], now: float, ttl_s: flo
                        f"This request may claim {p.nbytes} bytes of KV cache, more than this gateway replica "
                        f"may hand out on any engine of model {policy.name!r} "
                        f"({max(lg.capacity for lg in ledgers)}). Send fewer prompts or a smaller n.")
-    ledger = choose(ledgers, p, policy)
+    ledger = choose(ledgers, p, policy, now)
     return None if ledger is None else ledger.try_reserve(p.nbytes, now, ttl_s, p.long)
 
 

@@ -9,10 +9,12 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from ext_proc import openai_protocol, triton_grpc, triton_http
+from ext_proc import (anthropic_protocol, embeddings, openai_protocol, responses_api, routed_calls, triton_grpc,
+                      triton_http)
 from ext_proc.request import Parsed
 from kvgate.openai_models import MODELS_PATH
-from kvgate.wire import TRITON_GRPC_SERVICE
+from kvgate.wire import (ANTHROPIC_COUNT_TOKENS_PATH, ANTHROPIC_MESSAGES_PATH, DETOKENIZE_PATH, OPENAI_EMBEDDINGS_PATH,
+                         OPENAI_RESPONSES_PATH, TOKENIZE_PATH, TRITON_GRPC_SERVICE)
 
 Parser = Callable[[str | None, Mapping[str, str], bytes], Parsed]
 
@@ -21,6 +23,7 @@ class Convention(enum.Enum):
     """How the client expects to hear an error."""
 
     OPENAI = "openai"  # {"error": {"message", "type", "param", "code"}}
+    ANTHROPIC = "anthropic"  # {"type": "error", "error": {"type", "message"}}
     TRITON_HTTP = "triton_http"  # {"error": "message"}
     GRPC = "grpc"  # grpc-status and grpc-message
 
@@ -45,7 +48,22 @@ def _openai(path: str) -> Parser:
     return lambda model, headers, raw: openai_protocol.parse_request(path, raw, headers)
 
 
-_OPENAI = {p: Api(f"openai {p}", "openai", Convention.OPENAI, _openai(p)) for p in openai_protocol.PATHS}
+def _body_only(parse: Callable[[bytes, Mapping[str, str]], Parsed]) -> Parser:
+    return lambda model, headers, raw: parse(raw, headers)
+
+
+_OPENAI = {
+    **{p: Api(f"openai {p}", "openai", Convention.OPENAI, _openai(p)) for p in openai_protocol.PATHS},
+    OPENAI_RESPONSES_PATH: Api("openai responses", "openai", Convention.OPENAI,
+                               _body_only(responses_api.parse_request)),
+    OPENAI_EMBEDDINGS_PATH: Api("openai embeddings", "openai", Convention.OPENAI,
+                                _body_only(embeddings.parse_request)),
+    TOKENIZE_PATH: Api("vllm tokenize", "openai", Convention.OPENAI, routed_calls.parse),
+    DETOKENIZE_PATH: Api("vllm detokenize", "openai", Convention.OPENAI, routed_calls.parse),
+    ANTHROPIC_MESSAGES_PATH: Api("anthropic messages", "openai", Convention.ANTHROPIC,
+                                 _body_only(anthropic_protocol.parse_request)),
+    ANTHROPIC_COUNT_TOKENS_PATH: Api("anthropic count_tokens", "openai", Convention.ANTHROPIC, routed_calls.parse),
+}
 _TRITON_HTTP = {
     "generate": Api("triton generate", "triton", Convention.TRITON_HTTP, triton_http.parse_generate),
     "generate_stream": Api("triton generate_stream", "triton", Convention.TRITON_HTTP, triton_http.parse_generate),
@@ -64,6 +82,8 @@ _TRITON_PATH = re.compile(r"^/v2/models/(?P<model>.+?)(?:/versions/[^/]+)?/(?P<o
 def convention_for(path: str, content_type: str) -> Convention:
     if content_type.startswith("application/grpc"):
         return Convention.GRPC
+    if path == ANTHROPIC_MESSAGES_PATH or path.startswith(f"{ANTHROPIC_MESSAGES_PATH}/"):
+        return Convention.ANTHROPIC
     return Convention.TRITON_HTTP if path.startswith("/v2") else Convention.OPENAI
 
 

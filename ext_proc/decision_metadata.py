@@ -46,6 +46,7 @@ class DecisionRecord:
     priority_class: str = ""
     prompt_tokens: int | None = None  # the longest prompt: counted, or bounded (prompt_counted False)
     prompt_counted: bool = False  # counted with the model's tokenizer or given as token ids
+    prompt_tokens_total: int = 0  # of every prompt and sequence: what the engine prefills (prompt_gap.py)
     requested_max_tokens: int | None = None
     max_tokens: int | None = None  # granted
     clamped_by: str = ""  # CLAMPED_BY_*, "" when not clamped
@@ -60,6 +61,7 @@ class DecisionRecord:
         self.model = policy.name
         self.priority_class = priority_class
         self.prompt_tokens = plan.prompt_tokens
+        self.prompt_tokens_total = plan.prompt_tokens_total
         self.prompt_counted = counted or bool(llm.exact_prompt_tokens)
         self.requested_max_tokens = llm.requested_max_tokens
         self.max_tokens = plan.max_tokens

@@ -14,7 +14,9 @@ names the engines publish (docs/reference.md, "KV metrics"):
   backend's own model (`model="tensorrt_llm"`, not the ensemble clients call) and `version`.
 - vLLM (`/metrics`): `vllm:kv_cache_usage_perc` (a fraction despite its name; `vllm:gpu_cache_usage_perc`
   before 0.10), `vllm:num_requests_{waiting,running}`, per engine core (`engine` label, one per
-  data-parallel rank); block size and count only as labels of `vllm:cache_config_info`.
+  data-parallel rank); block size and count only as labels of `vllm:cache_config_info`, of which one
+  block (the null block) holds no sequence: the usage fraction is over the others. The prompt tokens it
+  has prefilled, `vllm:prompt_tokens_total` (a counter), are read to compare with kvgate's counts.
 
 Several engine instances behind one endpoint (Triton model versions, vLLM data-parallel ranks) are
 added up: blocks and requests summed, the used fraction over the summed blocks when known, else the
@@ -45,10 +47,12 @@ class EngineLoad:
     kv_used_fraction: float  # 0..1 of the endpoint's whole KV cache
     kv_used_blocks: int | None = None
     kv_max_blocks: int | None = None
+    kv_usable_blocks: int | None = None  # the blocks sequences may hold (vLLM keeps one of max aside)
     tokens_per_block: int | None = None
     waiting: int | None = None  # queued, not yet holding KV blocks
     running: int | None = None  # holding KV blocks
     engine: Engine | None = None  # the dialect the text was read as
+    prompt_tokens: int | None = None  # prompt tokens prefilled since the engine started (a counter)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,9 @@ class _Dialect:
     instance_labels: tuple[str, ...] = ()
     # Label naming the model, for an endpoint serving several (only Triton does).
     model_label: str | None = None
+    # Blocks of each instance's max that no sequence may hold (vLLM's null block), for an engine whose
+    # cache size admission takes as its capacity (reconcile.py); None: not read as one.
+    null_blocks: int | None = None
 
     @property
     def families(self) -> frozenset[str]:
@@ -120,8 +127,10 @@ _VLLM = _Dialect(
         _Source("vllm:num_requests_running", "running"),
         _Source("vllm:cache_config_info", "max", value_label="num_gpu_blocks"),
         _Source("vllm:cache_config_info", "tokens_per_block", value_label="block_size"),
+        _Source("vllm:prompt_tokens", "prompt_tokens"),
     ),
     instance_labels=("engine",),
+    null_blocks=1,
 )
 _DIALECTS = (_TRTLLM, _TRITON, _VLLM)
 
@@ -186,6 +195,8 @@ def _instances(dialect: _Dialect, families: dict[str, list[Sample]]) -> dict[_In
     readings: dict[_Instance, dict[str, float]] = defaultdict(dict)
     for source in dialect.sources:
         for sample in families.get(source.family, ()):
+            if sample.name.endswith("_created"):  # a counter's creation time, not its value
+                continue
             if source.label is not None and sample.labels.get(source.label) != source.label_value:
                 continue
             value = _value(sample, source)
@@ -250,10 +261,13 @@ def _combine(dialect: _Dialect, instances: Sequence[dict[str, float]]) -> Engine
         kv_used_fraction=_fraction(kv_used_fraction),
         kv_used_blocks=_count("used blocks", used_total),
         kv_max_blocks=_count("max blocks", max_total),
+        kv_usable_blocks=None if dialect.null_blocks is None else _count("usable blocks", _sum(
+            None if r.get("max") is None else r["max"] - dialect.null_blocks for r in instances)),
         tokens_per_block=_count("tokens per block", _common(r.get("tokens_per_block") for r in instances)),
         waiting=_count("waiting", _sum(r.get("waiting") for r in instances)),
         running=_count("running", _sum(r.get("running") for r in instances)),
         engine=dialect.engine,
+        prompt_tokens=_count("prompt tokens", _sum(r.get("prompt_tokens") for r in instances)),
     )
 
 

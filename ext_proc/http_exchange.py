@@ -73,6 +73,8 @@ async def _count_off_loop(ex: Exchange, found: Found) -> None:
     event loop keeps serving other requests, and let the plan read the counts from the cache. Short
     prompts are counted inline: the thread hop costs more than they do."""
     counter = ex.gate.table.tokenizers.counter_for(found.policy)
-    pieces = tokens.text_pieces(found.parsed.request)
-    if counter is not None and sum(map(len, pieces)) > ex.gate.inline_count_chars:
+    if counter is None or found.parsed.request.exact_prompt_tokens:
+        return
+    pieces = tokens.texts(found.parsed.request, found.policy, counter).flat
+    if sum(map(len, pieces)) > ex.gate.inline_count_chars:
         await counter.prefetch(pieces)

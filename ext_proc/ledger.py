@@ -38,6 +38,11 @@ class Ledger:
     # Engine use the reservations do not explain, from the last metrics sample; never negative.
     excess: int = 0
     blind: bool = False  # engine metrics stale: admit nothing here
+    # The KV the engine itself reports holding (vLLM's cache_config_info); None until it says. The
+    # budget never exceeds it: a catalog may over-state a pool the engine sized itself.
+    engine_budget: int | None = None
+    # When a short (not long) request last held budget here: the long-request cap protects them.
+    short_at: float = -math.inf
     # Smoothed time a reservation is held, for Retry-After; 1 s until something was released.
     mean_hold_s: float = 1.0
     _active: set[Reservation] = field(default_factory=set)
@@ -49,7 +54,8 @@ class Ledger:
 
     @property
     def capacity(self) -> int:
-        return int(self.budget * self.share)
+        budget = self.budget if self.engine_budget is None else min(self.budget, self.engine_budget)
+        return int(budget * self.share)
 
     @property
     def used(self) -> int:
@@ -73,6 +79,7 @@ class Ledger:
         self._active.add(r)
         self.reserved += nbytes
         self.reserved_long += nbytes if long else 0
+        self.short_at = self.short_at if long else now
         return r
 
     def release(self, r: Reservation, now: float) -> bool:
@@ -83,6 +90,7 @@ class Ledger:
         r.released = True
         self.reserved -= r.nbytes
         self.reserved_long -= r.nbytes if r.long else 0
+        self.short_at = self.short_at if r.long else now
         self.mean_hold_s += self._smoothing * (max(0.0, now - r.started) - self.mean_hold_s)
         return True
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 
+from kvgate.chat_template import ChatTemplate, TemplateSource
 from kvgate.v1 import policy_pb2
 
 
@@ -35,6 +37,10 @@ class Policy:
     estimate_per_request: int
     tokenizer_path: str = ""
     tokenizer_sha256: str = ""
+    # Rendered and counted with the tokenizer for exact chat prompts; None: the template is estimated.
+    chat_template: ChatTemplate | None = field(default=None, compare=False)
+    # "vllm": a sequence's KV holds prompt + max_tokens - 1 tokens at most; "trtllm": prompt + max_tokens.
+    engine: str = "trtllm"
     # (name, max wait in seconds), highest priority first.
     priority_classes: tuple[tuple[str, float], ...] = (("default", 0.0),)
     default_priority_class: str = "default"
@@ -45,6 +51,7 @@ class Policy:
     # hold at most max_share (1.0, 1.0: no such rule).
     long_request_threshold: float = 1.0
     long_requests_max_share: float = 1.0
+    long_requests_short_window_s: float = 0.0  # the cap applies while short requests held budget this recently
 
     def endpoint(self, address: str) -> EndpointPolicy | None:
         return next((e for e in self.endpoints if e.address == address), None)
@@ -52,6 +59,11 @@ class Policy:
     @property
     def largest_budget(self) -> int:
         return max(e.budget_bytes for e in self.endpoints)
+
+    def sequence_tokens(self, prompt: int, max_tokens: int) -> int:
+        """The most tokens a sequence holds in the engine's KV cache: vLLM never writes the KV of the last
+        token it samples (measured on vLLM 0.32: docs/vllm.md); TensorRT-LLM reserves room for it."""
+        return prompt + max_tokens - (1 if self.engine == "vllm" else 0)
 
     def max_wait_s(self, priority_class: str) -> float | None:
         """None: not a class of this model."""
@@ -92,4 +104,18 @@ class Policy:
             metrics_stale_after_s=p.engine_metrics.stale_after_ms / 1000,
             long_request_threshold=p.long_request_threshold or 1.0,
             long_requests_max_share=p.long_requests_max_share or 1.0,
+            long_requests_short_window_s=p.long_requests_short_window_ms / 1000,
+            chat_template=_chat_template(p.chat_template) if p.HasField("chat_template") else None,
+            engine=p.engine or "trtllm",
         )
+
+
+def _chat_template(t: policy_pb2.ChatTemplate) -> ChatTemplate:
+    """Compiled once per distinct template, not at every policy update."""
+    return _compiled(TemplateSource(t.template, tuple(sorted(t.special_tokens.items())), t.tool_use_template,
+                                    t.origin))
+
+
+@lru_cache(maxsize=64)
+def _compiled(source: TemplateSource) -> ChatTemplate:
+    return ChatTemplate(source)

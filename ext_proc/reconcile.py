@@ -21,6 +21,7 @@ import structlog
 from ext_proc.engine_metrics import EngineLoad
 from ext_proc.ledger import Ledger
 from ext_proc.policy import EndpointPolicy, Policy
+from ext_proc.prompt_gap import PromptGap
 from ext_proc.scraper import EngineScraper
 from ext_proc.state import AdmissionState
 
@@ -28,12 +29,24 @@ from ext_proc.state import AdmissionState
 IDLE_GRACE_S = 5.0
 
 
+def _block_bytes(load: EngineLoad, policy: Policy) -> int:
+    return (load.tokens_per_block or policy.tokens_per_block) * policy.kv_bytes_per_token
+
+
 def engine_used_bytes(load: EngineLoad, endpoint: EndpointPolicy, policy: Policy) -> int:
-    """KV bytes in use on the engine: from its block counts when it publishes them (exact), else
-    from its utilisation fraction of the budget (vLLM publishes only that)."""
+    """KV bytes in use on the engine: from its block counts when it publishes them (exact), else from
+    its utilisation fraction of the blocks sequences may hold (vLLM publishes only that, and its cache
+    size), else of the budget."""
     if load.kv_used_blocks is not None:
-        return load.kv_used_blocks * (load.tokens_per_block or policy.tokens_per_block) * policy.kv_bytes_per_token
+        return load.kv_used_blocks * _block_bytes(load, policy)
+    if load.kv_usable_blocks is not None:
+        return round(load.kv_used_fraction * load.kv_usable_blocks) * _block_bytes(load, policy)
     return round(load.kv_used_fraction * endpoint.budget_bytes)
+
+
+def engine_capacity_bytes(load: EngineLoad, policy: Policy) -> int | None:
+    """The KV the engine holds for sequences, when it says (vLLM: its blocks but the null one)."""
+    return None if load.kv_usable_blocks is None else load.kv_usable_blocks * _block_bytes(load, policy)
 
 
 def is_idle(load: EngineLoad) -> bool:
@@ -41,10 +54,14 @@ def is_idle(load: EngineLoad) -> bool:
 
 
 def apply_sample(ledger: Ledger, load: EngineLoad, taken_at: float, endpoint: EndpointPolicy, policy: Policy,
-                 now: float) -> int:
+                 now: float, held_at_scrape: int = 0) -> int:
     """Correct one ledger by a fresh sample; returns how many reservations the idle rule released.
-    The engine's use is divided like the budget: this replica answers for its share of it."""
-    ledger.observe_engine(int(ledger.share * engine_used_bytes(load, endpoint, policy)), ledger.reserved)
+    The engine's use is divided like the budget: this replica answers for its share of it. It is set
+    against what the ledger held when the scrape began, if that was more: requests that ended while
+    the scrape was on its way were on the engine when it was read, and are no excess."""
+    ledger.engine_budget = engine_capacity_bytes(load, policy)
+    ledger.observe_engine(int(ledger.share * engine_used_bytes(load, endpoint, policy)),
+                          max(ledger.reserved, held_at_scrape))
     if not is_idle(load):
         return 0
     # Admitted this long before the engine was seen idle: on the engine and finished, not on the way
@@ -62,7 +79,9 @@ class Reconciler:
     clock: Callable[[], float] = time.monotonic
     log: structlog.typing.FilteringBoundLogger = field(
         default_factory=lambda: structlog.get_logger(component="reconcile"))
+    prompt_gap: PromptGap | None = None  # fed the engines' prompt-token counters
     _applied: dict[tuple[str, str], float] = field(default_factory=dict)  # sample time last applied
+    _held_at_scrape: dict[tuple[str, str], int] = field(default_factory=dict)  # bytes reserved as the scrape began
 
     def _scraped(self) -> list[tuple[Policy, EndpointPolicy]]:
         return [(p, e) for p in self.table.policies.values() if p.metrics_interval_s > 0 for e in p.endpoints]
@@ -87,7 +106,10 @@ class Reconciler:
                     ledger.blind = False
                     self.table.wake(policy.name)
                 continue
-            released = apply_sample(ledger, sample.load, sample.taken_at, endpoint, policy, now)
+            released = apply_sample(ledger, sample.load, sample.taken_at, endpoint, policy, now,
+                                    self._held_at_scrape.get((policy.name, endpoint.address), 0))
+            if self.prompt_gap is not None and sample.load.prompt_tokens is not None:
+                self.prompt_gap.engine_sample(policy.name, endpoint.address, sample.load.prompt_tokens, sample.taken_at)
             if released:
                 self.log.warning("reconcile.released_idle", ledger=ledger.name, reservations=released)
             self.table.wake(policy.name)
@@ -99,6 +121,8 @@ class Reconciler:
             started = loop.time()
             scraped = self._scraped()
             self.scraper.set_targets({e.metrics_url: e.metrics_url for _, e in scraped})
+            self._held_at_scrape = {(p.name, e.address): lg.reserved for p, e in scraped
+                                    if (lg := self.table.ledgers.get(p.name, e.address)) is not None}
             await self.scraper.scrape_once()
             self.step()
             interval = min((p.metrics_interval_s for p, _ in scraped), default=1.0)

@@ -79,6 +79,19 @@ class Parsed(Protocol):
         """The body to send upstream, or None to send it unchanged."""
 
 
+@dataclass(frozen=True)
+class ModelOnly:
+    """A JSON body with no output limit to write (embeddings, tokenize): only the model is renamed."""
+
+    request: LLMRequest
+    body: dict[str, Any]
+
+    def rewrite(self, max_tokens: int | None, engine_model: str) -> Rewrite | None:
+        if engine_model == self.request.model:
+            return None
+        return Rewrite(orjson.dumps({**self.body, "model": engine_model}))
+
+
 # --- Content-Encoding -----------------------------------------------------------------------------
 
 def identity_encoding(headers: Mapping[str, str], error: type[ProtocolError] = UnsupportedMediaType) -> None:
@@ -271,3 +284,27 @@ def at_most(count: int, cap: int, what: str, param: str | None = None) -> None:
     """Refuse a count over its cap, before anything is built from it."""
     if count > cap:
         raise ProtocolError(f"{what}: {count}, more than the gateway admits ({cap})", param)
+
+
+def typed(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...], name: str) -> Any:
+    """body[key] when absent, null, or of its type (None for the first two): a field the engine would read
+    some other way is refused here."""
+    value = body.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise ProtocolError(f"'{key}' must be {name}, got {type(value).__name__}", key)
+    return value
+
+
+def model_name(body: Mapping[str, Any]) -> str:
+    """The body's `model`: what routes the request, so every API needs it."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ProtocolError("'model' must be a non-empty string", "model")
+    return model
+
+
+def json_text(value: Any) -> str:
+    """Structured values (tool schemas, tool calls, non-text parts) as templates render them and as the byte
+    bound counts them: as JSON, keys included. Never fewer bytes than the text inside: orjson writes UTF-8
+    as it is, without \\u escapes."""
+    return orjson.dumps(value).decode()

@@ -17,6 +17,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     ProcessingResponse,
 )
 from envoy.type.v3.http_status_pb2 import HttpStatus
+from ext_proc import anthropic_protocol
 from ext_proc.admission import Refusal
 from ext_proc.apis import Convention
 from ext_proc.openai_protocol import error_body
@@ -108,6 +109,8 @@ def refuse(r: Refusal, convention: Convention) -> ProcessingResponse:
         immediate = _grpc(r)
     elif convention is Convention.TRITON_HTTP:
         immediate = _http(r, orjson.dumps({"error": r.message}))
+    elif convention is Convention.ANTHROPIC:
+        immediate = _http(r, anthropic_protocol.error_body(r.status, r.code, r.message))
     else:
         immediate = _http(r, error_body(r.message, type_=r.type_, code=r.code, param=r.param))
     return ProcessingResponse(immediate_response=immediate)

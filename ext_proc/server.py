@@ -23,6 +23,7 @@ from ext_proc.decision import Refuse
 from ext_proc.exchange import Exchange
 from ext_proc.ledger import Reservation
 from ext_proc.metrics import Decisions
+from ext_proc.prompt_gap import PromptGap
 from ext_proc.sinks import Finished, Sinks
 from ext_proc.state import AdmissionState
 from ext_proc.status import RecentRefusals
@@ -50,13 +51,16 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
         default_factory=lambda: structlog.get_logger(component="ext_proc"))
     # The last refusals, for the status page (ext_proc/status.py).
     refusals: RecentRefusals = field(default_factory=RecentRefusals)
-    # Where each decision goes; by default metrics, the status page's refusals and the busy log.
+    # Where each decision goes; by default metrics, the status page's refusals and the busy log (and
+    # the prompt tokens admitted, with a PromptGap).
     sinks: Sinks = field(default_factory=Sinks)
+    prompt_gap: PromptGap | None = None
 
     def __post_init__(self) -> None:
         if not self.sinks:
             self.sinks = Sinks([sinks.metrics(self.decisions), sinks.recent_refusals(self.refusals),
-                                sinks.busy_log(self.log)])
+                                sinks.busy_log(self.log),
+                                *([sinks.prompt_gap(self.prompt_gap)] if self.prompt_gap is not None else [])])
 
     async def Process(self, request_iterator: AsyncIterator[ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[ProcessingResponse]:

@@ -16,6 +16,7 @@ import structlog
 from ext_proc.decision import Admit, Pass, Refuse
 from ext_proc.decision_metadata import DecisionRecord
 from ext_proc.metrics import Decisions
+from ext_proc.prompt_gap import PromptGap
 from ext_proc.status import RecentRefusals
 
 
@@ -64,6 +65,14 @@ def metrics(decisions: Decisions) -> Sink:
                 decisions.record(model, refusal.code)
             case Finished(record=record, seconds=seconds):
                 decisions.finished(record, seconds)
+    return sink
+
+
+def prompt_gap(gap: PromptGap) -> Sink:
+    """The prompt tokens admitted to each endpoint, to set against what the engine prefilled."""
+    def sink(event: Event) -> None:
+        if isinstance(event, Decided) and isinstance(event.outcome, Admit):
+            gap.admitted(event.record.model, event.record.endpoint, event.record.prompt_tokens_total)
     return sink
 
 

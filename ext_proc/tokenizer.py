@@ -5,15 +5,22 @@ system prompt, a few-shot prefix or the earlier turns of a conversation come bac
 request, and counting a long text costs milliseconds (bench/tokens.py, docs/benchmarks.md).
 `Tokenizers` holds one counter per (path, sha256) that the policies name; a tokenizer that cannot be
 loaded leaves its models on the upper bound (tokens.py) and is logged, never raised.
+
+A rendered chat prompt is counted in segments (`TokenCounter.split`): HF tokenizers cut the text at
+their added tokens (<|start_header_id|>, <|eot_id|>...) before anything else and encode each piece
+between them on its own, so count(text) = added tokens + sum of the pieces' counts, and a chat template
+puts such tokens around every message: each message's piece is cached like any other text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,8 +49,8 @@ def _key(text: str) -> bytes:
 class TokenCounter:
     """Token counts of text pieces with one tokenizer, the recent ones kept in an LRU cache.
 
-    Pieces are counted without special tokens: the BOS and the chat template's markup are the
-    policy's per-request and per-message overhead (tokens.py), not part of any one piece.
+    Pieces are counted without the special tokens a tokenizer adds around a whole text (its
+    post-processor's BOS: `specials_added`); special tokens written in the text are counted.
     """
 
     tokenizer: Tokenizer
@@ -51,7 +58,12 @@ class TokenCounter:
     # Distinct texts of each `count` answered from the cache, and texts encoded (count and prefetch).
     hits: int = field(default=0, init=False)
     misses: int = field(default=0, init=False)
+    # Tokens the tokenizer adds to a text encoded with special tokens (Llama 3's BOS): what an engine's
+    # completions prompt gets on top of its text.
+    specials_added: int = field(default=0, init=False)
     _cache: OrderedDict[bytes, int] = field(default_factory=OrderedDict, init=False, repr=False)
+    # The added tokens as the tokenizer finds them; None: the text cannot be cut at them (see _splitter).
+    _added: re.Pattern[str] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.cache_entries < 1:
@@ -60,6 +72,17 @@ class TokenCounter:
         # make lengths lie about long or short texts.
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
+        self.specials_added = self.tokenizer.num_special_tokens_to_add(False)
+        self._added = _splitter(self.tokenizer)
+
+    def split(self, text: str) -> tuple[int, list[str]]:
+        """The added tokens in `text`, and the non-empty pieces between them: encoding the pieces one
+        by one gives the rest of the text's tokens. A tokenizer whose pieces would not encode alike
+        (see _splitter) leaves the text whole: (0, [text])."""
+        if self._added is None:
+            return 0, [text]
+        pieces = self._added.split(text)
+        return len(pieces) - 1, [p for p in pieces if p]
 
     def count(self, texts: Sequence[str]) -> list[int]:
         """Tokens of each text; the ones not cached are encoded together in one batch."""
@@ -95,6 +118,35 @@ class TokenCounter:
         self._cache.update(counts)
         while len(self._cache) > self.cache_entries:
             self._cache.popitem(last=False)
+
+
+def _walk(node: object) -> Iterator[dict[str, object]]:
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def _splitter(tokenizer: Tokenizer) -> re.Pattern[str] | None:
+    """A pattern matching the tokenizer's added tokens the way it matches them (longest first, each
+    taking the whitespace beside it that its lstrip/rstrip claims), or None when cutting a text at them
+    and encoding the pieces apart would count differently from the whole: an added token matched after
+    normalization or only as a whole word, or a Metaspace pre-tokenizer that marks only the first piece
+    of a text (prepend_scheme "first", Llama 2's and Mistral's newer files)."""
+    added = list(tokenizer.get_added_tokens_decoder().values())
+    if any(t.normalized or t.single_word for t in added):
+        return None
+    if any(n.get("type") == "Metaspace" and n.get("prepend_scheme") == "first"
+           for n in _walk(json.loads(tokenizer.to_str()).get("pre_tokenizer"))):
+        return None
+    if not added:
+        return re.compile("(?!)")  # matches nothing: the whole text is one piece
+    alternatives = [(r"\s*" if t.lstrip else "") + re.escape(t.content) + (r"\s*" if t.rstrip else "")
+                    for t in sorted(added, key=lambda t: -len(t.content))]
+    return re.compile("|".join(alternatives))
 
 
 class TokenizerError(Exception):

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from kvgate import kv_math
+from kvgate.chat_template import ChatTemplate, TemplateError, TemplateSource, read_template
 
 SIM = "sim"  # endpoint placeholder: `kvgate up` starts a simulated engine and fills in its address
 TRITON_METRICS_PORT = 8002
@@ -86,10 +87,11 @@ class Address(_Strict):
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def metrics_url(self, protocol: str) -> str:
+    def metrics_url(self, protocol: str, engine: str = "trtllm") -> str:
         if protocol == "triton":
             return f"http://{self.host}:{self.metrics_port or TRITON_METRICS_PORT}{self.metrics_path or '/metrics'}"
-        return f"http://{self.host}:{self.metrics_port or self.port}{self.metrics_path or '/prometheus/metrics'}"
+        default_path = "/metrics" if engine == "vllm" else "/prometheus/metrics"
+        return f"http://{self.host}:{self.metrics_port or self.port}{self.metrics_path or default_path}"
 
     def grpc(self) -> Address:
         if self.grpc_port is None:
@@ -230,6 +232,9 @@ class LongRequests(_Strict):
     # Long requests together hold at most this fraction of it; one alone may hold more, or it could
     # never run. 1.0 turns the rule off.
     max_share: float = Field(default=0.5, gt=0, le=1)
+    # The cap protects short requests: it applies while one holds budget on the endpoint or did less
+    # than this long ago. A flood of long requests alone may fill the engine (docs/catalog.md).
+    short_window_s: float = Field(default=60.0, ge=0, le=3600)
 
 
 class Timeouts(_Strict):
@@ -337,6 +342,12 @@ class Model(_Strict):
     prompt_estimate: PromptEstimate = PromptEstimate()
     # The model's tokenizer.json (HF `tokenizers` format): exact prompt counts instead of the estimate.
     tokenizer: Path | None = None
+    # Its chat template: a Jinja file or a tokenizer_config.json; default: chat_template.jinja or
+    # tokenizer_config.json beside the tokenizer (kvgate/chat_template.py).
+    chat_template: Path | None = None
+    # Whose KV rules admission follows: TensorRT-LLM's (trtllm-serve, Triton's backend) or vLLM's: how
+    # many blocks a sequence takes, where the engine's metrics are.
+    engine: Literal["trtllm", "vllm"] = "trtllm"
     engine_metrics: EngineMetrics = EngineMetrics()
     long_requests: LongRequests = LongRequests()
     timeouts: Timeouts = Timeouts()
@@ -344,18 +355,35 @@ class Model(_Strict):
     priority_class: str | None = None
     sim: SimSettings = SimSettings()
 
-    @field_validator("tokenizer")
+    @field_validator("tokenizer", "chat_template")
     @classmethod
-    def _tokenizer_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+    def _model_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
         path = _resolve(path, info)
         if path is not None and not path.is_file():
-            raise ValueError(f"tokenizer {str(path)!r} is not a file")
+            raise ValueError(f"{info.field_name} {str(path)!r} is not a file")
         return path
 
     @cached_property
     def tokenizer_sha256(self) -> str:
         """Lets every ext_proc replica check it reads the same file the catalog named."""
         return hashlib.sha256(self.tokenizer.read_bytes()).hexdigest() if self.tokenizer else ""
+
+    @cached_property
+    def chat_template_source(self) -> TemplateSource | None:
+        """The template ext_proc renders chat prompts with (read and compiled when the catalog loads)."""
+        return read_template(self.tokenizer, self.chat_template) if self.tokenizer else None
+
+    @model_validator(mode="after")
+    def _template_renders(self) -> Model:
+        if self.chat_template is not None and self.tokenizer is None:
+            raise ValueError("chat_template needs a tokenizer: the rendered prompt is counted with it")
+        try:
+            source = self.chat_template_source
+            if source is not None:
+                ChatTemplate(source)
+        except TemplateError as e:
+            raise ValueError(f"chat template: {e}") from None
+        return self
 
     @model_validator(mode="after")
     def _ports_match_protocol(self) -> Model:
@@ -385,7 +413,7 @@ class Model(_Strict):
         return self
 
     def metrics_urls(self) -> list[str]:
-        return [a.metrics_url(self.protocol) for a in self.addresses()]
+        return [a.metrics_url(self.protocol, self.engine) for a in self.addresses()]
 
     @model_validator(mode="after")
     def _fits(self) -> Model:

@@ -69,10 +69,40 @@ HELD_SHARE_KEY = "kvgate.held_share"
 STATUS_URL_KEY = "kvgate.status_url"
 
 # --- What the gateway admits ----------------------------------------------------------------------
-# The OpenAI API's calls that generate (ext_proc parses their bodies; Envoy answers a bodiless one).
+# The OpenAI API's calls that generate, and the Responses API's.
 OPENAI_CHAT_PATH = "/v1/chat/completions"
 OPENAI_COMPLETIONS_PATH = "/v1/completions"
-OPENAI_PATHS = (OPENAI_CHAT_PATH, OPENAI_COMPLETIONS_PATH)
+OPENAI_RESPONSES_PATH = "/v1/responses"
+# Embeddings: admitted for the KV their prefill takes (docs/clients/embeddings-tokenize.md).
+OPENAI_EMBEDDINGS_PATH = "/v1/embeddings"
+# vLLM's tokenizer calls: routed to the model's engine by the body's model, nothing reserved.
+TOKENIZE_PATH = "/tokenize"
+DETOKENIZE_PATH = "/detokenize"
+# Every POST whose body ext_proc parses in OpenAI's convention (Envoy answers a bodiless one).
+OPENAI_PATHS = (OPENAI_CHAT_PATH, OPENAI_COMPLETIONS_PATH, OPENAI_RESPONSES_PATH, OPENAI_EMBEDDINGS_PATH,
+                TOKENIZE_PATH, DETOKENIZE_PATH)
+# Anthropic's Messages API (vLLM serves it), errors in Anthropic's shape: messages are admitted, token
+# counts routed to the model's engine. Everything under the messages path is in that convention.
+ANTHROPIC_MESSAGES_PATH = "/v1/messages"
+ANTHROPIC_COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
+ANTHROPIC_PATHS = (ANTHROPIC_MESSAGES_PATH, ANTHROPIC_COUNT_TOKENS_PATH)
 # Triton's generate, generate_stream and KServe infer calls, the model (and version) in the path.
 TRITON_CALL_PATH = r"^/v2/models/(?P<model>.+?)(?:/versions/[^/]+)?/(?P<op>generate|generate_stream|infer)$"
 TRITON_GRPC_SERVICE = "/inference.GRPCInferenceService/"
+
+
+# --- Anthropic's errors ---------------------------------------------------------------------------
+# Anthropic's error `type` for each HTTP status (its API's errors page), for ext_proc's refusals and
+# Envoy's own answers on those paths alike. The status stays the gateway's: a full KV budget is 429
+# rate_limit_error as over every other API, not Anthropic's 529 overloaded_error (which the anthropic
+# SDK retries the same way, and which no HTTP tooling between client and gateway knows); a 503 (no
+# engine reachable, gateway starting) is overloaded_error, the type Anthropic's clients read as "busy".
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         500: "api_error", 503: "overloaded_error", 504: "timeout_error"}
+
+
+def anthropic_error_type(status: int) -> str:
+    """Anthropic's error type for `status`; a status it names none for gets its class's general type, as
+    Anthropic's API gives it."""
+    return ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")

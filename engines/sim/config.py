@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields, replace
 
 ON_FULL_CHOICES = ("queue", "fail")
 PROTOCOL_CHOICES = ("openai", "triton")
+FLAVOR_CHOICES = ("trtllm", "vllm")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,20 @@ class SimConfig:
     model: str = field(
         default="sim-model",
         metadata={"help": "served model name (with triton: the model name, e.g. ensemble)"},
+    )
+    flavor: str = field(
+        default="trtllm",
+        metadata={
+            "help": "whose scheduling and metrics: TensorRT-LLM's (a sequence's blocks held from the start, "
+                    "no preemption; trtllm-serve's metrics) or vLLM's (blocks as tokens are computed, one "
+                    "null block, the newest request preempted when the cache runs out; vLLM's metrics)",
+            "choices": FLAVOR_CHOICES,
+        },
+    )
+    tokenizer: str = field(
+        default="",
+        metadata={"help": "a tokenizer.json to count prompt tokens with, as vLLM does (chats rendered with the "
+                          "chat template beside it); default: a token per word"},
     )
     kv_blocks: int = field(default=2048, metadata={"help": "KV cache capacity in blocks"})
     tokens_per_block: int = field(default=32, metadata={"help": "tokens held by one KV block"})
@@ -63,6 +78,8 @@ class SimConfig:
             raise ValueError(
                 f"protocol must be one of {PROTOCOL_CHOICES}, got {self.protocol!r}"
             )
+        if self.flavor not in FLAVOR_CHOICES:
+            raise ValueError(f"flavor must be one of {FLAVOR_CHOICES}, got {self.flavor!r}")
         if self.protocol == "triton" and self.grpc_port is None:
             raise ValueError("--grpc-port is required with --protocol triton")
         if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
@@ -70,6 +87,8 @@ class SimConfig:
         for name in ("kv_blocks", "tokens_per_block", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.flavor == "vllm" and self.kv_blocks < 2:
+            raise ValueError("kv_blocks must be >= 2 with flavor vllm (one is its null block)")
         for name in (
             "ttft_base_ms",
             "ttft_per_token_ms",

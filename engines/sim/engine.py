@@ -1,4 +1,4 @@
-"""Request scheduler modelled on TensorRT-LLM's GUARANTEED_NO_EVICT policy."""
+"""Request scheduler modelled on TensorRT-LLM's GUARANTEED_NO_EVICT policy, or on vLLM's paged one."""
 
 from __future__ import annotations
 
@@ -46,8 +46,9 @@ class EngineStats:
     requests_total: int = 0
     completed: int = 0
     kv_exhaustion_events: int = 0  # requests that had to wait to be scheduled
-    prompt_tokens_total: int = 0
+    prompt_tokens_total: int = 0  # counted once per request, when its first token is out
     generation_tokens_total: int = 0
+    preemptions: int = 0  # running requests that lost their blocks to a growing one (vLLM flavor)
 
 
 @dataclass
@@ -59,20 +60,40 @@ class _Waiter:
     )
 
 
+@dataclass
+class _Live:
+    """A scheduled request; `preempted` once a growing one took its blocks (vLLM flavor)."""
+
+    order: int  # when it was (last) scheduled: the newest is preempted first
+    preempted: bool = False
+
+
 class SimEngine:
+    """TensorRT-LLM's GUARANTEED_NO_EVICT (flavor trtllm): a request holds the blocks of prompt +
+    max_tokens from the moment it is scheduled, and waits in a strict FIFO until they are free.
+
+    vLLM's (flavor vllm, as measured on vLLM 0.32, docs/vllm.md): one block of the cache is its null
+    block; a request is scheduled when its prompt's blocks are free and takes more as its tokens are
+    computed (the last token sampled is never written: prompt + max_tokens - 1 at most); when a running
+    request needs a block and none is free, the most recently scheduled one is preempted (its blocks
+    freed), goes back to the head of the queue and recomputes its prompt and output when scheduled
+    again."""
+
     def __init__(self, config: SimConfig) -> None:
         self.config = config
-        self.kv = PagedKVCache(config.kv_blocks, config.tokens_per_block)
+        self.paged = config.flavor == "vllm"
+        self.kv = PagedKVCache(config.kv_blocks, config.tokens_per_block, reserved_blocks=1 if self.paged else 0)
         self.latency = LatencyModel.from_config(config)
         self.stats = EngineStats()
         self._queue: deque[_Waiter] = deque()
-        self._running = 0
+        self._live: dict[int, _Live] = {}
         self._in_context = 0
         self._ids = itertools.count()
+        self._order = itertools.count()
 
     @property
     def running(self) -> int:
-        return self._running
+        return len(self._live)
 
     @property
     def waiting(self) -> int:
@@ -93,20 +114,26 @@ class SimEngine:
         """
         self.stats.requests_total += 1
         request_id = next(self._ids)
-        await self._admit(request_id, request.prompt_tokens + request.max_tokens)
+        longest = request.prompt_tokens + request.max_tokens - (1 if self.paged else 0)
+        if self.kv.blocks_for(longest) > self.kv.usable_blocks:
+            raise RequestTooLarge(
+                f"prompt + max_tokens = {request.prompt_tokens + request.max_tokens} tokens exceed the KV cache "
+                f"({self.kv.usable_blocks} blocks of {self.kv.tokens_per_block} tokens)"
+            )
+        # GUARANTEED_NO_EVICT reserves the blocks of the whole sequence up front, so a running request
+        # never has to be preempted; vLLM takes the prompt's and grows.
+        await self._admit(request_id, request.prompt_tokens if self.paged else longest)
         try:
-            self._in_context += 1
-            try:
-                await asyncio.sleep(self.latency.ttft(request.prompt_tokens))
-            finally:
-                self._in_context -= 1
+            await self._prefill(request_id, request.prompt_tokens)
             self.stats.prompt_tokens_total += request.prompt_tokens
             words = generate_words(self.config.seed, request.key)
             scanner = StopScanner(request.stop)
             for n in range(1, request.max_tokens + 1):
                 if n > 1:
                     # sleep(0) still yields, so zero latency cannot starve the loop
-                    await asyncio.sleep(self.latency.itl(self._running))
+                    await asyncio.sleep(self.latency.itl(self.running))
+                    if self.paged:  # computing token n writes the KV of token n - 1
+                        await self._grow(request_id, request.prompt_tokens + n - 1)
                 self.stats.generation_tokens_total += 1
                 text, stopped = scanner.feed(next(words) if n == 1 else " " + next(words))
                 if stopped or n == request.max_tokens:
@@ -119,24 +146,54 @@ class SimEngine:
         finally:
             self._release(request_id)
 
-    async def _admit(self, request_id: int, tokens: int) -> None:
-        # GUARANTEED_NO_EVICT: reserve the blocks of the whole sequence up front,
-        # so a running request never has to be preempted.
-        if self.kv.blocks_for(tokens) > self.kv.total_blocks:
-            raise RequestTooLarge(
-                f"prompt + max_tokens = {tokens} tokens exceed the KV cache "
-                f"({self.kv.total_blocks} blocks of {self.kv.tokens_per_block} tokens)"
-            )
+    async def _prefill(self, request_id: int, tokens: int) -> None:
+        """The time to compute `tokens` tokens of context; a request preempted meanwhile starts over."""
+        while True:
+            self._in_context += 1
+            try:
+                await asyncio.sleep(self.latency.ttft(tokens))
+            finally:
+                self._in_context -= 1
+            if not self._preempted(request_id):
+                return
+            await self._admit(request_id, tokens, resumed=True)
+
+    def _preempted(self, request_id: int) -> bool:
+        live = self._live.get(request_id)
+        return live is None or live.preempted
+
+    async def _grow(self, request_id: int, tokens: int) -> None:
+        """Blocks for `tokens` tokens (vLLM flavor): preempt the newest running request until they are
+        free; preempted itself (or meanwhile), wait to be scheduled again and recompute."""
+        while self._preempted(request_id) or not self.kv.grow(request_id, tokens):
+            if self._preempted(request_id):
+                await self._admit(request_id, tokens, resumed=True)
+                await self._prefill(request_id, tokens)
+                return
+            newest = max(self._live, key=lambda rid: self._live[rid].order)
+            self._preempt(newest)
+
+    def _preempt(self, request_id: int) -> None:
+        self.kv.free(request_id)
+        self._live.pop(request_id).preempted = True
+        self.stats.preemptions += 1
+
+    async def _admit(self, request_id: int, tokens: int, resumed: bool = False) -> None:
+        """Scheduled with the blocks of `tokens` tokens: at once when nothing waits ahead, else in FIFO
+        order (a preempted request goes back to the head of the queue)."""
         if not self._queue and self._try_start(request_id, tokens):
             return
-        if self.config.on_full == "fail":
+        if self.config.on_full == "fail" and not resumed:
             raise EngineFull(
                 f"no capacity: {self.kv.free_blocks} free KV blocks, "
-                f"{self._running}/{self.config.max_batch} running"
+                f"{self.running}/{self.config.max_batch} running"
             )
-        self.stats.kv_exhaustion_events += 1
+        self.stats.kv_exhaustion_events += not resumed
         waiter = _Waiter(request_id, tokens)
-        self._queue.append(waiter)
+        if resumed:
+            self._queue.appendleft(waiter)
+        else:
+            self._queue.append(waiter)
         try:
             await waiter.admitted
         except asyncio.CancelledError:
@@ -148,14 +205,14 @@ class SimEngine:
             raise
 
     def _try_start(self, request_id: int, tokens: int) -> bool:
-        if self._running >= self.config.max_batch or not self.kv.try_allocate(request_id, tokens):
+        if self.running >= self.config.max_batch or not self.kv.try_allocate(request_id, tokens):
             return False
-        self._running += 1
+        self._live[request_id] = _Live(next(self._order))
         return True
 
     def _release(self, request_id: int) -> None:
         self.kv.free(request_id)
-        self._running -= 1
+        self._live.pop(request_id, None)
         self._schedule()
 
     def _schedule(self) -> None:

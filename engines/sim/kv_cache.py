@@ -6,11 +6,14 @@ from collections.abc import Hashable
 
 
 class PagedKVCache:
-    def __init__(self, total_blocks: int, tokens_per_block: int) -> None:
-        if total_blocks < 1 or tokens_per_block < 1:
-            raise ValueError("total_blocks and tokens_per_block must be >= 1")
+    """`total_blocks`, of which `reserved_blocks` hold no sequence (vLLM's null block)."""
+
+    def __init__(self, total_blocks: int, tokens_per_block: int, reserved_blocks: int = 0) -> None:
+        if total_blocks <= reserved_blocks or tokens_per_block < 1:
+            raise ValueError("total_blocks must exceed reserved_blocks and tokens_per_block must be >= 1")
         self.total_blocks = total_blocks
         self.tokens_per_block = tokens_per_block
+        self.usable_blocks = total_blocks - reserved_blocks
         self._held: dict[Hashable, int] = {}
         self._used = 0
 
@@ -28,6 +31,16 @@ class PagedKVCache:
         self._used += blocks
         return True
 
+    def grow(self, request_id: Hashable, tokens: int) -> bool:
+        """Hold blocks for `tokens` tokens of a request that holds some: the blocks it lacks, all or
+        nothing (a paged engine allocating as a sequence grows)."""
+        more = self.blocks_for(tokens) - self._held[request_id]
+        if more > self.free_blocks:
+            return False
+        self._held[request_id] += max(0, more)
+        self._used += max(0, more)
+        return True
+
     def free(self, request_id: Hashable) -> int:
         """Release a request's blocks; returns how many. Freeing twice is a no-op."""
         blocks = self._held.pop(request_id, 0)
@@ -40,8 +53,8 @@ class PagedKVCache:
 
     @property
     def free_blocks(self) -> int:
-        return self.total_blocks - self._used
+        return self.usable_blocks - self._used
 
     @property
     def utilization(self) -> float:
-        return self._used / self.total_blocks
+        return self._used / self.usable_blocks

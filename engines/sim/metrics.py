@@ -3,6 +3,7 @@
 trtllm-serve: a JSON iteration-stats endpoint and Prometheus text (SimMetrics).
 Triton with the TensorRT-LLM backend: Prometheus text with the backend's
 nv_trt_llm_* families (TritonMetrics).
+vLLM: Prometheus text with its vllm:* names, for the vLLM flavor (VllmMetrics).
 """
 
 from __future__ import annotations
@@ -101,6 +102,45 @@ class _TritonCollector(Collector):
         yield _exhaustion_counter(engine)
 
 
+class _VllmCollector(Collector):
+    """vLLM 0.32's names and labels for what ext_proc and the benchmarks read (docs/reference.md)."""
+
+    def __init__(self, engine: SimEngine, model: str) -> None:
+        self._engine = engine
+        self._labels = {"engine": "0", "model_name": model}
+
+    def _gauge(self, name: str, doc: str, value: float, **labels: str) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(name, doc, labels=[*self._labels, *labels])
+        family.add_metric([*self._labels.values(), *labels.values()], value)
+        return family
+
+    def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
+        family = CounterMetricFamily(name, doc, labels=list(self._labels))  # exposed with a _total suffix
+        family.add_metric(list(self._labels.values()), value)
+        return family
+
+    def collect(self) -> Iterator[Metric]:
+        engine, kv, stats = self._engine, self._engine.kv, self._engine.stats
+        yield self._gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", kv.utilization)
+        yield self._gauge("vllm:num_requests_running", "Number of requests in model execution batches.", engine.running)
+        yield self._gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", engine.waiting)
+        by_reason = GaugeMetricFamily("vllm:num_requests_waiting_by_reason", "Requests waiting, by reason.",
+                                      labels=[*self._labels, "reason"])
+        for reason, value in (("capacity", engine.waiting), ("deferred", 0)):
+            by_reason.add_metric([*self._labels.values(), reason], value)
+        yield by_reason
+        yield self._counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+                            stats.preemptions)
+        yield self._counter("vllm:prompt_tokens", "Number of prefill tokens processed.", stats.prompt_tokens_total)
+        yield self._counter("vllm:generation_tokens", "Number of generation tokens processed.",
+                            stats.generation_tokens_total)
+        info = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
+                                 labels=["block_size", "engine", "num_gpu_blocks"])
+        info.add_metric([str(kv.tokens_per_block), "0", str(kv.total_blocks)], 1.0)
+        yield info
+        yield _exhaustion_counter(engine)
+
+
 class SimMetrics:
     def __init__(self, engine: SimEngine) -> None:
         self._engine = engine
@@ -108,9 +148,14 @@ class SimMetrics:
         # Per instance, so several simulators in one process do not share series.
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_EngineCollector(engine))
+        self.vllm_registry = CollectorRegistry(auto_describe=False)
+        self.vllm_registry.register(_VllmCollector(engine, engine.config.model))
 
     def prometheus_text(self) -> bytes:
         return generate_latest(self.registry)
+
+    def vllm_text(self) -> bytes:
+        return generate_latest(self.vllm_registry)
 
     def iteration_stats(self) -> list[dict[str, Any]]:
         """trtllm-serve's /metrics shape: a list of iteration stats, here one current snapshot."""

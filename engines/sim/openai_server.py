@@ -12,7 +12,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from engines.sim import generation
+from engines.sim import generation, vllm_apis
 from engines.sim.config import SimConfig
 from engines.sim.engine import Chunk, EngineFull, GenRequest, RequestTooLarge, SimEngine
 from engines.sim.http_common import (
@@ -27,12 +27,15 @@ from engines.sim.http_common import (
 )
 from engines.sim.metrics import SimMetrics
 from engines.sim.records import new_records
-from engines.sim.text import count_chat_tokens, count_prompt_tokens
+from engines.sim.text import ModelTokenizer, count_chat_tokens, count_prompt_tokens
+from kvgate.chat_template import Unrenderable
 
 Json = dict[str, Any]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 METRICS = web.AppKey("metrics", SimMetrics)
+# Counts prompts as vLLM does, when the simulator is given the model's tokenizer; else a token per word.
+TOKENIZER = web.AppKey("tokenizer", ModelTokenizer)
 
 
 class ApiError(Exception):
@@ -101,21 +104,26 @@ def _message_text(message: Any) -> str:
     )
 
 
-def _chat_prompt(body: Json) -> tuple[int, str]:
+def _chat_prompt(body: Json, tokenizer: ModelTokenizer | None) -> tuple[int, str]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array", param="messages")
     texts = [_message_text(m) for m in messages]
-    return count_chat_tokens(texts), orjson.dumps(messages).decode()
+    if tokenizer is None:
+        return count_chat_tokens(texts), orjson.dumps(messages).decode()
+    try:
+        return tokenizer.chat(body), orjson.dumps(messages).decode()
+    except (Unrenderable, ValueError) as e:
+        raise ApiError(400, f"chat template: {e}", param="messages") from None
 
 
-def _completion_prompt(body: Json) -> tuple[int, str]:
+def _completion_prompt(body: Json, tokenizer: ModelTokenizer | None) -> tuple[int, str]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
         prompt = "\n".join(prompt)
     if not isinstance(prompt, str):
         raise ApiError(400, "'prompt' must be a string or an array of strings", param="prompt")
-    return count_prompt_tokens(prompt), prompt
+    return (count_prompt_tokens(prompt) if tokenizer is None else tokenizer.text(prompt)), prompt
 
 
 # --- the two dialects ------------------------------------------------------------
@@ -130,7 +138,7 @@ class Dialect:
     id_prefix: str
     default_max_tokens: int
     max_tokens_fields: tuple[str, ...]  # first present wins
-    prompt: Callable[[Json], tuple[int, str]]  # body -> (prompt tokens, text key)
+    prompt: Callable[[Json, ModelTokenizer | None], tuple[int, str]]  # body -> (prompt tokens, text key)
     choice: Callable[[str], Json]  # text-carrying fields of a full choice
     delta: Callable[[str | None, bool], Json]  # (text or None on the closing chunk, first chunk?)
 
@@ -201,7 +209,8 @@ class _Call:
         }
 
 
-def _parse_call(body: Any, dialect: Dialect, served_model: str) -> _Call:
+def _parse_call(body: Any, dialect: Dialect, served_model: str, tokenizer: ModelTokenizer | None,
+                request_id: str | None) -> _Call:
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     model = _get(body, "model", str)
@@ -220,14 +229,14 @@ def _parse_call(body: Any, dialect: Dialect, served_model: str) -> _Call:
     max_tokens = _get(body, field, int, dialect.default_max_tokens)
     if max_tokens < 1:
         raise ApiError(400, f"'{field}' must be at least 1", param=field)
-    prompt_tokens, key = dialect.prompt(body)
+    prompt_tokens, key = dialect.prompt(body, tokenizer)
     return _Call(
         dialect=dialect,
         model=model,
         stream=_get(body, "stream", bool, False),
         include_usage=_get(_get(body, "stream_options", dict, {}), "include_usage", bool, False),
         gen=GenRequest(prompt_tokens, max_tokens, _stop(body), key),
-        id=dialect.id_prefix + uuid.uuid4().hex,
+        id=dialect.id_prefix + (request_id or uuid.uuid4().hex),
         created=int(time.time()),
     )
 
@@ -239,7 +248,9 @@ async def _complete(request: web.Request, dialect: Dialect) -> web.StreamRespons
     body, valid = await read_json_and_record(request)
     if not valid:
         raise ApiError(400, "request body is not valid JSON")
-    call = _parse_call(body, dialect, request.app[CONFIG].model)
+    # vLLM names a response after the request's X-Request-Id (Envoy sends one); trtllm-serve does not.
+    request_id = request.headers.get("X-Request-Id") if request.app[ENGINE].paged else None
+    call = _parse_call(body, dialect, request.app[CONFIG].model, request.app.get(TOKENIZER), request_id)
     try:
         reset = requested_reset(request)  # a test hook; None for every ordinary request
     except ValueError as e:
@@ -326,6 +337,10 @@ async def _prometheus(request: web.Request) -> web.Response:
     )
 
 
+async def _vllm_prometheus(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].vllm_text(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 def create_app(config: SimConfig) -> web.Application:
     """The simulator app. Serve it with handler_cancellation=True so a client that
     disconnects while its request waits in the queue gives its place back."""
@@ -333,11 +348,16 @@ def create_app(config: SimConfig) -> web.Application:
     app = web.Application(middlewares=[_errors])
     setup_sim_app(app, config, engine, new_records(config.record_limit))
     app[METRICS] = SimMetrics(engine)
+    if config.tokenizer:
+        app[TOKENIZER] = ModelTokenizer.load(config.tokenizer)
     app.router.add_post("/v1/chat/completions", _endpoint(CHAT))
     app.router.add_post("/v1/completions", _endpoint(COMPLETIONS))
     app.router.add_get("/health", _health)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/version", _version)
-    app.router.add_get("/metrics", _iteration_stats)
+    # vLLM serves Prometheus text at /metrics, trtllm-serve its iteration stats.
+    app.router.add_get("/metrics", _vllm_prometheus if engine.paged else _iteration_stats)
     app.router.add_get("/prometheus/metrics", _prometheus)
+    # Responses, Anthropic's Messages, embeddings, tokenize: what vLLM serves besides chat and completions.
+    vllm_apis.add_routes(app, app.get(TOKENIZER))
     return app

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from kvgate.chat_template import ChatTemplate, read_template
 
 VOCAB = (
     "the", "a", "cache", "block", "token", "model", "gateway", "request", "server", "batch",
@@ -38,6 +45,30 @@ def count_prompt_tokens(text: str) -> int:
 def count_chat_tokens(contents: Iterable[str]) -> int:
     """Prompt tokens of a chat: each message's content plus CHAT_TOKENS_PER_MESSAGE (4)."""
     return sum(count_prompt_tokens(c) + CHAT_TOKENS_PER_MESSAGE for c in contents)
+
+
+@dataclass(frozen=True)
+class ModelTokenizer:
+    """Prompt tokens as vLLM counts them: a chat rendered with the model's chat template (the one
+    beside its tokenizer.json) and tokenized without added special tokens; a text prompt tokenized with
+    them (Llama's BOS)."""
+
+    tokenizer: Tokenizer
+    template: ChatTemplate | None
+
+    @classmethod
+    def load(cls, tokenizer_json: str) -> ModelTokenizer:
+        source = read_template(Path(tokenizer_json))
+        return cls(Tokenizer.from_file(tokenizer_json), ChatTemplate(source) if source else None)
+
+    def chat(self, body: Mapping[str, Any]) -> int:
+        """Raises kvgate.chat_template.Unrenderable for a chat the template cannot render."""
+        if self.template is None:
+            raise ValueError("the model has no chat template")
+        return len(self.tokenizer.encode(self.template.render(body), add_special_tokens=False).ids)
+
+    def text(self, prompt: str) -> int:
+        return len(self.tokenizer.encode(prompt).ids)
 
 
 class StopScanner:

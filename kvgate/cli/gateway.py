@@ -26,10 +26,13 @@ ENVOY_NODE_CLUSTER = "kvgate-envoy"
 
 
 def sim_argv(model: Model, addr: Address) -> list[str]:
-    """The simulated engine for one `sim` endpoint, sized by the model's KV budget."""
+    """The simulated engine for one `sim` endpoint, sized by the model's KV budget; for `engine: vllm`, a
+    simulated vLLM (its scheduling and metrics, prompts counted with the model's tokenizer)."""
     s = model.sim
     blocks = model.kv_budget_bytes // (model.kv_bytes_per_token * model.block_tokens)
     protocol = ["--protocol", model.protocol] + (["--grpc-port", str(addr.grpc_port)] if addr.grpc_port else [])
+    if model.engine == "vllm":
+        protocol += ["--flavor", "vllm"] + (["--tokenizer", str(model.tokenizer)] if model.tokenizer else [])
     return [sys.executable, "-m", "engines.sim", *protocol, "--host", addr.host, "--port", str(addr.port),
             "--model", model.engine_model,
             "--kv-blocks", str(blocks), "--tokens-per-block", str(model.block_tokens),

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ModelPolicy(_message.Message):
-    __slots__ = ("name", "protocol", "max_context_tokens", "max_output_tokens", "kv_bytes_per_token", "tokens_per_block", "endpoints", "prompt_estimate", "backend_model", "tokenizer", "priority_classes", "default_priority_class", "engine_metrics", "long_request_threshold", "long_requests_max_share")
+    __slots__ = ("name", "protocol", "max_context_tokens", "max_output_tokens", "kv_bytes_per_token", "tokens_per_block", "endpoints", "prompt_estimate", "backend_model", "tokenizer", "priority_classes", "default_priority_class", "engine_metrics", "long_request_threshold", "long_requests_max_share", "chat_template", "engine", "long_requests_short_window_ms")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,9 @@ class ModelPolicy(_message.Message):
     ENGINE_METRICS_FIELD_NUMBER: _ClassVar[int]
     LONG_REQUEST_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     LONG_REQUESTS_MAX_SHARE_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    LONG_REQUESTS_SHORT_WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
     name: str
     protocol: str
     max_context_tokens: int
@@ -38,7 +41,10 @@ class ModelPolicy(_message.Message):
     engine_metrics: EngineMetrics
     long_request_threshold: float
     long_requests_max_share: float
-    def __init__(self, name: _Optional[str] = ..., protocol: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., tokens_per_block: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., prompt_estimate: _Optional[_Union[PromptEstimate, _Mapping]] = ..., backend_model: _Optional[str] = ..., tokenizer: _Optional[_Union[Tokenizer, _Mapping]] = ..., priority_classes: _Optional[_Iterable[_Union[PriorityClass, _Mapping]]] = ..., default_priority_class: _Optional[str] = ..., engine_metrics: _Optional[_Union[EngineMetrics, _Mapping]] = ..., long_request_threshold: _Optional[float] = ..., long_requests_max_share: _Optional[float] = ...) -> None: ...
+    chat_template: ChatTemplate
+    engine: str
+    long_requests_short_window_ms: int
+    def __init__(self, name: _Optional[str] = ..., protocol: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., tokens_per_block: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., prompt_estimate: _Optional[_Union[PromptEstimate, _Mapping]] = ..., backend_model: _Optional[str] = ..., tokenizer: _Optional[_Union[Tokenizer, _Mapping]] = ..., priority_classes: _Optional[_Iterable[_Union[PriorityClass, _Mapping]]] = ..., default_priority_class: _Optional[str] = ..., engine_metrics: _Optional[_Union[EngineMetrics, _Mapping]] = ..., long_request_threshold: _Optional[float] = ..., long_requests_max_share: _Optional[float] = ..., chat_template: _Optional[_Union[ChatTemplate, _Mapping]] = ..., engine: _Optional[str] = ..., long_requests_short_window_ms: _Optional[int] = ...) -> None: ...
 
 class Endpoint(_message.Message):
     __slots__ = ("address", "kv_budget_bytes", "grpc_address", "metrics_url", "priority")
@@ -61,6 +67,25 @@ class Tokenizer(_message.Message):
     path: str
     sha256: str
     def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class ChatTemplate(_message.Message):
+    __slots__ = ("template", "tool_use_template", "special_tokens", "origin")
+    class SpecialTokensEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    TOOL_USE_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    template: str
+    tool_use_template: str
+    special_tokens: _containers.ScalarMap[str, str]
+    origin: str
+    def __init__(self, template: _Optional[str] = ..., tool_use_template: _Optional[str] = ..., special_tokens: _Optional[_Mapping[str, str]] = ..., origin: _Optional[str] = ...) -> None: ...
 
 class PriorityClass(_message.Message):
     __slots__ = ("name", "max_wait_ms")

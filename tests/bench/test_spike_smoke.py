@@ -12,7 +12,9 @@ import yaml
 
 from bench.spike import QUICK_SETUPS, main, parse_args
 from bench.spike_client import DONE, REFUSED
-from bench.spike_scenario import BURST, QUICK, STEADY, Scenario, build_plan, catalog, without_burst
+from bench.spike_metrics import VLLM_METRICS, parse
+from bench.spike_scenario import (BURST, QUICK, STEADY, VLLM_BLOCKS, VLLM_SEED, Scenario, build_plan, catalog,
+                                  vllm_catalog, without_burst)
 from bench.spike_setups import with_ext_proc
 from bench.spike_shedding import EngineState, Thresholds, saturation
 from kvgate.catalog import Address, parse_catalog
@@ -92,3 +94,26 @@ def test_args() -> None:
         parse_args(["--setups", "kvgate,nginx"])
     with pytest.raises(SystemExit):
         parse_args(["--kvgate-catalog-extra", "[1]"])
+
+
+def test_the_vllm_catalog_gives_the_engine_the_scenarios_cache(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "num_attention_heads": 4,
+                                                      "num_key_value_heads": 2, "hidden_size": 128, "head_dim": 32,
+                                                      "torch_dtype": "bfloat16"}))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    model = parse_catalog(vllm_catalog(tmp_path, VLLM_SEED, {"long_requests": {"max_share": 0.4}})).models[0]
+    assert model.engine == "vllm" and model.kv_bytes_per_token == 512
+    assert model.kv_budget_bytes // (512 * model.block_tokens) == VLLM_BLOCKS
+    assert model.max_output_tokens >= VLLM_SEED.burst_output_tokens and model.long_requests.max_share == 0.4
+
+
+def test_engine_metrics_select_labels() -> None:
+    text = """# TYPE vllm:num_requests_waiting_by_reason gauge
+vllm:num_requests_waiting_by_reason{engine="0",reason="capacity"} 3.0
+vllm:num_requests_waiting_by_reason{engine="0",reason="deferred"} 2.0
+# TYPE vllm:num_preemptions counter
+vllm:num_preemptions_total{engine="0"} 7.0
+vllm:num_preemptions_created{engine="0"} 1.7e+09
+"""
+    assert parse(text, [VLLM_METRICS.capacity_waiting, VLLM_METRICS.exhaustion, "vllm:num_requests_waiting_by_reason"]) \
+        == {VLLM_METRICS.capacity_waiting: 3.0, VLLM_METRICS.exhaustion: 7.0, "vllm:num_requests_waiting_by_reason": 5.0}

@@ -18,7 +18,8 @@ from kvgate.cli.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs" / "clients"
-PAGES = ["index.md", "openai.md", "tritonclient-grpc.md", "tritonclient-http.md", "curl-generate.md"]
+PAGES = ["index.md", "openai.md", "responses.md", "anthropic-messages.md", "embeddings-tokenize.md",
+         "tritonclient-grpc.md", "tritonclient-http.md", "curl-generate.md"]
 DOC_ADDRESS = "127.0.0.1:8080"  # what every example uses: `kvgate up`'s default
 EXAMPLE_TIMEOUT_S = 45
 # ```lang at the start of a line, up to the closing fence.

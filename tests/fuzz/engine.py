@@ -36,7 +36,11 @@ _VALUES = [0, 1, -1, 7, 2**31, 2**63, 2**64, 1.5, True, False, None, "", "x", "\
            ["a"], [[1]], [{}], {"type": "text", "text": 42}, {"type": "text", "text": "t"}, {"a": [1, {"b": None}]}]
 _KEYS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "n", "best_of", "stream", "content",
          "role", "type", "text", "text_input", "inputs", "name", "datatype", "shape", "data", "parameters",
-         "binary_data_size", "chat_template", "chat_template_kwargs", "documents", "suffix", "tools"]
+         "binary_data_size", "chat_template", "chat_template_kwargs", "documents", "suffix", "tools",
+         # Responses, Anthropic's Messages, embeddings, tokenize
+         "input", "instructions", "max_output_tokens", "previous_response_id", "background", "call_id", "arguments",
+         "output", "status", "reasoning", "system", "thinking", "budget_tokens", "input_schema", "tool_use_id",
+         "tokens"]
 
 
 def _nodes(tree: object, out: list[tuple[object, object]]) -> list[tuple[object, object]]:

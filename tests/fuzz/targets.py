@@ -6,6 +6,10 @@ model name). A target that returns has passed; a `Failure` (or any other excepti
 
 Each returns what it came to (for the fuzzer's feedback): "parsed", or the kind of refusal.
 
+The parsers that hand admission a chat for the model's template (Responses, Anthropic's Messages) must
+hand one the template renders or refuses as Unrenderable, which tokens.py falls back on: anything else
+would escape ext_proc. Their targets render it with Llama 3's template.
+
 The inputs are the raw bytes a client controls: the body, and for the binary extension and the header
 reader, the header values too (the first bytes of the input, cut at a newline).
 """
@@ -18,11 +22,14 @@ from dataclasses import dataclass
 
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpHeaders
-from ext_proc import apis, openai_protocol, triton_grpc, triton_http
+from bench.tokens import LLAMA3_TEMPLATE
+from ext_proc import (anthropic_protocol, apis, embeddings, openai_protocol, responses_api, routed_calls, triton_grpc,
+                      triton_http)
 from ext_proc.exchange import read_headers
 from ext_proc.request import LLMRequest, Parsed, ProtocolError, identity_encoding
 from ext_proc.tenants import Tenant, TenantTable
 from kvgate.api_keys import key_hash
+from kvgate.chat_template import ChatTemplate, TemplateSource, Unrenderable
 from kvgate.v1 import policy_pb2
 
 ENGINE = "engine-name"
@@ -92,15 +99,49 @@ def _check_rewrites(parsed: Parsed, reparse: Callable[[bytes, Mapping[str, str]]
         _same(before, after, limit, ENGINE if renames else before.model)
 
 
-def _openai(path: str) -> Callable[[bytes], str]:
+_LLAMA3 = ChatTemplate(TemplateSource(LLAMA3_TEMPLATE, (("bos_token", "<s>"), ("eos_token", "</s>"))))
+
+
+def _renders(request: LLMRequest) -> None:
+    if request.chat is None:
+        return
+    try:
+        _LLAMA3.render(request.chat)
+    except Unrenderable:
+        pass
+    except Exception as e:
+        raise Failure(f"the chat made the template raise {type(e).__name__}: {e}") from e
+
+
+def _body_parser(parse: Callable[[bytes, Mapping[str, str]], Parsed], render: bool = False) -> Callable[[bytes], str]:
+    """A parser of a JSON body whose model the rewrite renames."""
     def run(data: bytes) -> str:
         try:
-            parsed = openai_protocol.parse_request(path, data, {})
+            parsed = parse(data, {})
         except ProtocolError as e:
             return refused(e)
-        _check_rewrites(parsed, lambda body, h: openai_protocol.parse_request(path, body, h), {}, renames=True)
+        if render:
+            _renders(parsed.request)
+        _check_rewrites(parsed, lambda body, h: parse(body, h), {}, renames=True)
         return "parsed"
     return run
+
+
+def _openai(path: str) -> Callable[[bytes], str]:
+    return _body_parser(lambda raw, headers: openai_protocol.parse_request(path, raw, headers))
+
+
+def _routed(data: bytes) -> str:
+    """Routed, not admitted: the rewrite names the engine's model and changes nothing else."""
+    try:
+        parsed = routed_calls.parse(None, {}, data)
+    except ProtocolError as e:
+        return refused(e)
+    rewrite = parsed.rewrite(None, ENGINE)
+    again = parsed if rewrite is None else routed_calls.parse(None, {}, rewrite.body)
+    if again.request.model != ENGINE or {**again.body, "model": ""} != {**parsed.body, "model": ""}:
+        raise Failure(f"the rewrite made {str(again.body)[:200]} of {str(parsed.body)[:200]}")
+    return "parsed"
 
 
 def _triton_http(parse: Callable[[str | None, Mapping[str, str], bytes], Parsed],
@@ -206,6 +247,10 @@ def _headers(data: bytes) -> str:
 TARGETS = {t.name: t for t in [
     Target("openai_chat", _openai(openai_protocol.CHAT_PATH), "openai_chat"),
     Target("openai_completions", _openai(openai_protocol.COMPLETIONS_PATH), "openai_completions"),
+    Target("openai_responses", _body_parser(responses_api.parse_request, render=True), "openai_responses"),
+    Target("anthropic_messages", _body_parser(anthropic_protocol.parse_request, render=True), "anthropic_messages"),
+    Target("openai_embeddings", _body_parser(embeddings.parse_request), "openai_embeddings"),
+    Target("routed_calls", _routed, "routed_calls"),
     Target("triton_generate", _triton_http(triton_http.parse_generate, binary=False), "triton_generate"),
     Target("kserve_json", _triton_http(triton_http.parse_infer, binary=False), "kserve_json"),
     Target("kserve_binary", _triton_http(triton_http.parse_infer, binary=True), "kserve_binary"),

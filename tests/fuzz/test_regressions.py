@@ -64,3 +64,10 @@ def test_content_encoding_is_read() -> None:
 ])
 def test_found_inputs_hold_the_property(target: str, data: bytes) -> None:
     assert TARGETS[target].run(data).startswith(("refused", "not authenticated", "authenticated"))
+
+
+def test_a_tool_result_whose_text_is_not_a_string_is_estimated() -> None:
+    """str.join raised TypeError building the chat vLLM would render (found by atheris in 2,507 inputs)."""
+    body = (b'{"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": [{"type": "tool_result", '
+            b'"tool_use_id": "t1", "content": [{"type": "text", "text": ["not", "a", "string"]}]}]}]}')
+    assert TARGETS["anthropic_messages"].run(body) == "parsed"

@@ -49,7 +49,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 def ledger_metrics(gw: Gateway) -> dict[tuple[str, str], float]:
     """(metric, model) -> value summed over the model's endpoints, from ext_proc's Prometheus endpoint."""
-    text = httpx.get(gw.ext_proc_metrics_url).text
+    text = httpx.get(gw.ext_proc_metrics_url, timeout=30).text  # a busy machine can hold ext_proc seconds
     out: dict[tuple[str, str], float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:

@@ -122,7 +122,7 @@ def test_ext_procs_refusals_and_envoys_direct_responses_are_unchanged(gateway: G
                      "param": "model", "code": "model_not_found"}
     assert triton_error(generate(gateway, "nope"), 404) == "The model 'nope' does not exist."
     assert grpc_error(grpc_infer(gateway, "nope"), "NOT_FOUND") == "The model 'nope' does not exist."
-    unknown_url = httpx.post(f"{gateway.url}/v1/embeddings", json={"model": "a", "input": "x"})
+    unknown_url = httpx.post(f"{gateway.url}/v1/audio/speech", json={"model": "a", "input": "x"})
     assert openai_error(unknown_url, 404, "unknown_url")
 
 

@@ -142,7 +142,7 @@ def test_bad_input_gets_an_openai_400_and_reserves_nothing(gateway: Gateway, bod
 
 
 def test_unsupported_path_is_an_openai_404(gateway: Gateway) -> None:
-    resp = httpx.post(f"{gateway.url}/v1/embeddings", json={"model": "fast", "input": "x"})
+    resp = httpx.post(f"{gateway.url}/v1/audio/speech", json={"model": "fast", "input": "x"})
     assert resp.status_code == 404
     assert resp.json()["error"]["code"] == "unknown_url"
 

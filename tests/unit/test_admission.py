@@ -169,6 +169,13 @@ def test_nbytes_at_an_exact_block_boundary() -> None:
     assert planned(completion(ids(13), max_tokens=20)).nbytes == 3 * BLOCK * BPT
 
 
+def test_vllm_nbytes_leave_out_the_last_token() -> None:
+    """vLLM never writes the KV of the token it samples last: 13 + 20 tokens take 2 blocks of 16 there,
+    3 in TensorRT-LLM's reservation."""
+    assert planned(completion(ids(13), max_tokens=20), policy(engine="vllm")).nbytes == 2 * BLOCK * BPT
+    assert planned(completion(ids(14), max_tokens=20), policy(engine="vllm")).nbytes == 3 * BLOCK * BPT
+
+
 def test_nbytes_sums_prompts_and_multiplies_by_n() -> None:
     p = planned(completion([ids(10), ids(40)], max_tokens=20, n=3))
     per_prompt = reservation_bytes(30, BLOCK, BPT) + reservation_bytes(60, BLOCK, BPT)
@@ -246,39 +253,67 @@ def test_admit_again_after_release() -> None:
 def test_choose_takes_the_most_headroom() -> None:
     p = planned(completion(ids(10), max_tokens=20))
     a, b, c = ledger(1000, "a:1", reserved=100), ledger(2000, "b:1", reserved=1500), ledger(1000, "c:1")
-    assert choose([a, b, c], p, policy()) is c  # 1000 free, against 900 and 500
+    assert choose([a, b, c], p, policy(), 0.0) is c  # 1000 free, against 900 and 500
 
 
 def test_choose_breaks_ties_by_fewest_in_flight_then_order() -> None:
     p = planned(completion(ids(10), max_tokens=20))
     busy_one = ledger(2000, "a:1", reserved=1000)  # 1000 free, one in flight
     idle_one, idle_two = ledger(1000, "b:1"), ledger(1000, "c:1")  # 1000 free, none in flight
-    assert choose([busy_one, idle_one, idle_two], p, policy()) is idle_one
+    assert choose([busy_one, idle_one, idle_two], p, policy(), 0.0) is idle_one
 
 
 def test_choose_skips_endpoints_it_does_not_fit_and_blind_ones() -> None:
     p = planned(completion(ids(10), max_tokens=20))
     small, blind = ledger(p.nbytes - 1, "a:1"), ledger(10 * p.nbytes, "b:1")
     blind.blind = True
-    assert choose([small, blind], p, policy()) is None
+    assert choose([small, blind], p, policy(), 0.0) is None
     blind.blind = False
-    assert choose([small, blind], p, policy()) is blind
+    assert choose([small, blind], p, policy(), 0.0) is blind
+
+
+def long_policy(**overrides: Any) -> Policy:
+    """Long: above 10% of a 10,000 B endpoint; together at most half of it while short requests are around."""
+    return policy(long_request_threshold=0.1, long_requests_max_share=0.5,
+                  endpoints=(EndpointPolicy("e:1", 10_000, "", ""),), **overrides)
 
 
 def test_long_requests_share_at_most_their_cap_but_one_alone_may_exceed_it() -> None:
-    pol = policy(long_request_threshold=0.1, long_requests_max_share=0.5,
-                 endpoints=(EndpointPolicy("e:1", 10_000, "", ""),))
+    pol = long_policy()
     long_one = planned(completion(ids(10), max_tokens=90), pol)  # 112 tokens -> 1120 B > 10% of 10000
-    assert long_one.long and long_one.nbytes == 1120
+    short = planned(completion(ids(10), max_tokens=6), pol)
+    assert long_one.long and long_one.nbytes == 1120 and not short.long
     lg = ledger(10_000)
+    assert isinstance(admit(short, pol, [lg], 0.0, 900.0), Reservation)  # short traffic: the cap applies
     held = [admit(long_one, pol, [lg], 0.0, 900.0) for _ in range(4)]  # 4480 B <= 5000
     assert all(isinstance(h, Reservation) for h in held)
     assert admit(long_one, pol, [lg], 0.0, 900.0) is None  # 5600 B of long requests > 5000
-    short = planned(completion(ids(10), max_tokens=6), pol)
-    assert not short.long and isinstance(admit(short, pol, [lg], 0.0, 900.0), Reservation)
+    assert isinstance(admit(short, pol, [lg], 0.0, 900.0), Reservation)
     huge = planned(completion(ids(10), max_tokens=90, n=6), pol)  # 6720 B: above the cap on its own
     empty = ledger(10_000, "f:1")
+    assert isinstance(admit(short, pol, [empty], 0.0, 900.0), Reservation)
     assert isinstance(admit(huge, pol, [empty], 0.0, 900.0), Reservation)
+
+
+def test_with_no_short_traffic_long_requests_may_fill_the_endpoint() -> None:
+    pol = long_policy()
+    long_one = planned(completion(ids(10), max_tokens=90), pol)
+    lg = ledger(10_000)
+    held = [admit(long_one, pol, [lg], 0.0, 900.0) for _ in range(8)]  # 8960 B: the cap would stop at 4
+    assert all(isinstance(h, Reservation) for h in held)
+    assert admit(long_one, pol, [lg], 0.0, 900.0) is None  # 10080 B: the budget itself is the limit
+
+
+def test_the_cap_protects_short_requests_for_a_window_after_the_last_one() -> None:
+    pol = long_policy(long_requests_short_window_s=60.0)
+    long_one = planned(completion(ids(10), max_tokens=90), pol)
+    short = planned(completion(ids(10), max_tokens=6), pol)
+    lg = ledger(10_000)
+    s = admit(short, pol, [lg], 0.0, 900.0)
+    assert isinstance(s, Reservation) and lg.release(s, now=10.0)  # the last short request ends at 10 s
+    assert all(isinstance(admit(long_one, pol, [lg], 20.0, 900.0), Reservation) for _ in range(4))
+    assert admit(long_one, pol, [lg], 69.9, 900.0) is None  # within 60 s of it: capped at half
+    assert isinstance(admit(long_one, pol, [lg], 70.0, 900.0), Reservation)  # no short traffic any more
 
 
 def test_larger_than_this_replicas_share_is_request_too_large() -> None:

@@ -9,6 +9,14 @@ from ext_proc import openai_protocol, triton_grpc, triton_http
 from ext_proc.apis import Call, Convention, convention_for, match
 from ext_proc.openai_protocol import CHAT_PATH, COMPLETIONS_PATH
 from ext_proc.request import ProtocolError
+from kvgate.wire import (
+    ANTHROPIC_COUNT_TOKENS_PATH,
+    ANTHROPIC_MESSAGES_PATH,
+    DETOKENIZE_PATH,
+    OPENAI_EMBEDDINGS_PATH,
+    OPENAI_RESPONSES_PATH,
+    TOKENIZE_PATH,
+)
 
 GRPC = "application/grpc"
 JSON = "application/json"
@@ -38,6 +46,48 @@ def test_openai_parser_is_bound_to_its_path() -> None:
     assert chat.request.prompt_param == "messages"
     done = call(COMPLETIONS_PATH).api.parse(None, {}, orjson.dumps({"model": "m", "prompt": "hi"}))
     assert done.request.prompt_param == "prompt"
+
+
+# --- the other APIs vLLM serves: Responses, Anthropic's Messages, embeddings, tokenize ------------
+
+@pytest.mark.parametrize("path,convention,prompt_param,admit,limit", [
+    (OPENAI_RESPONSES_PATH, Convention.OPENAI, "input", True, None),
+    (OPENAI_EMBEDDINGS_PATH, Convention.OPENAI, "input", True, 1),  # the prefill's KV only
+    (TOKENIZE_PATH, Convention.OPENAI, "prompt", False, None),
+    (DETOKENIZE_PATH, Convention.OPENAI, "prompt", False, None),
+    (ANTHROPIC_MESSAGES_PATH, Convention.ANTHROPIC, "messages", True, 3),
+    (ANTHROPIC_COUNT_TOKENS_PATH, Convention.ANTHROPIC, "prompt", False, None),
+])
+def test_vllm_apis_reach_openai_models_in_their_convention(path: str, convention: Convention, prompt_param: str,
+                                                           admit: bool, limit: int | None) -> None:
+    c = call(path)
+    assert c.model is None  # the body names the model
+    assert c.api.protocol == "openai"  # the catalog's models served by OpenAI-compatible engines
+    assert c.api.convention is convention is convention_for(path, JSON)
+    body = {"model": "m", "input": "x", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
+    request = c.api.parse(None, {}, orjson.dumps(body)).request
+    assert (request.model, request.prompt_param, request.admit, request.requested_max_tokens) == (
+        "m", prompt_param, admit, limit)
+
+
+@pytest.mark.parametrize("path", [TOKENIZE_PATH, DETOKENIZE_PATH, ANTHROPIC_COUNT_TOKENS_PATH])
+def test_tokenizer_calls_are_routed_not_admitted(path: str) -> None:
+    parsed = call(path).api.parse(None, {}, b'{"model": "m", "prompt": "x"}')
+    assert parsed.request.admit is False
+    assert orjson.loads(parsed.rewrite(None, "engine").body) == {"model": "engine", "prompt": "x"}
+    assert parsed.rewrite(None, "m") is None
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens", "/v1/messages/batches",
+                                  "/v1/messages/batches/b1/results"])
+def test_anthropic_convention_for_everything_under_messages(path: str) -> None:
+    assert convention_for(path, JSON) is Convention.ANTHROPIC
+    assert convention_for(path, "") is Convention.ANTHROPIC
+
+
+@pytest.mark.parametrize("path", ["/v1/messagesx", "/v1/message", "/x/v1/messages"])
+def test_not_anthropic_paths_keep_openai_convention(path: str) -> None:
+    assert convention_for(path, JSON) is Convention.OPENAI
 
 
 # --- Triton HTTP -------------------------------------------------------------------------------
@@ -111,7 +161,8 @@ def test_grpc_unknown_methods(method: str) -> None:
 # --- unknown -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", [
-    "/", "", "/v1/models", "/v1/embeddings", "/v1/chat/completions/", "/v1/completions/x",
+    "/", "", "/v1/models", "/v1/chat/completions/", "/v1/completions/x", "/v1/responses/resp_1",
+    "/v1/responses/resp_1/cancel", "/v1/messages/batches", "/v1/messages/", "/v1/messagesx", "/tokenize/x",
     "/v2/models/m/ready", "/v2/health/live", "/v2/models/m", "/v2/models//infer", "/v2/models/m/infer/",
     "/v2/models/m/versions/1/ready", "/v2/models/m/generatex", "/x/v2/models/m/infer",
     "/other.Service/ModelInfer", "/inference.GRPCInferenceService",
@@ -150,7 +201,9 @@ def test_match_convention_agrees_with_convention_for(path: str, content_type: st
 
 # --- every parser hears the headers: Content-Encoding ---------------------------------------------
 
-ALL_APIS = [(CHAT_PATH, JSON), (COMPLETIONS_PATH, JSON), ("/v2/models/m/generate", JSON),
+ALL_APIS = [(CHAT_PATH, JSON), (COMPLETIONS_PATH, JSON), (OPENAI_RESPONSES_PATH, JSON), (OPENAI_EMBEDDINGS_PATH, JSON),
+            (TOKENIZE_PATH, JSON), (DETOKENIZE_PATH, JSON), (ANTHROPIC_MESSAGES_PATH, JSON),
+            (ANTHROPIC_COUNT_TOKENS_PATH, JSON), ("/v2/models/m/generate", JSON),
             ("/v2/models/m/generate_stream", JSON), ("/v2/models/m/infer", JSON),
             *((SERVICE + m, GRPC) for m in ["ModelInfer", "ModelStreamInfer", *sorted(triton_grpc.LOOKUP_METHODS)])]
 

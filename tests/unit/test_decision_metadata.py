@@ -107,7 +107,7 @@ async def test_a_refusal_carries_its_code_on_the_immediate_response() -> None:
 @pytest.mark.asyncio
 async def test_an_unknown_url_is_refused_at_the_headers_and_is_no_gen_ai_operation() -> None:
     s, registry = observed()
-    (refused,) = await run(s, headers("/v1/embeddings"))
+    (refused,) = await run(s, headers("/v1/audio/speech"))
     assert decision_of(refused) == {"decision": "unknown_url"}
     assert registry.get_sample_value("kvgate_ext_proc_processing_seconds_count", {"phase": "headers"}) == 1
     durations = [m for m in registry.collect() if m.name == "gen_ai_server_request_duration_seconds"]

@@ -103,6 +103,13 @@ vllm:kv_cache_usage_perc{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct
 # HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.
 # TYPE vllm:prefix_cache_queries_total counter
 vllm:prefix_cache_queries_total{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 91234.0
+# HELP vllm:prompt_tokens_total Number of prefill tokens processed.
+# TYPE vllm:prompt_tokens_total counter
+vllm:prompt_tokens_total{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 4096.0
+vllm:prompt_tokens_created{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 1.7964029554216778e+09
+# HELP vllm:prompt_tokens_cached_total Number of cached prompt tokens (local prefix cache hits).
+# TYPE vllm:prompt_tokens_cached_total counter
+vllm:prompt_tokens_cached_total{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 512.0
 # HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
 # TYPE vllm:time_to_first_token_seconds histogram
 vllm:time_to_first_token_seconds_bucket{engine="0",le="0.001",model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.0
@@ -233,21 +240,25 @@ def test_triton_before_the_waiting_request_type() -> None:
 
 
 def test_vllm() -> None:
+    """One of vLLM's blocks is its null block: sequences hold the others, and its usage is a fraction of
+    them. Its prompt-token counter is read (not the counter's creation time, nor the cached tokens)."""
     assert parse_engine_load(VLLM) == EngineLoad(
-        kv_used_fraction=0.375, kv_used_blocks=None, kv_max_blocks=27488, tokens_per_block=16,
-        waiting=7, running=4, engine="vllm",
+        kv_used_fraction=0.375, kv_used_blocks=None, kv_max_blocks=27488, kv_usable_blocks=27487,
+        tokens_per_block=16, waiting=7, running=4, engine="vllm", prompt_tokens=4096,
     )  # fmt: skip
 
 
 def test_vllm_data_parallel_ranks_add_up() -> None:
     rank1 = VLLM.replace('engine="0"', 'engine="1"').replace("} 0.375", "} 0.125")
     load = parse_engine_load(VLLM + rank1)
-    assert (load.kv_used_fraction, load.kv_max_blocks, load.waiting, load.running) == (0.25, 2 * 27488, 14, 8)
+    assert (load.kv_used_fraction, load.kv_max_blocks, load.kv_usable_blocks, load.waiting, load.running,
+            load.prompt_tokens) == (0.25, 2 * 27488, 2 * 27487, 14, 8, 2 * 4096)
 
 
 def test_vllm_before_profiling_knows_no_block_count() -> None:
     load = parse_engine_load(VLLM.replace('num_gpu_blocks="27488"', 'num_gpu_blocks="None"'))
-    assert (load.kv_max_blocks, load.tokens_per_block, load.kv_used_fraction) == (None, 16, 0.375)
+    assert (load.kv_max_blocks, load.kv_usable_blocks, load.tokens_per_block, load.kv_used_fraction) == (
+        None, None, 16, 0.375)
 
 
 def test_old_vllm_gpu_cache_usage_perc() -> None:

@@ -254,7 +254,7 @@ async def test_tokens_per_minute_are_charged_at_admission_and_refunded_when_refu
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(("msg", "status"), [
-    (headers("/v1/embeddings"), 404),
+    (headers("/v1/audio/speech"), 404),
     (headers(method="GET"), 405),
     (headers(end=True), 400),
 ])

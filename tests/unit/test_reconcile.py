@@ -7,6 +7,7 @@ import pytest
 from ext_proc.engine_metrics import EngineLoad, NotPublishedYet, parse_engine_load
 from ext_proc.ledger import Ledgers
 from ext_proc.policy import EndpointPolicy, Policy
+from ext_proc.prompt_gap import PromptGap
 from ext_proc.reconcile import Reconciler, apply_sample, engine_used_bytes, is_idle
 from ext_proc.scraper import EngineScraper, Sample
 from ext_proc.state import AdmissionState
@@ -103,3 +104,51 @@ def test_trtllm_serve_declaring_its_gauges_without_values_is_not_published_yet()
     text = "# HELP trtllm_kv_cache_utilization x\n# TYPE trtllm_kv_cache_utilization gauge\n"
     with pytest.raises(NotPublishedYet):
         parse_engine_load(text)
+
+
+def vllm(fraction: float, usable: int | None = 31, prompt_tokens: int | None = None) -> EngineLoad:
+    return EngineLoad(kv_used_fraction=fraction, kv_max_blocks=None if usable is None else usable + 1,
+                      kv_usable_blocks=usable, tokens_per_block=BLOCK, running=1, waiting=0, engine="vllm",
+                      prompt_tokens=prompt_tokens)
+
+
+def test_vllm_use_is_its_fraction_of_the_blocks_sequences_may_hold() -> None:
+    """vLLM's usage gauge is 1 - free / (blocks - 1): a fraction of the usable blocks, not of the budget."""
+    assert engine_used_bytes(vllm(10 / 31), ENDPOINT, POLICY) == 10 * BLOCK * BPT
+
+
+def test_the_ledger_holds_no_more_than_the_cache_vllm_reports() -> None:
+    ledgers = Ledgers(share=0.5)
+    ledger = ledgers.set_budget("m", "e:1", ENDPOINT.budget_bytes)  # 64 blocks in the catalog
+    apply_sample(ledger, vllm(0.0), taken_at=1.0, endpoint=ENDPOINT, policy=POLICY, now=1.0)
+    assert ledger.capacity == 31 * BLOCK * BPT // 2
+    apply_sample(ledger, vllm(0.0, usable=200), taken_at=2.0, endpoint=ENDPOINT, policy=POLICY, now=2.0)
+    assert ledger.capacity == ENDPOINT.budget_bytes // 2  # the catalog's budget still bounds it
+    apply_sample(ledger, vllm(0.0, usable=None), taken_at=3.0, endpoint=ENDPOINT, policy=POLICY, now=3.0)
+    assert ledger.capacity == ENDPOINT.budget_bytes // 2
+
+
+def test_samples_feed_the_prompt_gap() -> None:
+    now = [100.0]
+    rec, scraper, table = reconciler(now)
+    rec.prompt_gap = gap = PromptGap()
+    gap.admitted("m", "e:1", 0)
+    for t, counter in ((99.0, 1000), (100.0, 1100)):
+        now[0] = t + 0.5
+        scraper.samples[ENDPOINT.metrics_url] = Sample(vllm(0.1, prompt_tokens=counter), taken_at=t)
+        rec.step()
+        gap.admitted("m", "e:1", 80)
+    assert gap.gap("m") == pytest.approx(80 / 100 - 1)
+
+
+def test_requests_that_ended_during_the_scrape_are_no_excess() -> None:
+    """The engine was read while a request still held its blocks; its stream ended before the sample
+    was applied: what the ledger held when the scrape began explains that use."""
+    ledger = Ledgers().set_budget("m", "e:1", ENDPOINT.budget_bytes)
+    r = ledger.try_reserve(4 * BLOCK * BPT, 0.0, 900.0)
+    assert r is not None and ledger.release(r, now=1.0)
+    apply_sample(ledger, load(4), taken_at=0.9, endpoint=ENDPOINT, policy=POLICY, now=1.0,
+                 held_at_scrape=4 * BLOCK * BPT)
+    assert ledger.excess == 0
+    apply_sample(ledger, load(4), taken_at=1.9, endpoint=ENDPOINT, policy=POLICY, now=2.0)
+    assert ledger.excess == 4 * BLOCK * BPT  # still held at the next scrape: not this replica's

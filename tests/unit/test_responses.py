@@ -71,13 +71,46 @@ def test_openai_503_retry_after() -> None:
 
 
 def test_http_refusal_has_no_grpc_status() -> None:
-    for convention in (Convention.OPENAI, Convention.TRITON_HTTP):
+    for convention in (Convention.OPENAI, Convention.TRITON_HTTP, Convention.ANTHROPIC):
         assert not immediate(RATE_LIMITED, convention).HasField("grpc_status")
 
 
 def test_details_name_the_code() -> None:
     for convention in Convention:
         assert immediate(TOO_LONG, convention).details == "kvgate_context_length_exceeded"
+
+
+# --- Anthropic ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("r,anthropic_type", [
+    (TOO_LONG, "invalid_request_error"),
+    (Refusal(401, "invalid_api_key", "no key"), "authentication_error"),
+    (Refusal(403, "permission_denied", "not yours"), "permission_error"),
+    (NOT_FOUND, "not_found_error"),
+    (UNKNOWN_URL, "not_found_error"),
+    (Refusal(405, "method_not_allowed", "POST only"), "invalid_request_error"),  # other 4xx: the general one
+    (Refusal(413, "body_too_large", "big"), "request_too_large"),
+    (Refusal(415, "unsupported_media_type", "gzip"), "invalid_request_error"),
+    (RATE_LIMITED, "rate_limit_error"),
+    (Refusal(500, "internal_error", "boom"), "api_error"),
+    (NOT_LOADED, "overloaded_error"),
+    (Refusal(504, "engine_timeout", "slow"), "timeout_error"),
+])
+def test_anthropic_error_shape_and_type(r: Refusal, anthropic_type: str) -> None:
+    """Anthropic's shape, with its error type for the status; the status itself stays the gateway's (a full
+    KV budget is 429 over every API), and kvgate's code goes where Anthropic puts finer codes."""
+    ir = immediate(r, Convention.ANTHROPIC)
+    assert ir.status.code == r.status
+    assert orjson.loads(ir.body) == {"type": "error", "error": {"type": anthropic_type, "message": r.message,
+                                                                "details": {"error_code": r.code}}}
+    assert header_map(ir.headers.set_headers)["content-type"] == "application/json"
+    assert ir.details == f"kvgate_{r.code}"
+
+
+def test_anthropic_429_and_503_have_retry_after() -> None:
+    assert header_map(immediate(RATE_LIMITED, Convention.ANTHROPIC).headers.set_headers)["retry-after"] == "3"
+    assert header_map(immediate(NOT_LOADED, Convention.ANTHROPIC).headers.set_headers)["retry-after"] == "1"
+    assert "retry-after" not in header_map(immediate(TOO_LONG, Convention.ANTHROPIC).headers.set_headers)
 
 
 # --- Triton HTTP -------------------------------------------------------------------------------

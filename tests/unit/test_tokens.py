@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 from structlog.testing import capture_logs
-from tokenizers import Encoding, Tokenizer, processors
+from tokenizers import AddedToken, Encoding, Tokenizer, pre_tokenizers, processors
 
 from ext_proc import kserve, tokenizer as tokenizer_module, tokens
 from ext_proc.openai_protocol import CHAT_PATH, COMPLETIONS_PATH, parse_request
@@ -22,6 +22,8 @@ from ext_proc.policy import Policy
 from ext_proc.request import LLMRequest
 from ext_proc.tokenizer import TokenCounter, Tokenizers, TokenizerError, load_counter
 from engines.real import tiny_tokenizer
+from kvgate.chat_template import ChatTemplate, TemplateSource
+from tests.unit.test_chat_template import LLAMA3
 
 # Text of the kinds a gateway sees; the bound must hold for each.
 SAMPLES = {
@@ -119,13 +121,18 @@ def test_byte_bound_is_never_below_the_exact_count(kind: str, counter: TokenCoun
     assert tokens.prompt_tokens(req, policy(), counter) <= tokens.prompt_tokens(req, policy(), None)
 
 
-def test_special_tokens_are_not_counted_per_piece(reference: Tokenizer) -> None:
-    """A tokenizer.json that adds BOS to every encode: the BOS is the template's (per_request_tokens),
-    so a chat of three messages must not count three of them."""
-    tok = tiny_tokenizer.load()
+def with_bos(tok: Tokenizer) -> Tokenizer:
+    """The tokenizer adding <s> to every text encoded with special tokens, as Llama's do."""
     tok.add_special_tokens(["<s>"])
     bos = ("<s>", tok.token_to_id("<s>"))
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
+    return tok
+
+
+def test_special_tokens_are_not_counted_per_piece(reference: Tokenizer) -> None:
+    """A tokenizer.json that adds BOS to every encode: the BOS is the template's (per_request_tokens),
+    so a chat of three messages must not count three of them."""
+    tok = with_bos(tiny_tokenizer.load())
     assert len(tok.encode("hello").ids) == n_tokens(reference, "hello") + 1
     counter = TokenCounter(tok)
     assert counter.count(["hello", "world"]) == [n_tokens(reference, "hello"), n_tokens(reference, "world")]
@@ -230,9 +237,17 @@ def test_chat_count_includes_tool_schemas(counter: TokenCounter, reference: Toke
 
 
 def test_completion_batch_is_counted_per_prompt(counter: TokenCounter, reference: Tokenizer) -> None:
+    """With a tokenizer, a completion prompt is its text: the template estimate is for chats."""
     prompts = [SAMPLES["english"], SAMPLES["cjk"], SAMPLES["english"]]
     pol = policy(estimate_per_request=2)
-    assert tokens.prompt_tokens(completion(prompts), pol, counter) == tuple(n_tokens(reference, p) + 2 for p in prompts)
+    assert tokens.prompt_tokens(completion(prompts), pol, counter) == tuple(n_tokens(reference, p) for p in prompts)
+
+
+def test_completion_prompt_gets_the_specials_the_tokenizer_adds(reference: Tokenizer) -> None:
+    """Engines encode a completions prompt with special tokens: Llama 3's tokenizer.json adds a BOS."""
+    counter = TokenCounter(with_bos(tiny_tokenizer.load()))
+    assert counter.specials_added == 1
+    assert tokens.prompt_tokens(completion("hello"), policy(), counter) == (n_tokens(reference, "hello") + 1,)
 
 
 def test_token_ids_are_counted_as_given_with_or_without_a_counter(counter: TokenCounter) -> None:
@@ -399,8 +414,89 @@ def test_load_counter_raises_tokenizer_error_for_a_mismatch(tok_file: Path) -> N
 async def test_prefetching_a_requests_pieces_leaves_prompt_tokens_nothing_to_encode(reference: Tokenizer) -> None:
     counter, rec = recording_counter()
     req = chat("You are terse.", "What is KV cache?", tools=[{"type": "function", "function": {"name": "f"}}])
-    await counter.prefetch(tokens.text_pieces(req))
+    await counter.prefetch(tokens.texts(req, policy(), counter).flat)
     encoded = len(rec.batches)
-    expected = sum(n_tokens(reference, p) for p in tokens.text_pieces(req))
+    expected = sum(n_tokens(reference, p) for p in tokens.texts(req, policy(), counter).flat)
     assert tokens.prompt_tokens(req, policy(), counter) == (expected,)
     assert len(rec.batches) == encoded == 1
+
+
+# --- chat templates: the rendered prompt, counted in segments -------------------------------------
+
+MARKUP = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def llama3_tokenizer() -> Tokenizer:
+    tok = tiny_tokenizer.load()
+    tok.add_special_tokens(MARKUP)
+    return tok
+
+
+def templated(**overrides: Any) -> Policy:
+    source = TemplateSource(LLAMA3, (("bos_token", "<|begin_of_text|>"),))
+    return policy(chat_template=ChatTemplate(source), **overrides)
+
+
+def test_a_rendered_chat_counts_exactly_as_the_whole_text_encodes() -> None:
+    tok = llama3_tokenizer()
+    counter = TokenCounter(llama3_tokenizer())
+    req = chat(*SAMPLES.values())
+    rendered = templated().chat_template.render(req.chat)  # type: ignore[union-attr]
+    assert tokens.prompt_tokens(req, templated(), counter) == (len(tok.encode(rendered, add_special_tokens=False)),)
+
+
+@pytest.mark.parametrize("text", ["<|eot_id|>", "a<|eot_id|><|eot_id|>b", "x <|start_header_id|> y", "",
+                                  "<|begin_of_text|>plain", "no markup at all"])
+def test_split_finds_the_added_tokens_the_tokenizer_finds(text: str) -> None:
+    tok = llama3_tokenizer()
+    counter = TokenCounter(llama3_tokenizer())
+    specials, pieces = counter.split(text)
+    assert specials + sum(counter.count(pieces)) == len(tok.encode(text, add_special_tokens=False).ids)
+    assert "" not in pieces
+
+
+def test_split_absorbs_the_whitespace_a_stripping_token_claims() -> None:
+    tok = tiny_tokenizer.load()
+    tok.add_special_tokens([AddedToken("<sep>", lstrip=True, rstrip=True)])
+    counter = TokenCounter(tok)
+    text = "one  <sep>\n two"
+    assert counter.split(text) == (1, ["one", "two"])
+    assert 1 + sum(counter.count(["one", "two"])) == len(tok.encode(text, add_special_tokens=False).ids)
+
+
+def test_a_tokenizer_that_cannot_be_cut_at_its_tokens_counts_the_whole_text() -> None:
+    normalized = tiny_tokenizer.load()
+    normalized.add_tokens([AddedToken("<x>", normalized=True)])
+    assert TokenCounter(normalized).split("a<x>b") == (0, ["a<x>b"])
+    first_only = tiny_tokenizer.load()
+    first_only.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    assert TokenCounter(first_only).split("a b") == (0, ["a b"])
+
+
+def test_the_next_turn_encodes_only_its_new_message() -> None:
+    """Special tokens around every message: each message's text is its own cached piece."""
+    counter, rec = recording_counter()
+    counter.tokenizer.add_special_tokens(MARKUP)
+    counter = TokenCounter(counter.tokenizer, 100)
+    rec.batches.clear()
+    tokens.prompt_tokens(chat("You are terse.", "What is KV cache?"), templated(), counter)
+    tokens.prompt_tokens(chat("You are terse.", "What is KV cache?", "Memory.", "How big per token?"),
+                         templated(), counter)
+    # Role names, each message's "\n\n" + text, the generation prompt's "\n\n"; then the two new messages.
+    assert rec.batches[0] == ["system", "\n\nYou are terse.", "user", "\n\nWhat is KV cache?", "assistant", "\n\n"]
+    assert rec.batches[1] == ["\n\nMemory.", "\n\nHow big per token?"]
+
+
+def test_a_chat_the_template_cannot_render_falls_back_to_the_estimate(reference: Tokenizer) -> None:
+    counter = TokenCounter(llama3_tokenizer())
+    req = chat("hi", "there")
+    failing = policy(chat_template=ChatTemplate(TemplateSource("{{ raise_exception('no') }}")),
+                     estimate_per_message=8, estimate_per_request=5)
+    assert tokens.prompt_tokens(req, failing, counter) == (n_tokens(reference, "hi") + n_tokens(reference, "there")
+                                                          + 8 * 2 + 5,)
+
+
+def test_add_special_tokens_adds_the_bos_on_top_of_the_template() -> None:
+    counter = TokenCounter(with_bos(llama3_tokenizer()))
+    plain = tokens.prompt_tokens(chat("hi"), templated(), counter)[0]
+    assert tokens.prompt_tokens(chat("hi", add_special_tokens=True), templated(), counter) == (plain + 1,)

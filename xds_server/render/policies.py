@@ -10,7 +10,7 @@ def _endpoint(model: Model, addr: Address) -> policy_pb2.Endpoint:
     return policy_pb2.Endpoint(
         address=str(addr), kv_budget_bytes=model.kv_budget_bytes,
         grpc_address=str(addr.grpc()) if addr.grpc_port else "",
-        metrics_url=addr.metrics_url(model.protocol), priority=addr.priority)
+        metrics_url=addr.metrics_url(model.protocol, model.engine), priority=addr.priority)
 
 
 def model_policy(model: Model, catalog: Catalog) -> policy_pb2.ModelPolicy:
@@ -33,9 +33,15 @@ def model_policy(model: Model, catalog: Catalog) -> policy_pb2.ModelPolicy:
         default_priority_class=catalog.priority_class_of(model),
         long_request_threshold=model.long_requests.threshold,
         long_requests_max_share=model.long_requests.max_share,
+        long_requests_short_window_ms=round(model.long_requests.short_window_s * 1000),
+        engine=model.engine,
     )
     if model.tokenizer is not None:
         policy.tokenizer.CopyFrom(policy_pb2.Tokenizer(path=str(model.tokenizer), sha256=model.tokenizer_sha256))
+    if (template := model.chat_template_source) is not None:
+        policy.chat_template.CopyFrom(policy_pb2.ChatTemplate(
+            template=template.template, tool_use_template=template.tool_use_template,
+            special_tokens=dict(template.special_tokens), origin=template.origin))
     if model.engine_metrics.scrape:
         policy.engine_metrics.CopyFrom(policy_pb2.EngineMetrics(
             interval_ms=round(model.engine_metrics.interval_s * 1000),

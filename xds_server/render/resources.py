@@ -17,8 +17,9 @@ import orjson
 from kvgate import __version__
 from kvgate.catalog import Address, Catalog, Model, Timeouts, is_ip_address
 from kvgate.openai_models import MODELS_PATH, ModelCard, model_list, model_object
-from kvgate.wire import (ADMISSION_ATTRIBUTES, BINARY_HEADER, DECISION_NAMESPACE, MAX_TOKENS_HEADER, OPENAI_PATHS, TRITON_CALL_PATH,
-                         TRITON_GRPC_SERVICE)
+from kvgate.wire import (ADMISSION_ATTRIBUTES, ANTHROPIC_MESSAGES_PATH, ANTHROPIC_PATHS, BINARY_HEADER,
+                         DECISION_NAMESPACE, MAX_TOKENS_HEADER, OPENAI_PATHS, TRITON_CALL_PATH, TRITON_GRPC_SERVICE,
+                         anthropic_error_type)
 from kvgate.tls import envoy_upstream_tls
 from xds_server.settings import GatewaySettings
 
@@ -550,17 +551,30 @@ def _triton_error(status: int, message: str) -> dict[str, Any]:
     return _direct(status, orjson.dumps({"error": message}), ext_proc=None)
 
 
+def _anthropic_error(status: int, code: str, message: str) -> dict[str, Any]:
+    """As ext_proc's anthropic_protocol.error_body says it."""
+    return _direct(status, orjson.dumps({"type": "error", "error": {
+        "type": anthropic_error_type(status), "message": message, "details": {"error_code": code}}}), ext_proc=None)
+
+
+def _bodiless(path: str, error: Any) -> list[dict[str, Any]]:
+    """A call that takes a body, sent without one (400) or by another method (405), in its convention."""
+    return [{"name": f"{path} without a body", "match": {"path": path, "headers": [_POST]},
+             **error(400, "invalid_request", "request body is empty")},
+            {"name": f"{path} by another method", "match": {"path": path},
+             **error(405, "method_not_allowed", f"{path} takes POST")}]
+
+
 def unrouted_routes() -> list[dict[str, Any]]:
     """Where a request ends that ext_proc did not route: it is called with a request's body, so these
     answer the ones without one (a POST with an empty body, a GET to an inference call, an unknown URL)
     in the convention of the path. A request with a body starts on one of these too, and leaves it when
     ext_proc's answer names its model. They keep the filter's ext_proc mode: with a body, it is called."""
-    routes = []
-    for path in OPENAI_PATHS:
-        routes += [{"name": f"{path} without a body", "match": {"path": path, "headers": [_POST]},
-                    **_openai_error(400, "invalid_request", "request body is empty")},
-                   {"name": f"{path} by another method", "match": {"path": path},
-                    **_openai_error(405, "method_not_allowed", f"{path} takes POST")}]
+    routes = [r for path in OPENAI_PATHS for r in _bodiless(path, _openai_error)]
+    routes += [r for path in ANTHROPIC_PATHS for r in _bodiless(path, _anthropic_error)]
+    # Anything else under Anthropic's messages path (batches...): its 404, in its shape.
+    routes.append({"name": "unknown anthropic url", "match": {"path_separated_prefix": ANTHROPIC_MESSAGES_PATH},
+                   **_anthropic_error(404, "unknown_url", f"Unknown request URL. {_ADMITS}")})
     triton = {"safe_regex": {"regex": TRITON_CALL_PATH}}
     # KServe's binary-tensor extension: a clamp that changes the JSON part's length must change the
     # Inference-Header-Content-Length header too, which an answer to the body alone cannot. So these
