@@ -18,6 +18,7 @@ from aiohttp import web
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from tritonclient.grpc import service_pb2_grpc
 
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
@@ -26,6 +27,7 @@ from ext_proc.metrics import registry_for
 from ext_proc.policy import Policy
 from ext_proc.prompt_gap import PromptGap
 from ext_proc.reconcile import Reconciler
+from ext_proc.repository_index import RepositoryIndexService
 from ext_proc.scraper import EngineScraper
 from ext_proc.server import ExtProcServicer
 from ext_proc.state import AdmissionState
@@ -133,6 +135,7 @@ async def run(args: argparse.Namespace) -> int:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", args.max_message_bytes),
                                       ("grpc.max_send_message_length", args.max_message_bytes)])
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(RepositoryIndexService(table), server)
     if not tls.bind(server, f"{args.host}:{args.port}", args.tls):
         print(f"cannot bind {args.host}:{args.port}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from ext_proc import (anthropic_protocol, embeddings, openai_protocol, responses
                       triton_http)
 from ext_proc.request import Parsed
 from kvgate.openai_models import MODELS_PATH
+from kvgate.triton_index import REPOSITORY_INDEX_PATH
 from kvgate.wire import (ANTHROPIC_COUNT_TOKENS_PATH, ANTHROPIC_MESSAGES_PATH, DETOKENIZE_PATH, OPENAI_EMBEDDINGS_PATH,
                          OPENAI_RESPONSES_PATH, TOKENIZE_PATH, TRITON_GRPC_SERVICE)
 
@@ -89,9 +90,13 @@ def convention_for(path: str, content_type: str) -> Convention:
 
 def is_lookup(method: str, path: str, content_type: str) -> bool:
     """What Envoy answers or routes by path without admission (models list, Triton server and model
-    metadata, server-level gRPC calls): ext_proc sees only their headers, to check the API key."""
+    metadata, the repository index, server-level gRPC calls): ext_proc sees only their headers, to
+    check the API key (and answers a tenant's lists)."""
     if content_type.startswith("application/grpc"):
-        return method == "POST" and path.startswith(TRITON_GRPC_SERVICE + "Server")
+        return method == "POST" and (path.startswith(TRITON_GRPC_SERVICE + "Server")
+                                     or path == TRITON_GRPC_SERVICE + "RepositoryIndex")
+    if method == "POST":
+        return path == REPOSITORY_INDEX_PATH
     return method == "GET" and (path in (MODELS_PATH, "/v2") or path.startswith((f"{MODELS_PATH}/", "/v2/models/",
                                                                                  "/v2/health/")))
 

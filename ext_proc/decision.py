@@ -29,6 +29,7 @@ from ext_proc.state import AdmissionState
 from ext_proc.tenants import Tenant, Unauthenticated
 from ext_proc.waitqueue import WaitQueue
 from kvgate.openai_models import MODELS_PATH, ModelCard, model_list, model_object
+from kvgate.triton_index import REPOSITORY_INDEX_PATH, index_json
 from kvgate.wire import PRIORITY_HEADER
 
 
@@ -148,10 +149,18 @@ def lookup(state: AdmissionState, tenant: Tenant | None, path: str) -> Lookup | 
         if policy is None or policy.protocol != "openai" or not tenant.may_call(policy.name):
             return Refuse("", Refusal(404, "model_not_found", "The model does not exist.", param="model"))
         return Answer(model_object(_card(policy)))
+    if path == REPOSITORY_INDEX_PATH:
+        return Answer(index_json(triton_models(state, tenant)))
     model = _triton_model_in(state, path)
     if model is not None and not tenant.may_call(model):
         return Refuse(model, Refusal(403, "permission_denied", f"Tenant {tenant.name!r} may not call model {model!r}."))
     return Lookup()
+
+
+def triton_models(state: AdmissionState, tenant: Tenant | None) -> list[str]:
+    """The Triton models the caller may call (all of them on an open gateway)."""
+    return sorted(p.name for p in state.policies.values()
+                  if p.protocol == "triton" and (tenant is None or tenant.may_call(p.name)))
 
 
 def _card(policy: Policy) -> ModelCard:

@@ -78,8 +78,12 @@ _GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 413: 8, 415: 3, 429: 8,
 _UNIMPLEMENTED = 12
 
 
+def grpc_code(r: Refusal) -> int:
+    return _UNIMPLEMENTED if r.code == "unknown_url" else _GRPC_CODES.get(r.status, 2)  # 2: UNKNOWN
+
+
 def _grpc(r: Refusal) -> ImmediateResponse:
-    code = _UNIMPLEMENTED if r.code == "unknown_url" else _GRPC_CODES.get(r.status, 2)  # 2: UNKNOWN
+    code = grpc_code(r)
     headers = [_set("content-type", "application/grpc")]
     if r.retry_after is not None:
         # gRPC's own retry hint (gRFC A6); clients that ignore it still get RESOURCE_EXHAUSTED.

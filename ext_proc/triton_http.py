@@ -35,21 +35,49 @@ class GenerateRequest:
     body: dict[str, Any]
 
     def rewrite(self, max_tokens: int | None, engine_model: str) -> Rewrite | None:
-        if max_tokens is None or self.body.get(MAX_TOKENS) == max_tokens:
+        if max_tokens is None:
             return None
-        return Rewrite(orjson.dumps({**self.body, MAX_TOKENS: max_tokens}))
+        given = self.body.get(MAX_TOKENS)
+        batch = len(self.request.prompts)
+        if given is None:
+            # One value per prompt, as Triton matches the inputs' batch sizes.
+            limit: int | list[int] = max_tokens if batch == 1 else [max_tokens] * batch
+        elif isinstance(given, list):
+            values = _flat(given, MAX_TOKENS, kserve.MAX_BATCH)
+            if max(values) <= max_tokens:
+                return None
+            limit = kserve.clamped(values, max_tokens)
+        elif given <= max_tokens:
+            return None
+        else:
+            limit = max_tokens
+        return Rewrite(orjson.dumps({**self.body, MAX_TOKENS: limit}))
+
+
+def _generate_values(body: dict[str, Any], name: str) -> list[Any] | None:
+    """An input of generate's body as Triton reads it: a scalar is one element, an array (nested or
+    not) its elements in order."""
+    value = body.get(name)
+    if value is None:
+        return None
+    return _flat(value, name, kserve.MAX_BATCH) if isinstance(value, list) else [value]
 
 
 def parse_generate(model: str | None, headers: Mapping[str, str], raw: bytes) -> GenerateRequest:
     identity_encoding(headers)
     body = json_object(raw)
     _plain_names(body, "field")  # generate maps each member to the input of that name
-    text = body.get(TEXT_INPUT)
-    if not isinstance(text, str):
-        raise kserve.missing_text_input() if text is None else ProtocolError(
-            f"'{TEXT_INPUT}' must be a string", TEXT_INPUT)
-    limit = positive_int(body.get(MAX_TOKENS), MAX_TOKENS)
-    return GenerateRequest(kserve.text_request(model or "", [text], None if limit is None else [limit]), body)
+    texts = _generate_values(body, TEXT_INPUT)
+    if texts is None:
+        raise kserve.missing_text_input()
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ProtocolError(f"'{TEXT_INPUT}' must be a string or an array of strings", TEXT_INPUT)
+    limits = _generate_values(body, MAX_TOKENS)
+    if limits is not None:
+        if len(limits) == 1:
+            positive_int(limits[0], MAX_TOKENS)  # a scalar's message names the field
+        limits = kserve.check_max_tokens(limits, len(texts))
+    return GenerateRequest(kserve.text_request(model or "", texts, limits), body)
 
 
 # --- infer: KServe v2 JSON tensors, optionally with binary data after the JSON header ---------

@@ -16,7 +16,7 @@ import yaml
 from kvgate.catalog import Catalog, CatalogError, parse_catalog
 from xds_server import shares
 from xds_server.render.build import budget_shares, build_snapshot
-from xds_server.resource_types import BUDGET_SHARES, CLUSTER, ENDPOINT, ROUTE
+from xds_server.resource_types import BUDGET_SHARES, CLUSTER, ENDPOINT, POLICY, ROUTE
 from xds_server.server import XdsServer
 from xds_server.settings import GatewaySettings
 from xds_server.snapshot import Resources, Snapshot
@@ -101,6 +101,11 @@ class Controller:
         """The served catalog with another model list; its other settings (priority classes) kept."""
         return parse_catalog({**self.catalog.to_data(), "models": models})
 
+    async def _step(self, snapshot: Snapshot, *acked: str) -> None:
+        await self.server.publish(snapshot)
+        for type_url in acked:
+            await self.server.wait_acked(type_url, snapshot.get(type_url).version, timeout_s=self.bridge_timeout_s)
+
     async def _serve(self, catalog: Catalog) -> bool:
         snapshot = self._with_shares(render(catalog, self.settings))  # raises before anything changes
         self.catalog = catalog
@@ -110,15 +115,18 @@ class Controller:
         # requests still routed to a cluster it was told to remove. So new clusters (and their
         # endpoints) go out first, under the routes being served; then the new routes, with the
         # old clusters kept; the old clusters go last. Each step waits for every client's ACK.
+        # ext_proc's policies follow the routes' life the same way: a model ext_proc admits always has
+        # its route, else the admitted request would end on a route for requests nobody routed. So a
+        # removed model's policy goes before its route (ext_proc refuses it, 404), an added one's
+        # comes after its route.
+        kept = set(served.get(POLICY).items) & set(snapshot.get(POLICY).items)
         if snapshot.clusters_added_since(served):
             make = served.keeping_clusters_of(snapshot)
-            await self.server.publish(make)
-            for type_url in (CLUSTER, ENDPOINT):
-                await self.server.wait_acked(type_url, make.get(type_url).version, timeout_s=self.bridge_timeout_s)
-        if snapshot.clusters_dropped_since(served):
-            bridge = snapshot.keeping_clusters_of(served)
-            await self.server.publish(bridge)
-            await self.server.wait_acked(ROUTE, bridge.get(ROUTE).version, timeout_s=self.bridge_timeout_s)
+            await self._step(make, CLUSTER, ENDPOINT)
+        if set(served.get(POLICY).items) - kept:
+            await self._step(self.server.cache.snapshot.with_policies_only(kept), POLICY)
+        if snapshot.clusters_dropped_since(served) or set(snapshot.get(POLICY).items) - kept:
+            await self._step(snapshot.keeping_clusters_of(served).with_policies_only(kept), ROUTE)
         await self.server.publish(snapshot)
         return changed
 

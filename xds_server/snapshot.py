@@ -16,7 +16,7 @@ from functools import cached_property
 
 from google.protobuf import any_pb2, message
 
-from xds_server.resource_types import CLUSTER, ENDPOINT
+from xds_server.resource_types import CLUSTER, ENDPOINT, POLICY
 
 
 def resource_version(packed_value: bytes) -> str:
@@ -81,6 +81,12 @@ class Snapshot:
         def merged(type_url: str) -> Resources:
             return Resources.packed({**old.get(type_url).items, **self.get(type_url).items})
         return self.with_types({CLUSTER: merged(CLUSTER), ENDPOINT: merged(ENDPOINT)})
+
+    def with_policies_only(self, names: set[str]) -> Snapshot:
+        """This snapshot serving only the named models' policies: while routes change, ext_proc admits
+        only what both the old and the new routes can carry."""
+        items = self.get(POLICY).items
+        return self.with_types({POLICY: Resources.packed({n: items[n] for n in names if n in items})})
 
     def clusters_added_since(self, old: Snapshot) -> set[str]:
         """Clusters this snapshot has that `old` has not."""

@@ -12,6 +12,7 @@ import numpy as np
 import openai
 import pytest
 import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
 from kvgate.api_keys import key_hash
@@ -130,3 +131,23 @@ def test_triton_metadata_of_another_tenants_model_is_403_over_http(gateway: Gate
         refused = httpx.get(f"{gateway.url}{path}", headers={"authorization": f"Bearer {BOB}"})
         assert refused.status_code == 403 and "error" in refused.json(), path
     assert httpx.get(f"{gateway.url}/v2/models/tri/ready", headers={"authorization": f"Bearer {ALICE}"}).status_code == 200
+
+
+def test_the_repository_index_lists_the_tenants_triton_models(gateway: Gateway) -> None:
+    """Over HTTP (Envoy answers, ext_proc for a tenant) and gRPC (ext_proc's own server answers), by the
+    names clients call the models, and only those the tenant may call."""
+    def index(key: str) -> tuple[list[str], list[str]]:
+        headers = {"authorization": f"Bearer {key}"}
+        with thttp.InferenceServerClient(gateway.url.removeprefix("http://")) as h, \
+                tgrpc.InferenceServerClient(gateway.url.removeprefix("http://")) as g:
+            over_http = [m["name"] for m in h.get_model_repository_index(headers=headers)]
+            over_grpc = [m.name for m in g.get_model_repository_index(headers=headers).models]
+        return over_http, over_grpc
+
+    assert index(ALICE) == (["tri"], ["tri"])
+    assert index(BOB) == ([], [])
+    with tgrpc.InferenceServerClient(gateway.url.removeprefix("http://")) as g:
+        with pytest.raises(InferenceServerException) as e:
+            g.get_model_repository_index()
+    assert "UNAUTHENTICATED" in str(e.value.status())
+    assert httpx.post(f"{gateway.url}/v2/repository/index").status_code == 401

@@ -110,8 +110,12 @@ def test_generate_and_generate_stream_over_plain_http(gateway: Gateway) -> None:
                       json={"text_input": marker, "max_tokens": 3, "stream": True}, timeout=30) as stream:
         events = [line for line in stream.iter_lines() if line.startswith("data: ")]
     assert len(events) == 3
+    # Arrays, as Triton takes them too: clamped element by element, still an array.
+    arrays = httpx.post(f"{gateway.url}/v2/models/{MODEL}/generate",
+                        json={"text_input": [marker], "max_tokens": [999]}, timeout=30)
+    assert arrays.status_code == 200 and arrays.headers["x-kvgate-max-tokens"] == "128"
     seen = engine_saw(gateway, marker)
-    assert [s["body"]["max_tokens"] for s in seen] == [128, 3]
+    assert [s["body"]["max_tokens"] for s in seen] == [128, 3, [128]]
 
 
 def test_health_and_metadata_through_the_gateway(gateway: Gateway) -> None:
@@ -123,6 +127,11 @@ def test_health_and_metadata_through_the_gateway(gateway: Gateway) -> None:
         with pytest.raises(InferenceServerException) as e:
             g.is_model_ready("no-such-model")
         assert "NOT_FOUND" in str(e.value.status())
+        # The server-level answers are the engine's (the simulator's), the index the catalog's names.
+        assert h.get_server_metadata()["name"] == g.get_server_metadata().name == "triton"
+        names = sorted(m["name"] for m in h.get_model_repository_index())
+        assert names == sorted(m.name for m in g.get_model_repository_index().models) == sorted(
+            m["name"] for m in CATALOG["models"] if m.get("protocol") == "triton")
 
 
 @pytest.mark.parametrize(("inputs", "what"), [

@@ -126,7 +126,9 @@ async def test_removing_a_model_keeps_its_cluster_until_routes_no_longer_use_it(
     await c.apply(yaml.safe_dump([model("b")]))
     published = spy_on_publish(c)
     assert await c.remove("b")
-    bridge, final = published
+    refuse, bridge, final = published
+    # ext_proc refuses b (its policy gone) while every route still carries what it admitted before.
+    assert set(refuse.get(POLICY).items) == {"a"} and "b" in route_names(refuse)
     b_cluster = c.catalog.model("a").cluster_name.replace("/a", "/b")
     assert b_cluster in bridge.get(CLUSTER).items and b_cluster in bridge.get(ENDPOINT).items
     assert route_names(bridge) == route_names(final) == {"a", "models_list", "model a", "unknown model"}
@@ -141,11 +143,14 @@ async def test_adding_a_model_sends_its_cluster_before_the_routes_that_use_it() 
     before = c.server.cache.snapshot
     published = spy_on_publish(c)
     await c.apply(yaml.safe_dump([model("b")]))
-    make, final = published
+    make, routes, final = published
     b_cluster = "kvgate_model/b"
     assert b_cluster in make.get(CLUSTER).items and b_cluster in make.get(ENDPOINT).items
     assert route_names(make) == route_names(before) == {"a", "models_list", "model a", "unknown model"}
-    assert make.get(POLICY).version == before.get(POLICY).version  # ext_proc admits b only with the routes
+    # ext_proc admits b only once every Envoy has its route.
+    assert make.get(POLICY).version == routes.get(POLICY).version == before.get(POLICY).version
+    assert route_names(routes) == route_names(final)
+    assert set(final.get(POLICY).items) == {"a", "b"}
     assert route_names(final) == {"a", "b", "models_list", "model a", "model b", "unknown model"}
 
 
@@ -185,11 +190,11 @@ def test_a_rendered_catalog_has_the_budget_not_divided_yet() -> None:
 async def test_a_catalog_change_keeps_the_shares_in_every_snapshot_it_publishes() -> None:
     c = grouped_controller()
     version = await c.set_shares({"ext-proc-0": 0.5, "ext-proc-1": 0.5})
-    await c.apply(yaml.safe_dump([model("b")]))  # adds a cluster: two publishes
+    await c.apply(yaml.safe_dump([model("b")]))  # adds a cluster and a policy: three publishes
     published = spy_on_publish(c)
-    await c.remove("b")  # drops one: a bridge, then the final snapshot
+    await c.remove("b")  # drops one: the policy, the routes, then the cluster
     await c.apply(yaml.safe_dump([model("a", max_output_tokens=9)]))
-    assert len(published) == 3
+    assert len(published) == 4
     for snapshot in published:
         assert {s.get(BUDGET_SHARES).version for s in every_variant(snapshot)} == {version}
         assert all(shares_in(s) == {"ext-proc-0": 0.5, "ext-proc-1": 0.5} for s in every_variant(snapshot))

@@ -134,7 +134,7 @@ def test_generate_missing_text_input() -> None:
     assert "required" in str(e.value)
 
 
-@pytest.mark.parametrize("value", [["hi"], 5, {"a": "b"}, True])
+@pytest.mark.parametrize("value", [5, {"a": "b"}, True, [], ["hi", 5], [["hi"], [{}]]])
 def test_generate_text_input_must_be_string(value: Any) -> None:
     with pytest.raises(ProtocolError) as e:
         generate(text_input=value)
@@ -142,7 +142,7 @@ def test_generate_text_input_must_be_string(value: Any) -> None:
     assert "string" in str(e.value)
 
 
-@pytest.mark.parametrize("value", [0, -3, 1.5, "10", True, [10]])
+@pytest.mark.parametrize("value", [0, -3, 1.5, "10", True, [0], [10, 10], [], [[True]]])
 def test_generate_bad_max_tokens(value: Any) -> None:
     with pytest.raises(ProtocolError) as e:
         generate(text_input="hi", max_tokens=value)
@@ -174,6 +174,30 @@ def test_generate_rewrite_adds_max_tokens_when_absent() -> None:
     rw = generate(text_input="hi").rewrite(42, MODEL)
     assert rw is not None
     assert orjson.loads(rw.body) == {"text_input": "hi", "max_tokens": 42}
+
+
+def test_generate_takes_arrays_as_triton_does() -> None:
+    """Triton reads an array (nested or not) as the input's elements: one prompt per text element, with
+    as many max_tokens elements."""
+    req = generate(text_input=["hi"], max_tokens=[[7]]).request
+    assert (req.prompts, req.requested_max_tokens) == ((("hi",),), 7)
+    batch = generate(text_input=["a", "b"], max_tokens=[3, 9]).request
+    assert (batch.prompts, batch.requested_max_tokens) == ((("a",), ("b",)), 9)
+
+
+@pytest.mark.parametrize(("fields", "clamp", "written"), [
+    ({"text_input": ["hi"], "max_tokens": [[5000]]}, 100, [100]),
+    ({"text_input": ["a", "b"], "max_tokens": [50, 5000]}, 100, [50, 100]),
+    ({"text_input": ["a", "b"]}, 100, [100, 100]),
+    ({"text_input": ["a"]}, 100, 100),
+])
+def test_generate_rewrite_keeps_arrays_arrays(fields: dict[str, Any], clamp: int, written: Any) -> None:
+    rw = generate(**fields).rewrite(clamp, MODEL)
+    assert rw is not None and orjson.loads(rw.body)["max_tokens"] == written
+
+
+def test_generate_rewrite_none_when_every_element_fits() -> None:
+    assert generate(text_input=["a", "b"], max_tokens=[5, 6]).rewrite(6, MODEL) is None
 
 
 # --- infer: JSON tensors -----------------------------------------------------------------------

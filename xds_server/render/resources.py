@@ -14,9 +14,9 @@ from typing import Any
 import orjson
 
 # Registers the CEL filter's type, which protos.parse meets in the local reply mappers.
-from kvgate import __version__
 from kvgate.catalog import Address, Catalog, Model, Timeouts, is_ip_address
 from kvgate.openai_models import MODELS_PATH, ModelCard, model_list, model_object
+from kvgate.triton_index import REPOSITORY_INDEX_PATH, index_json
 from kvgate.wire import (ADMISSION_ATTRIBUTES, ANTHROPIC_MESSAGES_PATH, ANTHROPIC_PATHS, BINARY_HEADER,
                          DECISION_NAMESPACE, MAX_TOKENS_HEADER, OPENAI_PATHS, TRITON_CALL_PATH, TRITON_GRPC_SERVICE,
                          anthropic_error_type)
@@ -499,19 +499,24 @@ def triton_routes(catalog: Catalog) -> list[dict[str, Any]]:
     # Health stays open: load balancers in front of the gateway probe it without keys.
     health = [{"name": f"triton {p}", "match": {"path": p, "headers": [_GET]}, **_direct(200, b"", ext_proc=_NO_EXT_PROC)}
               for p in ("/v2/health/live", "/v2/health/ready")]
+    # Server-level calls (GET /v2; ServerLive, ServerReady, ServerMetadata) name no model: the first
+    # Triton engine answers them, as the server it is.
     server_metadata = {"name": "triton server metadata", "match": {"path": "/v2", "headers": [_GET]},
-                       **_direct(200, orjson.dumps({"name": "kvgate", "version": __version__, "extensions": []}),
-                                 ext_proc=lookup)}
-    # Server-level gRPC calls (ServerLive, ServerReady, ServerMetadata) name no model: the first
-    # Triton engine answers them.
+                       "route": _to_cluster(triton[0].cluster_name), "typed_per_filter_config": lookup}
     server_rpcs = {"name": "triton grpc server", "match": {"prefix": TRITON_GRPC_SERVICE + "Server"},
                    "route": _to_cluster(triton[0].grpc_cluster_name), "typed_per_filter_config": lookup}
+    # The repository index lists the catalog's Triton models (kvgate/triton_index.py): Envoy answers it
+    # over HTTP (ext_proc, for a tenant), ext_proc's own gRPC server over gRPC.
+    index = [{"name": "triton repository index", "match": {"path": REPOSITORY_INDEX_PATH, "headers": [_POST]},
+              **_direct(200, index_json(m.name for m in triton), ext_proc=lookup)},
+             {"name": "triton grpc repository index", "match": {"path": TRITON_GRPC_SERVICE + "RepositoryIndex"},
+              "route": {"cluster": EXT_PROC_CLUSTER, "timeout": "5s"}, "typed_per_filter_config": lookup}]
     # Model readiness and metadata over HTTP: routed by the model in the path.
     model_gets = [{"name": f"{m.name} metadata",
                    "match": {"path_separated_prefix": f"/v2/models/{m.name}", "headers": [_GET]},
                    "route": _to_cluster(m.cluster_name, m), "typed_per_filter_config": lookup}
                   for m in triton]
-    return health + [server_metadata, server_rpcs] + model_gets
+    return health + [server_metadata, server_rpcs] + index + model_gets
 
 
 def stream_routes(catalog: Catalog) -> list[dict[str, Any]]:
