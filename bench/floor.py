@@ -41,7 +41,7 @@ MAX_REQUEST_BYTES = 4 * 2**20
 def chat_body(kb: float) -> bytes:
     """An OpenAI chat of about `kb` KB: a system prompt and a user turn of ordinary English."""
     sentence = "The gateway reserves the KV cache a request can claim before the engine sees it. "
-    words = sentence * max(1, int(kb * 1024 * 0.9 / len(sentence)))
+    words = sentence * max(1, int(kb * 1000 / len(sentence)))
     return orjson.dumps({"model": MODEL, "max_tokens": 64, "messages": [
         {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
         {"role": "user", "content": words}]})
@@ -96,7 +96,7 @@ class Side:
 
 
 @contextmanager
-def started(run_dir: Path, workers: int) -> Iterator[tuple[SetUp, SetUp]]:
+def started(run_dir: Path) -> Iterator[tuple[SetUp, SetUp]]:
     """(Envoy alone, kvgate), both in front of one fast upstream; everything stopped on exit."""
     procs = Supervisor(run_dir)
     gateway: Gateway | None = None
@@ -116,7 +116,7 @@ def started(run_dir: Path, workers: int) -> Iterator[tuple[SetUp, SetUp]]:
         alone = procs.start("envoy-alone", [envoy_binary(), "-c", str(baseline_config), "--log-level", "warn",
                                             "--disable-hot-restart"])
         gateway = Gateway(parse_catalog(catalog(upstream)), run_dir=run_dir / "gateway", port=free_port(),
-                          max_request_bytes=MAX_REQUEST_BYTES, **({"ext_proc_workers": workers} if workers > 1 else {}))
+                          max_request_bytes=MAX_REQUEST_BYTES)
         gateway.start()
         ext_procs = {c.name: c.proc.pid for c in gateway.supervisor.children if c.name.startswith("ext_proc")}
         sides = (SetUp("envoy alone", f"http://127.0.0.1:{port}/v1/chat/completions",
@@ -178,12 +178,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--body-kb", type=float, default=2.4, help="size of the chat body (default: %(default)s)")
     p.add_argument("--seconds", type=int, default=5, help="per set-up, load and round (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=2, help="default: %(default)s")
-    p.add_argument("--workers", type=int, default=1, help="ext_proc processes (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    if not args.concurrency or min(args.concurrency) < 1 or args.seconds <= 0 or args.rounds < 1 or args.workers < 1:
-        p.error("need connections >= 1, --seconds > 0, --rounds >= 1, --workers >= 1")
+    if not args.concurrency or min(args.concurrency) < 1 or args.seconds <= 0 or args.rounds < 1:
+        p.error("need connections >= 1, --seconds > 0, --rounds >= 1")
     return args
 
 
@@ -195,14 +194,14 @@ def main(argv: list[str] | None = None) -> dict:
     body = chat_body(args.body_kb)
     run_dir = Path(tempfile.mkdtemp(prefix="kvgate-floor-"))
     try:
-        with started(run_dir, args.workers) as sides:
+        with started(run_dir) as sides:
             results = measure(sides, body, args.concurrency, args.seconds, args.rounds)
     except BaseException:
         print(f"process logs kept in {run_dir}", file=sys.stderr)
         raise
     shutil.rmtree(run_dir)
     data = {"command": command, "machine": asdict(machine), "load_average_before": load_before, "body_bytes": len(body),
-            "results": {c: {n: s.summary() for n, s in sides.items()} for c, sides in results.items()}}
+            "results": {str(c): {n: s.summary() for n, s in sides.items()} for c, sides in results.items()}}
     print(orjson.dumps(data).decode() if args.json else report(results, machine, command, len(body), load_before))
     return data
 
