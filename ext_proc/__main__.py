@@ -131,6 +131,7 @@ async def run(args: argparse.Namespace) -> int:
     gap = PromptGap()
     registry.register(gap)
     servicer = ExtProcServicer(table, decisions, log=log, prompt_gap=gap)
+    registry.register(servicer.prefixes)
     reconciler = Reconciler(table, EngineScraper(log=log), prompt_gap=gap)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", args.max_message_bytes),
                                       ("grpc.max_send_message_length", args.max_message_bytes)])

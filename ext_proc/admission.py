@@ -1,12 +1,14 @@
 """The admission decision: context check, max_tokens clamp, KV bytes, and which endpoint holds them.
 
 `plan` is pure arithmetic on a parsed request and its model's policy; `choose` picks the endpoint
-with the most headroom; `admit` reserves there or says why not. Waiting is server.py's (waitqueue).
+by its expected prefix-cache hit and its headroom; `admit` reserves there or says why not. Waiting is
+server.py's (waitqueue).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -76,24 +78,45 @@ def _long_ok(ledger: Ledger, p: Plan, policy: Policy, now: float) -> bool:
             or ledger.reserved_long + p.nbytes <= policy.long_requests_max_share * ledger.capacity)
 
 
-def choose(ledgers: list[Ledger], p: Plan, policy: Policy, now: float) -> Ledger | None:
+# What a whole-prompt prefix hit is worth against free KV, in fractions of the largest endpoint's budget:
+# with 2, the endpoint expected to hold a prompt's prefix keeps getting it until it is half a cache
+# fuller than the emptiest endpoint (a part hit: that part of half). Past that, another endpoint takes
+# the prompt and caches the prefix too: a hot prefix spreads over as many endpoints as its load needs,
+# instead of piling onto one engine whose prefill queue would then cost more than the hit saves.
+# Lower, and a hit rarely outweighs an imbalance (headroom routing); higher, and one engine takes a hot
+# prefix's whole load until its KV is full (bench/prefix.py compares them).
+HEADROOM_WEIGHT = 2.0
+
+
+def choose(ledgers: list[Ledger], p: Plan, policy: Policy, now: float,
+           hits: Mapping[str, float] | None = None) -> Ledger | None:
     """Of the endpoints the request fits, those of the first failover level (primary before
-    overflow); of those, the one with the most headroom; ties go to the one with the fewest requests
-    in flight, then to the catalog's order."""
+    overflow); of those, the one with the best score: the fraction of the prompt expected in its prefix
+    cache (`hits`, by endpoint address) plus HEADROOM_WEIGHT times its headroom over the largest
+    capacity of the model's endpoints. With no hit anywhere that is the most headroom. Ties go to the one with the
+    fewest requests in flight, then to the catalog's order. A hit never makes a request fit: only
+    endpoints with room for its reservation are scored."""
     fitting = [lg for lg in ledgers if lg.fits(p.nbytes) and _long_ok(lg, p, policy, now)]
+    if not fitting:
+        return None
     level = {e.address: e.priority for e in policy.endpoints}
-    return max(fitting, key=lambda lg: (-level.get(lg.endpoint, 0), lg.headroom, -lg.active), default=None)
+    hits = hits or {}
+    scale = HEADROOM_WEIGHT / max(1, max(lg.capacity for lg in ledgers))
+    return max(fitting, key=lambda lg: (-level.get(lg.endpoint, 0), hits.get(lg.endpoint, 0.0) + scale * lg.headroom,
+                                        -lg.active))
 
 
-def admit(p: Plan, policy: Policy, ledgers: list[Ledger], now: float, ttl_s: float) -> Reservation | Refusal | None:
-    """The reservation, a refusal that waiting cannot cure, or None: it does not fit now."""
+def admit(p: Plan, policy: Policy, ledgers: list[Ledger], now: float, ttl_s: float,
+          hits: Mapping[str, float] | None = None) -> Reservation | Refusal | None:
+    """The reservation, a refusal that waiting cannot cure, or None: it does not fit now. `hits`: the
+    prompt's expected prefix-cache hit by endpoint (choose)."""
     # A replica given no share yet (it has just joined) waits for one instead.
     if ledgers and ledgers[0].share > 0 and p.nbytes > max(lg.capacity for lg in ledgers):
         return Refusal(400, "request_too_large",
                        f"This request may claim {p.nbytes} bytes of KV cache, more than this gateway replica "
                        f"may hand out on any engine of model {policy.name!r} "
                        f"({max(lg.capacity for lg in ledgers)}). Send fewer prompts or a smaller n.")
-    ledger = choose(ledgers, p, policy, now)
+    ledger = choose(ledgers, p, policy, now, hits)
     return None if ledger is None else ledger.try_reserve(p.nbytes, now, ttl_s, p.long)
 
 

@@ -17,12 +17,13 @@ hops, and turn outcomes into Envoy's messages (responses.py).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ext_proc import admission, apis
 from ext_proc.admission import Plan, Refusal
 from ext_proc.ledger import Ledger, Reservation
 from ext_proc.policy import Policy
+from ext_proc.prefix_index import NO_BLOCKS, PrefixIndex, PromptBlocks, prompt_blocks
 from ext_proc.ratelimit import Charge, OverLimit
 from ext_proc.request import Parsed, ProtocolError, Rewrite
 from ext_proc.state import AdmissionState
@@ -86,6 +87,7 @@ class Planned:
     priority_class: str
     counted: bool  # prompt tokens counted with the model's tokenizer, not bounded
     charge: Charge | None = None  # taken from the tenant's rate limits; refunded if refused later
+    prefix: PromptBlocks = NO_BLOCKS  # its first prompt's block hashes, for prefix-aware routing
 
 
 @dataclass(frozen=True)
@@ -232,7 +234,15 @@ def plan(state: AdmissionState, found: Found, tenant: Tenant | None, headers: Ma
     planned = admission.plan(found.parsed.request, policy, counter)
     if isinstance(planned, Refusal):
         return Refuse(policy.name, planned)
-    return Planned(policy, found.parsed, planned, chosen, counted=counter is not None)
+    return Planned(policy, found.parsed, planned, chosen, counted=counter is not None,
+                   prefix=_prefix(found.parsed.request.prompts, policy))
+
+
+def _prefix(prompts: tuple[tuple[str, ...], ...], policy: Policy) -> PromptBlocks:
+    """The first prompt's blocks (a batch's prompts mostly share theirs), when there is a choice to make."""
+    if policy.routing != "prefix" or len(policy.endpoints) < 2 or not prompts:
+        return NO_BLOCKS
+    return prompt_blocks(prompts[0], policy.tokens_per_block)
 
 
 def charge(state: AdmissionState, planned: Planned, tenant: Tenant | None, now: float) -> Planned | Refuse:
@@ -247,7 +257,7 @@ def charge(state: AdmissionState, planned: Planned, tenant: Tenant | None, now: 
             429, "rate_limit_exceeded", f"Rate limit reached for tenant {tenant.name!r} on {taken.what} per minute: "
             f"limit {taken.limit} on this gateway replica, this request needs {needs}.",
             type_=taken.what, retry_after=taken.retry_after))
-    return Planned(planned.policy, planned.parsed, planned.plan, planned.priority_class, planned.counted, taken)
+    return replace(planned, charge=taken)
 
 
 def refund(state: AdmissionState, planned: Planned, now: float) -> None:
@@ -256,16 +266,21 @@ def refund(state: AdmissionState, planned: Planned, now: float) -> None:
         state.limits.refund(planned.charge, now)
 
 
-def try_reserve(planned: Planned, ledgers: list[Ledger], now: float, ttl_s: float) -> Reservation | Refusal | None:
-    return admission.admit(planned.plan, planned.policy, ledgers, now, ttl_s)
+def try_reserve(planned: Planned, ledgers: list[Ledger], now: float, ttl_s: float,
+                prefixes: PrefixIndex | None = None) -> Reservation | Refusal | None:
+    """Reserve on the endpoint admission chooses, with the prompt's expected prefix hits when given
+    where prefixes were routed (None: on headroom alone)."""
+    hits = None if prefixes is None else prefixes.expected_hits(
+        planned.policy.name, (lg.endpoint for lg in ledgers), planned.prefix)
+    return admission.admit(planned.plan, planned.policy, ledgers, now, ttl_s, hits)
 
 
 def first_try(state: AdmissionState, planned: Planned, body_bytes: int, now: float, ttl_s: float,
-              grpc: bool) -> Admit | Refuse | Wait:
+              grpc: bool, prefixes: PrefixIndex | None = None) -> Admit | Refuse | Wait:
     """Reserve now; or, when nothing fits, wait if the request's class may and its queue has room
     for one more waiter and its body."""
     ledgers = state.ledgers_of(planned.policy)
-    held = try_reserve(planned, ledgers, now, ttl_s)
+    held = try_reserve(planned, ledgers, now, ttl_s, prefixes)
     wait_s = planned.policy.max_wait_s(planned.priority_class) or 0.0
     queue = state.queues.get(planned.policy.name)
     # No engine of the model can be seen (every one's metrics stale): waiting would only delay the 503.

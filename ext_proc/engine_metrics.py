@@ -11,7 +11,10 @@ names the engines publish (docs/reference.md, "KV metrics"):
 - Triton's TensorRT-LLM backend (`/metrics` on the metrics port): two packed gauges,
   `nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=used|free|max|tokens_per|fraction}` and
   `nv_trt_llm_request_metrics{request_type=waiting|scheduled|active|max|context}`, labelled with the
-  backend's own model (`model="tensorrt_llm"`, not the ensemble clients call) and `version`.
+  backend's own model (`model="tensorrt_llm"`, not the ensemble clients call) and `version`. Every
+  model of a TensorRT-LLM repository publishes the families; only the one that owns the KV pool has
+  non-zero values (measured on Triton 2.51 with a repository shaped like TensorRT-LLM's: `ensemble`
+  publishes nothing, `tensorrt_llm_bls` only zeros, and only KV series, no request ones).
 - vLLM (`/metrics`): `vllm:kv_cache_usage_perc` (a fraction despite its name; `vllm:gpu_cache_usage_perc`
   before 0.10), `vllm:num_requests_{waiting,running}`, per engine core (`engine` label, one per
   data-parallel rank); block size and count only as labels of `vllm:cache_config_info`, of which one
@@ -28,7 +31,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -53,6 +56,9 @@ class EngineLoad:
     running: int | None = None  # holding KV blocks
     engine: Engine | None = None  # the dialect the text was read as
     prompt_tokens: int | None = None  # prompt tokens prefilled since the engine started (a counter)
+    # Triton: the models whose series were read; more than one when none was named and several had
+    # non-zero values (summed: see _pick_model).
+    models: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -152,12 +158,18 @@ class NotPublishedYet(ValueError):
     completes. It is up, and idle as far as anyone can tell."""
 
 
+class ModelNotPublished(NotPublishedYet):
+    """Triton answers, but not for the model named (not loaded yet, or loading again after a restart;
+    or a wrong name, which the scraper logs). Up: the ledger alone counts meanwhile."""
+
+
 def parse_engine_load(text: str, model: str | None = None) -> EngineLoad:
     """Reads an engine's Prometheus text exposition.
 
     `model` picks the TensorRT-LLM model (its `model` label, e.g. "tensorrt_llm") on a Triton
-    serving several; without it a Triton must serve exactly one. trtllm-serve and vLLM serve one
-    model per process and ignore it (trtllm-serve labels every series model_name="undefined").
+    serving several; without it, the models with non-zero series count (`_pick_model`). trtllm-serve
+    and vLLM serve one model per process and ignore it (trtllm-serve labels every series
+    model_name="undefined").
 
     Raises ValueError, saying what was missing, when the text is malformed, holds none of the
     known families, or lacks the KV use; lines of other families are not looked at.
@@ -170,9 +182,11 @@ def parse_engine_load(text: str, model: str | None = None) -> EngineLoad:
     if not instances:
         declared = ", ".join(sorted(families.keys() & dialect.families))
         raise NotPublishedYet(f"{dialect.engine} metrics have no samples yet ({declared} declared without values)")
+    models: tuple[str, ...] = ()
     if dialect.model_label is not None:
         instances = _pick_model(dialect, instances, model)
-    return _combine(dialect, list(instances.values()))
+        models = tuple(sorted({dict(key)[dialect.model_label] for key in instances}))
+    return replace(_combine(dialect, list(instances.values())), models=models)
 
 
 def _parse(text: str) -> dict[str, list[Sample]]:
@@ -221,17 +235,20 @@ def _value(sample: Sample, source: _Source) -> float | None:
 def _pick_model(
     dialect: _Dialect, instances: dict[_Instance, dict[str, float]], model: str | None
 ) -> dict[_Instance, dict[str, float]]:
+    """The named model's instances. Without a name: the instances of models with a non-zero reading,
+    since the models that do not own a pool publish zeros (an ensemble's BLS); several such models
+    are added up, which over-counts a pool only if they are separate pools the catalog did not tell
+    apart: never blind, and never under. All zero: all of them (an idle, or starting, engine)."""
     def model_of(key: _Instance) -> str:
         return dict(key)[dialect.model_label or ""]
 
-    models = sorted({model_of(key) for key in instances})
     if model is None:
-        if len(models) > 1:
-            raise ValueError(f"{dialect.engine} serves several models ({', '.join(models)}): name one")
-        return instances
+        owning = {key: r for key, r in instances.items() if any(r.values())}
+        return owning or instances
     picked = {key: r for key, r in instances.items() if model_of(key) == model}
     if not picked:
-        raise ValueError(f"{dialect.engine} metrics have no model {model!r} (found: {', '.join(models) or 'none'})")
+        models = sorted({model_of(key) for key in instances})
+        raise ModelNotPublished(f"{dialect.engine} metrics have no model {model!r} (found: {', '.join(models)})")
     return picked
 
 
@@ -243,8 +260,9 @@ def _combine(dialect: _Dialect, instances: Sequence[dict[str, float]]) -> Engine
         if used is None and "max" in r and "free" in r:
             used = r["max"] - r["free"]
         used_blocks.append(used)
-        # Blocks when known: exact, and consistent with kv_used_blocks; the engine's fraction else.
-        fraction = used / r["max"] if used is not None and r.get("max") else r.get("fraction")
+        # Blocks when known: exact, and consistent with kv_used_blocks; the engine's fraction else. No
+        # block used is nothing used, even of a pool of 0 blocks (a Triton model still starting).
+        fraction = used / r["max"] if used is not None and r.get("max") else r.get("fraction", 0.0 if used == 0 else None)
         if fraction is None:
             raise ValueError(
                 f"{dialect.engine} metrics lack KV use: no {_names(dialect, 'fraction')} sample, "

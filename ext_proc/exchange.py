@@ -23,6 +23,7 @@ from ext_proc.decision import Admit, Answer, Expect, Lookup, Pass, Planned, Refu
 from ext_proc.decision_metadata import DecisionRecord
 from ext_proc.ledger import Reservation
 from ext_proc.metrics import Decisions, operation_name
+from ext_proc.prefix_index import PrefixIndex
 from ext_proc.sinks import Decided, Sinks
 from ext_proc.state import AdmissionState
 from ext_proc.tenants import KEY_HEADERS
@@ -40,6 +41,7 @@ class Gate(Protocol):
     reservation_ttl_s: float
     stream_first_message_timeout_s: float
     inline_count_chars: int
+    prefixes: PrefixIndex  # where prompt prefixes were routed (prefix-aware endpoint choice)
 
     def release(self, held: Reservation | Refusal) -> None: ...
 
@@ -72,7 +74,7 @@ class Exchange:
     headers: dict[str, str] = field(default_factory=dict)
     convention: Convention = Convention.OPENAI
     expect: Expect | None = None  # set once the headers passed: the API and the caller
-    # One per admitted request; a gRPC stream carries many, all released when it ends.
+    # One per admitted request not yet over; a gRPC stream carries many (stream_exchange.py).
     reservations: list[Reservation] = field(default_factory=list)
     # What was decided, for the access log (Envoy dynamic metadata) and the per-request metrics.
     record: DecisionRecord = field(default_factory=DecisionRecord)
@@ -130,9 +132,13 @@ class Exchange:
         self.gate.sinks(Decided(outcome, self.record, self.headers.get("x-request-id")))
 
     def refuse(self, outcome: Refuse) -> ProcessingResponse:
+        self.refused(outcome)
+        return responses.refuse(outcome.refusal, self.convention)
+
+    def refused(self, outcome: Refuse) -> None:
+        """A refusal the caller answers itself (one request of a gRPC stream: stream_exchange.py)."""
         self.record.refused(outcome.model, outcome.refusal.code)
         self._decided(outcome)
-        return responses.refuse(outcome.refusal, self.convention)
 
     def planned(self, planned: Planned) -> None:
         self.record.planned(planned.policy, planned.parsed.request, planned.plan, planned.priority_class,
@@ -146,6 +152,11 @@ class Exchange:
     def passed(self, outcome: Pass) -> None:
         self.record.passed(outcome.model)
         self._decided(outcome)
+
+    def release(self, held: Reservation) -> None:
+        """One request of a gRPC stream is over before the stream: its reservation goes back now."""
+        self.reservations.remove(held)
+        self.gate.release(held)
 
     def end(self) -> None:
         """The request is over, however it ended: give back everything it holds."""

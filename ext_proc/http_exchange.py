@@ -36,7 +36,7 @@ async def on_body(ex: Exchange, raw: bytes) -> AsyncIterator[ProcessingResponse]
         yield ex.refuse(planned)
         return
     grpc = ex.convention is Convention.GRPC
-    outcome = decision.first_try(state, planned, len(raw), gate.clock(), gate.reservation_ttl_s, grpc)
+    outcome = decision.first_try(state, planned, len(raw), gate.clock(), gate.reservation_ttl_s, grpc, gate.prefixes)
     if isinstance(outcome, Wait):
         # Envoy would give up on us after its message timeout: tell it how long this may take.
         yield responses.wait_longer(outcome.seconds + 1)
@@ -45,6 +45,8 @@ async def on_body(ex: Exchange, raw: bytes) -> AsyncIterator[ProcessingResponse]
         yield ex.refuse(outcome)
         return
     ex.admitted(outcome)
+    gate.prefixes.record(outcome.model, outcome.reservation.ledger.endpoint, planned.prefix,
+                         planned.plan.prompt_tokens_total)
     yield responses.admit(outcome.model, outcome.rewrite)
 
 
@@ -54,7 +56,8 @@ async def _wait(ex: Exchange, planned: Planned, wait: Wait, body_bytes: int, grp
     gate, state, model = ex.gate, ex.gate.table, planned.policy.name
 
     def attempt() -> Reservation | Refusal | None:
-        return decision.try_reserve(planned, state.current_ledgers(model), gate.clock(), gate.reservation_ttl_s)
+        return decision.try_reserve(planned, state.current_ledgers(model), gate.clock(), gate.reservation_ttl_s,
+                                    gate.prefixes)
 
     started = gate.clock()
     try:

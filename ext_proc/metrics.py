@@ -107,12 +107,13 @@ class Decisions:
 
 
 _LEDGER_GAUGES: dict[str, tuple[str, Callable[[Ledger], float]]] = {
-    "kvgate_kv_reserved_bytes": ("KV-cache bytes reserved by admitted requests", lambda lg: lg.reserved),
+    "kvgate_kv_reserved_bytes": ("KV-cache bytes reserved on the pool by admitted requests, by any name",
+                                 lambda lg: lg.reserved),
     "kvgate_kv_budget_bytes": ("KV-cache bytes this replica may hand out", lambda lg: lg.capacity),
     "kvgate_kv_engine_excess_bytes": ("Engine KV use the reservations do not explain", lambda lg: lg.excess),
     "kvgate_kv_engine_blind": ("1 while the engine's metrics are stale (endpoint counted full)",
                                lambda lg: int(lg.blind)),
-    "kvgate_kv_reservations": ("Requests holding a reservation", lambda lg: lg.active),
+    "kvgate_kv_reservations": ("Requests holding a reservation on the pool, by any name", lambda lg: lg.active),
 }
 
 
@@ -122,11 +123,13 @@ class LedgerCollector(Collector):
         self._queue_lengths = queue_lengths
 
     def collect(self) -> Iterator[Metric]:
+        """Per model and endpoint, as before pools; every model on a pool shows the pool's numbers, and
+        `pool` tells which series are one pool (take max, not sum, by pool)."""
         ledgers = self._ledgers.all()
         for name, (doc, read) in _LEDGER_GAUGES.items():
-            family = GaugeMetricFamily(name, doc, labels=["model", "endpoint"])
+            family = GaugeMetricFamily(name, doc, labels=["model", "endpoint", "pool"])
             for ledger in ledgers:
-                family.add_metric([ledger.model, ledger.endpoint], read(ledger))
+                family.add_metric([ledger.model, ledger.endpoint, ledger.pool.key], read(ledger))
             yield family
         yield GaugeMetricFamily("kvgate_budget_share", "This replica's part of every endpoint's KV budget",
                                 value=self._ledgers.share)

@@ -16,6 +16,12 @@ class EndpointPolicy:
     grpc_address: str  # Triton: the same engine as Envoy's gRPC cluster names it
     metrics_url: str
     priority: int = 0  # failover level: 0 primary
+    # The engine KV pool drawn on here, shared by every model with the same key; "": the address's.
+    kv_pool: str = ""
+
+    @property
+    def pool(self) -> str:
+        return self.kv_pool or self.address
 
     def upstream(self, grpc: bool) -> str:
         """The host Envoy's override_host policy must pick in the cluster that carries the call."""
@@ -47,11 +53,15 @@ class Policy:
     # Engine metrics: scrape interval and staleness, seconds; 0: not scraped.
     metrics_interval_s: float = 0.0
     metrics_stale_after_s: float = 0.0
+    # Triton: whose series describe the pool (engine_metrics.py); "": found from the values.
+    metrics_model: str = ""
     # Fractions of an endpoint's budget: above the threshold a request is long; long ones together
     # hold at most max_share (1.0, 1.0: no such rule).
     long_request_threshold: float = 1.0
     long_requests_max_share: float = 1.0
     long_requests_short_window_s: float = 0.0  # the cap applies while short requests held budget this recently
+    # "prefix": endpoints scored by the prompt's expected prefix-cache hit and headroom; "headroom": headroom only.
+    routing: str = "prefix"
 
     def endpoint(self, address: str) -> EndpointPolicy | None:
         return next((e for e in self.endpoints if e.address == address), None)
@@ -91,8 +101,8 @@ class Policy:
             max_output_tokens=p.max_output_tokens,
             kv_bytes_per_token=p.kv_bytes_per_token,
             tokens_per_block=p.tokens_per_block,
-            endpoints=tuple(EndpointPolicy(e.address, e.kv_budget_bytes, e.grpc_address, e.metrics_url, e.priority)
-                            for e in p.endpoints),
+            endpoints=tuple(EndpointPolicy(e.address, e.kv_budget_bytes, e.grpc_address, e.metrics_url, e.priority,
+                                           e.kv_pool) for e in p.endpoints),
             estimate_bytes_per_token=est.bytes_per_token,
             estimate_per_message=est.per_message_tokens,
             estimate_per_request=est.per_request_tokens,
@@ -102,11 +112,13 @@ class Policy:
             default_priority_class=default_class,
             metrics_interval_s=p.engine_metrics.interval_ms / 1000,
             metrics_stale_after_s=p.engine_metrics.stale_after_ms / 1000,
+            metrics_model=p.engine_metrics.model,
             long_request_threshold=p.long_request_threshold or 1.0,
             long_requests_max_share=p.long_requests_max_share or 1.0,
             long_requests_short_window_s=p.long_requests_short_window_ms / 1000,
             chat_template=_chat_template(p.chat_template) if p.HasField("chat_template") else None,
             engine=p.engine or "trtllm",
+            routing=p.routing or "prefix",
         )
 
 

@@ -7,22 +7,25 @@
   used) holds none of the requests admitted well before the sample: those reservations are released
   (requests that finished while their stream end was lost or is still on its way).
 - No fresh sample: the endpoint counts as full (`blind`), never as empty.
+
+What an engine reports is about its KV pool, so samples correct pools (ext_proc/ledger.py `KVPool`),
+however many catalog names draw on one: the whole pool's use is set against all of its reservations.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import structlog
 
 from ext_proc.engine_metrics import EngineLoad
-from ext_proc.ledger import Ledger
+from ext_proc.ledger import KVPool, Ledger
 from ext_proc.policy import EndpointPolicy, Policy
 from ext_proc.prompt_gap import PromptGap
-from ext_proc.scraper import EngineScraper
+from ext_proc.scraper import EngineScraper, Target
 from ext_proc.state import AdmissionState
 
 
@@ -53,7 +56,7 @@ def is_idle(load: EngineLoad) -> bool:
     return load.running == 0 and not load.waiting and load.kv_used_fraction == 0 and not load.kv_used_blocks
 
 
-def apply_sample(ledger: Ledger, load: EngineLoad, taken_at: float, endpoint: EndpointPolicy, policy: Policy,
+def apply_sample(ledger: KVPool | Ledger, load: EngineLoad, taken_at: float, endpoint: EndpointPolicy, policy: Policy,
                  now: float, held_at_scrape: int = 0) -> int:
     """Correct one ledger by a fresh sample; returns how many reservations the idle rule released.
     The engine's use is divided like the budget: this replica answers for its share of it. It is set
@@ -70,9 +73,35 @@ def apply_sample(ledger: Ledger, load: EngineLoad, taken_at: float, endpoint: En
     return len(ledger.release_where(lambda r: r.started < taken_at - grace_s, now))
 
 
+@dataclass(frozen=True)
+class ScrapedPool:
+    """A KV pool whose engine is read: its key (also the scraper's), the first policy and endpoint
+    drawing on it (models sharing a pool agree on the metrics, budget and block size: the catalog
+    checks it), and the models drawing on it."""
+
+    key: str
+    policy: Policy
+    endpoint: EndpointPolicy
+    models: tuple[str, ...]
+
+    @property
+    def target(self) -> Target:
+        return Target(self.endpoint.metrics_url, self.policy.metrics_model or None)
+
+
+def scraped_pools(policies: Iterable[Policy]) -> list[ScrapedPool]:
+    first: dict[str, tuple[Policy, EndpointPolicy]] = {}
+    models: dict[str, list[str]] = {}
+    for p in policies:
+        for e in p.endpoints if p.metrics_interval_s > 0 else ():
+            first.setdefault(e.pool, (p, e))
+            models.setdefault(e.pool, []).append(p.name)
+    return [ScrapedPool(key, p, e, tuple(models[key])) for key, (p, e) in first.items()]
+
+
 @dataclass
 class Reconciler:
-    """Scrapes every endpoint of every policy that asks for it, and applies what it reads."""
+    """Scrapes the engine of every KV pool a policy asks to, and applies what it reads."""
 
     table: AdmissionState
     scraper: EngineScraper
@@ -80,39 +109,42 @@ class Reconciler:
     log: structlog.typing.FilteringBoundLogger = field(
         default_factory=lambda: structlog.get_logger(component="reconcile"))
     prompt_gap: PromptGap | None = None  # fed the engines' prompt-token counters
-    _applied: dict[tuple[str, str], float] = field(default_factory=dict)  # sample time last applied
-    _held_at_scrape: dict[tuple[str, str], int] = field(default_factory=dict)  # bytes reserved as the scrape began
+    _applied: dict[str, float] = field(default_factory=dict)  # pool key -> sample time last applied
+    _held_at_scrape: dict[str, int] = field(default_factory=dict)  # pool key -> bytes reserved as the scrape began
 
-    def _scraped(self) -> list[tuple[Policy, EndpointPolicy]]:
-        return [(p, e) for p in self.table.policies.values() if p.metrics_interval_s > 0 for e in p.endpoints]
+    def _scraped(self) -> list[ScrapedPool]:
+        return scraped_pools(self.table.policies.values())
 
     def step(self) -> None:
         now = self.clock()
-        for policy, endpoint in self._scraped():
-            ledger = self.table.ledgers.get(policy.name, endpoint.address)
-            if ledger is None:
+        for src in self._scraped():
+            pool = self.table.ledgers.pool(src.key)
+            if pool is None:
                 continue
-            sample = self.scraper.sample(endpoint.metrics_url)
+            policy, endpoint = src.policy, src.endpoint
+            sample = self.scraper.sample(src.key)
             if sample is None or now - sample.taken_at > policy.metrics_stale_after_s:
-                if not ledger.blind:
-                    self.log.warning("reconcile.blind", ledger=ledger.name, url=endpoint.metrics_url)
-                ledger.blind = True
+                if not pool.blind:
+                    self.log.warning("reconcile.blind", pool=src.key, models=list(src.models), url=endpoint.metrics_url)
+                pool.blind = True
                 continue
-            if self._applied.get((policy.name, endpoint.address)) == sample.taken_at:
+            if self._applied.get(src.key) == sample.taken_at:
                 continue
-            self._applied[(policy.name, endpoint.address)] = sample.taken_at
+            self._applied[src.key] = sample.taken_at
             if sample.load is None:  # up, but no numbers yet: the ledger alone counts
-                if ledger.blind:
-                    ledger.blind = False
+                if pool.blind:
+                    pool.blind = False
                     self.table.wake(policy.name)
                 continue
-            released = apply_sample(ledger, sample.load, sample.taken_at, endpoint, policy, now,
-                                    self._held_at_scrape.get((policy.name, endpoint.address), 0))
-            if self.prompt_gap is not None and sample.load.prompt_tokens is not None:
+            released = apply_sample(pool, sample.load, sample.taken_at, endpoint, policy, now,
+                                    self._held_at_scrape.get(src.key, 0))
+            # The engine's counter is the whole engine's: comparable with one model's admissions only
+            # when that model is all that draws on it.
+            if self.prompt_gap is not None and sample.load.prompt_tokens is not None and len(src.models) == 1:
                 self.prompt_gap.engine_sample(policy.name, endpoint.address, sample.load.prompt_tokens, sample.taken_at)
             if released:
-                self.log.warning("reconcile.released_idle", ledger=ledger.name, reservations=released)
-            self.table.wake(policy.name)
+                self.log.warning("reconcile.released_idle", pool=src.key, reservations=released)
+            self.table.wake(policy.name)  # and every model sharing the pool
 
     async def run(self) -> None:
         """Scrape, apply, repeat at the shortest interval any policy asks for."""
@@ -120,10 +152,10 @@ class Reconciler:
         while True:
             started = loop.time()
             scraped = self._scraped()
-            self.scraper.set_targets({e.metrics_url: e.metrics_url for _, e in scraped})
-            self._held_at_scrape = {(p.name, e.address): lg.reserved for p, e in scraped
-                                    if (lg := self.table.ledgers.get(p.name, e.address)) is not None}
+            self.scraper.set_targets({src.key: src.target for src in scraped})
+            self._held_at_scrape = {src.key: pool.reserved for src in scraped
+                                    if (pool := self.table.ledgers.pool(src.key)) is not None}
             await self.scraper.scrape_once()
             self.step()
-            interval = min((p.metrics_interval_s for p, _ in scraped), default=1.0)
+            interval = min((src.policy.metrics_interval_s for src in scraped), default=1.0)
             await asyncio.sleep(max(0.0, started + interval - loop.time()))

@@ -68,8 +68,18 @@ def route_headers(model: str) -> ProcessingResponse:
 
 def stream_chunk(data: bytes) -> ProcessingResponse:
     """What replaces one STREAMED body chunk upstream: the whole messages it completed, maybe none."""
-    mutation = BodyMutation(body=data) if data else BodyMutation(clear_body=True)
-    return ProcessingResponse(request_body=BodyResponse(response=CommonResponse(body_mutation=mutation)))
+    return ProcessingResponse(request_body=BodyResponse(response=_replaced(data)))
+
+
+def response_chunk(data: bytes | None) -> ProcessingResponse:
+    """What replaces one STREAMED response body chunk: None leaves it as it came."""
+    if data is None:
+        return ProcessingResponse(response_body=BodyResponse())
+    return ProcessingResponse(response_body=BodyResponse(response=_replaced(data)))
+
+
+def _replaced(data: bytes) -> CommonResponse:
+    return CommonResponse(body_mutation=BodyMutation(body=data) if data else BodyMutation(clear_body=True))
 
 
 # gRPC status codes by the HTTP status a refusal would have.

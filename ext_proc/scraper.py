@@ -4,7 +4,8 @@ One `EngineScraper` per ext_proc process polls every target concurrently each `i
 aiohttp session. A failed scrape keeps the previous sample, which then ages: callers read it through
 `fresh()`, and an endpoint whose metrics are stale must count as full, never as empty. Failures are
 logged when a target's state changes (ok -> failing, one failure -> another, failing -> ok), not on
-every round.
+every round; so is an answer without the numbers asked for (a named Triton model missing), and a
+Triton whose KV series had to be summed over several models is warned about once.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import structlog
 
-from ext_proc.engine_metrics import EngineLoad, NotPublishedYet, parse_engine_load
+from ext_proc.engine_metrics import EngineLoad, ModelNotPublished, NotPublishedYet, parse_engine_load
 
 # Engines answer the text format; asking for it keeps a prometheus_client server from choosing OpenMetrics.
 _ACCEPT = "text/plain;version=0.0.4"
@@ -52,6 +53,7 @@ class EngineScraper:
     _targets: dict[str, Target] = field(default_factory=dict, init=False, repr=False)
     _samples: dict[str, Sample] = field(default_factory=dict, init=False, repr=False)
     _errors: dict[str, str | None] = field(default_factory=dict, init=False, repr=False)  # None: last scrape ok
+    _summed: set[str] = field(default_factory=set, init=False, repr=False)  # keys warned about summing
     _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +74,7 @@ class EngineScraper:
             if new.get(key) != self._targets.get(key):
                 self._samples.pop(key, None)
                 self._errors.pop(key, None)
+                self._summed.discard(key)
         self._targets = new
 
     def sample(self, key: str) -> Sample | None:
@@ -113,6 +116,9 @@ class EngineScraper:
         error: str | None = None
         try:
             sample = Sample(await _fetch(session, target), taken_at)
+        except ModelNotPublished as e:
+            # Up (so not counted full), but the model asked for is not there: say so, it may be a typo.
+            sample, error = Sample(None, taken_at), str(e)
         except NotPublishedYet:
             sample = Sample(None, taken_at)
         except asyncio.TimeoutError:
@@ -127,7 +133,16 @@ class EngineScraper:
             return  # retargeted while the scrape was in flight: this answer is about another server
         if sample is not None:
             self._samples[key] = sample
+            self._warn_summed(key, target, sample.load)
         self._log_change(key, target, error)
+
+    def _warn_summed(self, key: str, target: Target, load: EngineLoad | None) -> None:
+        if load is None or len(load.models) < 2 or key in self._summed:
+            return
+        self._summed.add(key)
+        self.log.warning("engine_scraper.summed_models", key=key, url=target.url, models=list(load.models),
+                         hint="several models publish non-zero KV numbers: their pools are added up; "
+                              "name the one that counts with engine_metrics.model")
 
     def _log_change(self, key: str, target: Target, error: str | None) -> None:
         known, previous = key in self._errors, self._errors.get(key)

@@ -1,7 +1,8 @@
 """The ExternalProcessor gRPC service: one stream per HTTP request, held open until it ends.
 
 Per stream: request headers (exchange.py: which API, whose key) -> request body (http_exchange.py when
-it arrives whole, stream_exchange.py for a bidi gRPC stream's chunks) -> stream end (release). Envoy
+it arrives whole, stream_exchange.py for a bidi gRPC stream's chunks, and its responses' chunks, each
+request released at its last response) -> stream end (release what is left). Envoy
 half-closes the stream when the downstream request finishes or is aborted (docs/architecture.md, "The
 request path"), so the `finally` below is "the request is over", however it ended.
 """
@@ -23,6 +24,7 @@ from ext_proc.decision import Refuse
 from ext_proc.exchange import Exchange
 from ext_proc.ledger import Reservation
 from ext_proc.metrics import Decisions
+from ext_proc.prefix_index import PrefixIndex
 from ext_proc.prompt_gap import PromptGap
 from ext_proc.sinks import Finished, Sinks
 from ext_proc.state import AdmissionState
@@ -55,6 +57,8 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
     # the prompt tokens admitted, with a PromptGap).
     sinks: Sinks = field(default_factory=Sinks)
     prompt_gap: PromptGap | None = None
+    # Where prompt prefixes were routed, for prefix-aware endpoint choice (admission.choose).
+    prefixes: PrefixIndex = field(default_factory=PrefixIndex)
 
     def __post_init__(self) -> None:
         if not self.sinks:
@@ -74,6 +78,9 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
                         yield self._answered(ex, ex.on_headers(msg.request_headers), "headers", received)
                     elif not ex.headers and (refused := ex.on_attributes(msg.attributes)) is not None:
                         yield self._answered(ex, refused, "body", received)  # the headers came as attributes
+                    elif msg.HasField("response_body"):  # only a gRPC stream's route sends these
+                        assert stream is not None
+                        yield self._answered(ex, stream.on_response(msg.response_body), "response", received)
                     elif ex.expect is not None and ex.expect.call.api.streaming:
                         stream = stream or StreamExchange(ex)
                         for i, reply in enumerate(stream.on_chunk(msg.request_body)):

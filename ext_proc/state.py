@@ -33,15 +33,25 @@ class AdmissionState:
     tenants: TenantTable = field(default_factory=TenantTable)
     limits: RateLimits = field(default_factory=RateLimits)
     _loading: asyncio.Task[None] | None = None
+    # Model -> the models drawing on a pool with it (itself included): budget one frees, all may use.
+    _mates: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def replace(self, policies: list[Policy]) -> None:
-        keys = {(p.name, e.address) for p in policies for e in p.endpoints}
-        for p in policies:
-            for e in p.endpoints:
-                ledger = self.ledgers.set_budget(p.name, e.address, e.budget_bytes)
-                if not p.metrics_interval_s:  # not scraped (any more): the ledger alone counts
-                    ledger.blind, ledger.excess = False, 0
-        self.ledgers.retain(keys)
+        drawing = [(p, e) for p in policies for e in p.endpoints]
+        # Models on one pool agree on its budget (the catalog checks it); if they ever do not, the
+        # smallest holds, so that no name's policy admits beyond its own.
+        budgets: dict[str, int] = {}
+        for _, e in drawing:
+            budgets[e.pool] = min(budgets.get(e.pool, e.budget_bytes), e.budget_bytes)
+        scraped = {e.pool for p, e in drawing if p.metrics_interval_s}
+        mates: dict[str, set[str]] = {}
+        for p, e in drawing:
+            ledger = self.ledgers.set_budget(p.name, e.address, budgets[e.pool], e.pool)
+            if e.pool not in scraped:  # not scraped (any more): the ledger alone counts
+                ledger.blind, ledger.excess = False, 0
+            mates.setdefault(e.pool, set()).add(p.name)
+        self.ledgers.retain({(p.name, e.address) for p, e in drawing})
+        self._mates = {p.name: frozenset(m for e in p.endpoints for m in mates[e.pool]) for p in policies}
         self.policies = {p.name: p for p in policies}
         # The same queue for a model that stays: its waiters sleep on it (an empty one too, since a
         # request may be on its way into it).
@@ -83,11 +93,16 @@ class AdmissionState:
         return {m: len(q) for m, q in self.queues.items()}
 
     def wake(self, model: str) -> None:
-        """Budget of `model` may have freed up: offer it to the requests waiting for it."""
-        queue = self.queues.get(model)
-        if queue is not None:
-            queue.wake(lambda: self.headroom(model))
+        """Budget of `model` may have freed up: offer it to the requests waiting for it, and for every
+        model that shares a KV pool with it."""
+        for mate in sorted(self._mates.get(model, {model})):
+            self._wake_one(mate)
 
     def wake_all(self) -> None:
         for model in self.queues:
-            self.wake(model)
+            self._wake_one(model)
+
+    def _wake_one(self, model: str) -> None:
+        queue = self.queues.get(model)
+        if queue is not None:
+            queue.wake(lambda: self.headroom(model))

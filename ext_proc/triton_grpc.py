@@ -19,6 +19,7 @@ from ext_proc.kserve import MAX_TOKENS, TEXT_INPUT
 from ext_proc.request import LLMRequest, ProtocolError, Rewrite, at_most, identity_encoding
 
 _FRAME = struct.Struct(">BI")
+FRAME_HEADER = _FRAME.size
 
 
 class CompressedMessage(ProtocolError):
@@ -284,3 +285,106 @@ def lookup_parser(method: str):  # noqa: ANN201 - returns a parser like parse_in
         return LookupRequest(LLMRequest(model=msg.name, admit=False), msg)
 
     return parse
+
+
+# --- ModelStreamInfer: one stream, many requests ------------------------------------------------
+#
+# Each request on a stream holds its reservation until its last response (stream_exchange.py), found
+# by the request id Triton echoes. Ids are set and cleared by appending a field to the serialized
+# message rather than re-serializing it: protobuf parsers merge what follows (a singular field's last
+# occurrence wins, an embedded message merges field by field), so this costs a few bytes whatever the
+# message's size.
+
+FINAL_RESPONSE = "triton_final_response"  # Triton's flag on a decoupled model's streamed responses
+_REQUEST_ID = 3 << 3 | 2  # ModelInferRequest.id and ModelInferResponse.id: field 3, length-delimited
+_INFER_RESPONSE = 2 << 3 | 2  # ModelStreamInferResponse.infer_response
+# What a refused request becomes: a model Triton does not serve, so Triton answers it at once with
+# an error that echoes the id, in order with the stream's other responses (docs/architecture.md).
+REFUSED_MODEL = "kvgate-refused-request"
+
+
+def _length_delimited(tag: int, value: bytes) -> bytes:
+    out, n = bytearray([tag]), len(value)
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out) + value
+
+
+def with_id(message: bytes, request_id: str) -> bytes:
+    """A serialized ModelInferRequest whose id is now `request_id`."""
+    return message + _length_delimited(_REQUEST_ID, request_id.encode())
+
+
+# infer_response { id: "" }: the id ext_proc gave a request the client sent without one, taken back.
+_NO_ID = _length_delimited(_INFER_RESPONSE, _length_delimited(_REQUEST_ID, b""))
+
+
+# parameters {"triton_enable_empty_final_response": true}, appended: a later map entry replaces an
+# earlier one of the same key. Triton then sends a request's final flag as a response of its own even
+# when the model sends the flag alone, with no data (TensorRT-LLM's BLS model ends every streamed
+# request so): without it the client, and the gateway, would see no end to that request.
+EMPTY_FINAL = "triton_enable_empty_final_response"
+_EMPTY_FINAL_ON = service_pb2.ModelInferRequest(
+    parameters={EMPTY_FINAL: service_pb2.InferParameter(bool_param=True)}).SerializeToString()
+
+
+def with_empty_final(message: bytes) -> bytes:
+    """A serialized ModelInferRequest that asks Triton for its empty final response."""
+    return message + _EMPTY_FINAL_ON
+
+
+def asks_empty_final(request: service_pb2.ModelInferRequest) -> bool:
+    return EMPTY_FINAL in request.parameters and request.parameters[EMPTY_FINAL].bool_param
+
+
+def without_id(message: bytes) -> bytes:
+    """A serialized ModelStreamInferResponse whose infer_response.id is now empty."""
+    return message + _NO_ID
+
+
+def read_stream_request(message: bytes) -> service_pb2.ModelInferRequest:
+    """A stream message refused before (or while) it was parsed, for its id and model name: empty
+    when unreadable."""
+    try:
+        return decode(message, service_pb2.ModelInferRequest, _MODEL_INFER)  # type: ignore[return-value]
+    except ProtocolError:
+        return service_pb2.ModelInferRequest()
+
+
+def refused_request(request_id: str) -> bytes:
+    """The framed stand-in for a refused request."""
+    return frame(service_pb2.ModelInferRequest(model_name=REFUSED_MODEL, id=request_id).SerializeToString())
+
+
+@dataclass(frozen=True)
+class StreamResponse:
+    """What admission reads of one ModelStreamInferResponse."""
+
+    message: service_pb2.ModelStreamInferResponse
+    request_id: str
+    last: bool  # the request's last response: an error, the final flag, or a model that is not decoupled
+
+    @property
+    def empty(self) -> bool:
+        """Only a flag: no error and no output (the empty final response)."""
+        infer = self.message.infer_response
+        return not (self.message.error_message or infer.outputs or infer.raw_output_contents)
+
+    def with_error(self, error: str, model: str) -> bytes:
+        """This response as the client's refusal: `error` for the model it named (the stand-in's name
+        and Triton's text about it replaced)."""
+        msg = service_pb2.ModelStreamInferResponse()
+        msg.CopyFrom(self.message)
+        msg.error_message = error
+        msg.infer_response.model_name = model
+        return msg.SerializeToString()
+
+
+def read_stream_response(message: bytes) -> StreamResponse:
+    msg = decode(message, service_pb2.ModelStreamInferResponse, {})
+    params = msg.infer_response.parameters  # type: ignore[attr-defined]
+    # Triton flags each response of a decoupled model; one without the flag is a request's only response.
+    last = bool(msg.error_message) or FINAL_RESPONSE not in params or params[FINAL_RESPONSE].bool_param  # type: ignore[attr-defined]
+    return StreamResponse(msg, msg.infer_response.id, last)  # type: ignore[attr-defined, arg-type]

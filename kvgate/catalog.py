@@ -38,6 +38,8 @@ MAX_WAIT_S = 55.0
 # request, its wait for budget plus this (tests/unit/test_catalog.py holds the two together).
 MAX_REQUEST_TIMEOUT_S = 780.0
 
+# Catalog names: models, and the engine-side models whose metrics count.
+_MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -143,6 +145,9 @@ class KVSpec(_Strict):
     # Runtime buffers, activations, CUDA context: see kv_math.DEFAULT_RESERVED_BYTES. 0 is allowed.
     reserved: Annotated[int, BeforeValidator(parse_size), Field(ge=0)] = kv_math.DEFAULT_RESERVED_BYTES
     max_tokens_in_paged_kv_cache: int | None = Field(default=None, gt=0)
+    # The engine's KV pool this model draws on, when one endpoint holds several (a Triton serving two
+    # TensorRT-LLM engines). Default: the endpoint's one pool, shared by every model served there.
+    pool: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
     @field_validator("config_json")
     @classmethod
@@ -212,6 +217,9 @@ class EngineMetrics(_Strict):
     interval_s: float = Field(default=1.0, gt=0, le=60)
     # Older metrics make the endpoint count as full: an engine we cannot see is not an empty one.
     stale_after_s: float = Field(default=5.0, gt=0)
+    # Triton: the model (its `model` label) whose KV series describe this model's pool, e.g. the
+    # TensorRT-LLM model `tensorrt_llm` behind `ensemble`. Default: the one model with non-zero series.
+    model: str | None = Field(default=None, pattern=_MODEL_NAME)
 
     @model_validator(mode="after")
     def _stale_after_interval(self) -> EngineMetrics:
@@ -271,8 +279,6 @@ class SimSettings(_Strict):
     on_full: Literal["queue", "fail"] = "queue"
     seed: int = 0
 
-
-_MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -353,6 +359,9 @@ class Model(_Strict):
     timeouts: Timeouts = Timeouts()
     # The priority class of this model's requests that name none; default: the catalog's.
     priority_class: str | None = None
+    # How admission picks among the endpoints a request fits: where its prompt's prefix is expected in
+    # the engine's prefix cache, weighed against KV headroom; or by headroom alone (docs/catalog.md).
+    routing: Literal["prefix", "headroom"] = "prefix"
     sim: SimSettings = SimSettings()
 
     @field_validator("tokenizer", "chat_template")
@@ -392,6 +401,9 @@ class Model(_Strict):
             raise ValueError("triton endpoints need both ports: {host: ..., port: HTTP, grpc_port: GRPC}")
         if self.protocol == "openai" and any(a.grpc_port is not None for a in addrs):
             raise ValueError("grpc_port is for triton endpoints only")
+        if self.engine_metrics.model is not None and self.protocol != "triton":
+            # trtllm-serve and vLLM serve one model per process and label their series with no model.
+            raise ValueError("engine_metrics.model is for triton models only (other engines serve one model)")
         return self
 
     @model_validator(mode="after")
@@ -461,6 +473,19 @@ class Model(_Strict):
         shape = self.kv.shape
         return self.tokens_per_block or (shape and shape.tokens_per_block) or 32
 
+    def kv_pool_key(self, addr: Address) -> str:
+        """The identity of the KV pool this model draws on at `addr`: the address, or the address and
+        the pool's name. Models with the same key share one ledger in ext_proc."""
+        return f"{addr}/{self.kv.pool}" if self.kv.pool else str(addr)
+
+    def pool_terms(self, addr: Address) -> dict[str, Any]:
+        """What models sharing a KV pool must agree on for one ledger to hold them: its size, how a
+        request's blocks are counted, and where and how the engine's own metrics are read."""
+        return {"KV budget (kv.budget_per_endpoint or the one derived from kv.gpu_memory)": self.kv_budget_bytes,
+                "KV bytes per token": self.kv_bytes_per_token, "tokens_per_block": self.block_tokens,
+                "engine": self.engine, "metrics URL": addr.metrics_url(self.protocol, self.engine),
+                "engine_metrics": self.engine_metrics.model_dump()}
+
     @property
     def engine_model(self) -> str:
         return self.backend_model or self.name
@@ -517,6 +542,30 @@ class Catalog(_Strict):
                 seen[h] = t.name
         return self
 
+    @model_validator(mode="after")
+    def _pools_agree(self) -> Catalog:
+        """Models served at one address share its KV pool (kv.pool names pools when it holds several):
+        they must agree on what the shared ledger is, and pools told apart must be told apart by
+        their metrics too."""
+        first: dict[str, tuple[Model, Address]] = {}  # pool key -> the first model drawing on it
+        at: dict[str, list[Model]] = {}  # address -> the first model of each pool there
+        for m in self.models:
+            for a in (e for e in m.endpoints if isinstance(e, Address)):
+                key = m.kv_pool_key(a)
+                if key not in first:
+                    first[key] = (m, a)
+                    at.setdefault(str(a), []).append(m)
+                    continue
+                other, other_addr = first[key]
+                mine, theirs = m.pool_terms(a), other.pool_terms(other_addr)
+                if differ := [f"{k} ({theirs[k]} vs {mine[k]})" for k in mine if mine[k] != theirs[k]]:
+                    raise ValueError(f"models {other.name!r} and {m.name!r} share the KV pool at {key} but differ "
+                                     f"in {'; '.join(differ)}: one ledger holds both, so give them the same values "
+                                     "(or, for separate engines on one server, name their pools: kv.pool)")
+        for address, models in at.items():
+            _separate_pools(address, models)
+        return self
+
     def priority_class_of(self, model: Model) -> str:
         return model.priority_class or self.default_priority_class or self.priority_classes[0].name
 
@@ -548,6 +597,30 @@ class Catalog(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_data(), sort_keys=False)
+
+
+def _separate_pools(address: str, models: list[Model]) -> None:
+    """Several KV pools at one address (one model of each): each named, and each read from its own
+    engine model's metrics, or one engine's use would count against another's pool."""
+    if len(models) < 2:
+        return
+    unnamed = next((m for m in models if m.kv.pool is None), None)
+    if unnamed is not None:
+        named = next(m for m in models if m.kv.pool is not None)
+        raise ValueError(f"models {named.name!r} and {unnamed.name!r} are served at {address}; {named.name!r} "
+                         f"names KV pool {named.kv.pool!r} and {unnamed.name!r} none: at an endpoint with several "
+                         "pools, every model names its pool (models sharing one name the same)")
+    scraped = [m for m in models if m.engine_metrics.scrape]
+    if blind := next((m for m in scraped if m.engine_metrics.model is None), None):
+        raise ValueError(f"model {blind.name!r}: {address} holds several KV pools ("
+                         f"{', '.join(repr(m.kv.pool) for m in models)}): engine_metrics.model must say whose "
+                         "metrics describe pool " + repr(blind.kv.pool))
+    readers: dict[str | None, Model] = {}
+    for m in scraped:
+        if (other := readers.setdefault(m.engine_metrics.model, m)) is not m:
+            raise ValueError(f"models {other.name!r} and {m.name!r} read engine model "
+                             f"{m.engine_metrics.model!r} at {address} for different KV pools "
+                             f"({other.kv.pool!r}, {m.kv.pool!r}): one engine model has one pool")
 
 
 def _describe(loc: tuple[Any, ...], raw: Any, models_at: str) -> str:

@@ -59,6 +59,16 @@ class SimConfig:
         default=0.02, metadata={"help": "fractional ITL increase per extra running request"}
     )
     max_batch: int = field(default=256, metadata={"help": "max concurrently running requests"})
+    prefix_caching: bool = field(
+        default=False,
+        metadata={"help": "share and keep the KV blocks of prompt prefixes, as vLLM's automatic prefix caching "
+                          "does: cached leading blocks skip prefill"},
+    )
+    prefill_lanes: int = field(
+        default=0,
+        metadata={"help": "prefills computed at once, the others waiting their turn (0: no limit); 1 models a "
+                          "GPU's one prefill batch at a time"},
+    )
     on_full: str = field(
         default="queue",
         metadata={
@@ -90,6 +100,7 @@ class SimConfig:
         if self.flavor == "vllm" and self.kv_blocks < 2:
             raise ValueError("kv_blocks must be >= 2 with flavor vllm (one is its null block)")
         for name in (
+            "prefill_lanes",
             "ttft_base_ms",
             "ttft_per_token_ms",
             "itl_ms",
@@ -109,12 +120,15 @@ class SimConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One --flag per SimConfig field, derived from the fields so the two cannot drift apart."""
     for f in fields(SimConfig):
-        extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        extra: dict[str, object] = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        # --flag / --no-flag for a switch: type=bool would read "--flag false" as true.
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {
+            "type": f.metadata.get("type", type(f.default))}
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
-            type=f.metadata.get("type", type(f.default)),
             default=f.default,
             help=f"{f.metadata['help']} (default: %(default)s)",
+            **kind,
             **extra,
         )
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass, field
 
 from engines.sim.config import SimConfig
@@ -28,6 +29,8 @@ class GenRequest:
     max_tokens: int
     stop: tuple[str, ...] = ()
     key: str = ""  # selects the generated text; the same key gives the same words
+    # The chained hashes of the prompt's whole blocks (text.block_hashes), for prefix caching.
+    prefix: tuple[Hashable, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 0 or self.max_tokens < 1:
@@ -49,12 +52,16 @@ class EngineStats:
     prompt_tokens_total: int = 0  # counted once per request, when its first token is out
     generation_tokens_total: int = 0
     preemptions: int = 0  # running requests that lost their blocks to a growing one (vLLM flavor)
+    # Prompt tokens looked up in the prefix cache at each scheduling, and those found (vLLM's counters).
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 @dataclass
 class _Waiter:
     request_id: int
     tokens: int
+    prefix: tuple[Hashable, ...]
     admitted: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -77,12 +84,18 @@ class SimEngine:
     computed (the last token sampled is never written: prompt + max_tokens - 1 at most); when a running
     request needs a block and none is free, the most recently scheduled one is preempted (its blocks
     freed), goes back to the head of the queue and recomputes its prompt and output when scheduled
-    again."""
+    again.
+
+    With prefix caching, a prompt's leading blocks found in the cache are shared, not computed: its
+    prefill takes the time of the rest only. With prefill lanes, prefills queue for them (a GPU computes
+    one prefill batch at a time), so the time one saves is also saved for those behind it."""
 
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.paged = config.flavor == "vllm"
-        self.kv = PagedKVCache(config.kv_blocks, config.tokens_per_block, reserved_blocks=1 if self.paged else 0)
+        self.kv = PagedKVCache(config.kv_blocks, config.tokens_per_block, reserved_blocks=1 if self.paged else 0,
+                               prefix_caching=config.prefix_caching)
+        self._lanes = asyncio.Semaphore(config.prefill_lanes) if config.prefill_lanes else None
         self.latency = LatencyModel.from_config(config)
         self.stats = EngineStats()
         self._queue: deque[_Waiter] = deque()
@@ -120,11 +133,14 @@ class SimEngine:
                 f"prompt + max_tokens = {request.prompt_tokens + request.max_tokens} tokens exceed the KV cache "
                 f"({self.kv.usable_blocks} blocks of {self.kv.tokens_per_block} tokens)"
             )
+        # The prompt's last token is always computed (it yields the first output token), so a cached
+        # prefix stops at the last whole block before it, as in vLLM.
+        prefix = request.prefix[:max(0, request.prompt_tokens - 1) // self.kv.tokens_per_block]
         # GUARANTEED_NO_EVICT reserves the blocks of the whole sequence up front, so a running request
         # never has to be preempted; vLLM takes the prompt's and grows.
-        await self._admit(request_id, request.prompt_tokens if self.paged else longest)
+        await self._admit(request_id, request.prompt_tokens if self.paged else longest, prefix)
         try:
-            await self._prefill(request_id, request.prompt_tokens)
+            await self._prefill(request_id, request.prompt_tokens, prefix)
             self.stats.prompt_tokens_total += request.prompt_tokens
             words = generate_words(self.config.seed, request.key)
             scanner = StopScanner(request.stop)
@@ -133,7 +149,7 @@ class SimEngine:
                     # sleep(0) still yields, so zero latency cannot starve the loop
                     await asyncio.sleep(self.latency.itl(self.running))
                     if self.paged:  # computing token n writes the KV of token n - 1
-                        await self._grow(request_id, request.prompt_tokens + n - 1)
+                        await self._grow(request_id, request.prompt_tokens + n - 1, prefix)
                 self.stats.generation_tokens_total += 1
                 text, stopped = scanner.feed(next(words) if n == 1 else " " + next(words))
                 if stopped or n == request.max_tokens:
@@ -146,29 +162,34 @@ class SimEngine:
         finally:
             self._release(request_id)
 
-    async def _prefill(self, request_id: int, tokens: int) -> None:
-        """The time to compute `tokens` tokens of context; a request preempted meanwhile starts over."""
+    async def _prefill(self, request_id: int, tokens: int, prefix: tuple[Hashable, ...]) -> None:
+        """The time to compute `tokens` tokens of context but the cached ones (in a prefill lane when
+        they are limited); a request preempted meanwhile starts over."""
         while True:
+            cached = min(tokens, self.kv.hit_blocks(request_id) * self.kv.tokens_per_block)
+            self.stats.prefix_cache_queries += tokens
+            self.stats.prefix_cache_hits += cached
             self._in_context += 1
             try:
-                await asyncio.sleep(self.latency.ttft(tokens))
+                async with self._lanes or contextlib.nullcontext():
+                    await asyncio.sleep(self.latency.ttft(tokens - cached))
             finally:
                 self._in_context -= 1
             if not self._preempted(request_id):
                 return
-            await self._admit(request_id, tokens, resumed=True)
+            await self._admit(request_id, tokens, prefix, resumed=True)
 
     def _preempted(self, request_id: int) -> bool:
         live = self._live.get(request_id)
         return live is None or live.preempted
 
-    async def _grow(self, request_id: int, tokens: int) -> None:
+    async def _grow(self, request_id: int, tokens: int, prefix: tuple[Hashable, ...]) -> None:
         """Blocks for `tokens` tokens (vLLM flavor): preempt the newest running request until they are
         free; preempted itself (or meanwhile), wait to be scheduled again and recompute."""
         while self._preempted(request_id) or not self.kv.grow(request_id, tokens):
             if self._preempted(request_id):
-                await self._admit(request_id, tokens, resumed=True)
-                await self._prefill(request_id, tokens)
+                await self._admit(request_id, tokens, prefix, resumed=True)
+                await self._prefill(request_id, tokens, prefix)
                 return
             newest = max(self._live, key=lambda rid: self._live[rid].order)
             self._preempt(newest)
@@ -178,10 +199,10 @@ class SimEngine:
         self._live.pop(request_id).preempted = True
         self.stats.preemptions += 1
 
-    async def _admit(self, request_id: int, tokens: int, resumed: bool = False) -> None:
+    async def _admit(self, request_id: int, tokens: int, prefix: tuple[Hashable, ...], resumed: bool = False) -> None:
         """Scheduled with the blocks of `tokens` tokens: at once when nothing waits ahead, else in FIFO
         order (a preempted request goes back to the head of the queue)."""
-        if not self._queue and self._try_start(request_id, tokens):
+        if not self._queue and self._try_start(request_id, tokens, prefix):
             return
         if self.config.on_full == "fail" and not resumed:
             raise EngineFull(
@@ -189,7 +210,7 @@ class SimEngine:
                 f"{self.running}/{self.config.max_batch} running"
             )
         self.stats.kv_exhaustion_events += not resumed
-        waiter = _Waiter(request_id, tokens)
+        waiter = _Waiter(request_id, tokens, prefix)
         if resumed:
             self._queue.appendleft(waiter)
         else:
@@ -204,8 +225,8 @@ class SimEngine:
                 self._schedule()  # the head leaving may let the next one in
             raise
 
-    def _try_start(self, request_id: int, tokens: int) -> bool:
-        if self.running >= self.config.max_batch or not self.kv.try_allocate(request_id, tokens):
+    def _try_start(self, request_id: int, tokens: int, prefix: tuple[Hashable, ...]) -> bool:
+        if self.running >= self.config.max_batch or not self.kv.try_allocate(request_id, tokens, prefix):
             return False
         self._live[request_id] = _Live(next(self._order))
         return True
@@ -218,5 +239,5 @@ class SimEngine:
     def _schedule(self) -> None:
         # Strict FIFO: a big request at the head blocks smaller ones behind it,
         # which is what makes a full cache a latency cliff.
-        while self._queue and self._try_start(self._queue[0].request_id, self._queue[0].tokens):
+        while self._queue and self._try_start(self._queue[0].request_id, self._queue[0].tokens, self._queue[0].prefix):
             self._queue.popleft().admitted.set_result(None)

@@ -134,6 +134,11 @@ class _VllmCollector(Collector):
         yield self._counter("vllm:prompt_tokens", "Number of prefill tokens processed.", stats.prompt_tokens_total)
         yield self._counter("vllm:generation_tokens", "Number of generation tokens processed.",
                             stats.generation_tokens_total)
+        # vLLM's own help texts; both count tokens, at every scheduling of a request (a preempted one again).
+        yield self._counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried "
+                            "tokens.", stats.prefix_cache_queries)
+        yield self._counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+                            stats.prefix_cache_hits)
         info = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
                                  labels=["block_size", "engine", "num_gpu_blocks"])
         info.add_metric([str(kv.tokens_per_block), "0", str(kv.total_blocks)], 1.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from engines.sim.http_common import (
 )
 from engines.sim.metrics import SimMetrics
 from engines.sim.records import new_records
-from engines.sim.text import ModelTokenizer, count_chat_tokens, count_prompt_tokens
+from engines.sim.text import ModelTokenizer, block_hashes, chat_words, prompt_words
 from kvgate.chat_template import Unrenderable
 
 Json = dict[str, Any]
@@ -104,26 +104,30 @@ def _message_text(message: Any) -> str:
     )
 
 
-def _chat_prompt(body: Json, tokenizer: ModelTokenizer | None) -> tuple[int, str]:
+# A prompt as the engine sees it: its tokens (ids with a tokenizer, else words), and the key of its text.
+Prompt = tuple[Sequence[Hashable], str]
+
+
+def _chat_prompt(body: Json, tokenizer: ModelTokenizer | None) -> Prompt:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array", param="messages")
     texts = [_message_text(m) for m in messages]
     if tokenizer is None:
-        return count_chat_tokens(texts), orjson.dumps(messages).decode()
+        return chat_words((m["role"], t) for m, t in zip(messages, texts)), orjson.dumps(messages).decode()
     try:
-        return tokenizer.chat(body), orjson.dumps(messages).decode()
+        return tokenizer.chat_ids(body), orjson.dumps(messages).decode()
     except (Unrenderable, ValueError) as e:
         raise ApiError(400, f"chat template: {e}", param="messages") from None
 
 
-def _completion_prompt(body: Json, tokenizer: ModelTokenizer | None) -> tuple[int, str]:
+def _completion_prompt(body: Json, tokenizer: ModelTokenizer | None) -> Prompt:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
         prompt = "\n".join(prompt)
     if not isinstance(prompt, str):
         raise ApiError(400, "'prompt' must be a string or an array of strings", param="prompt")
-    return (count_prompt_tokens(prompt) if tokenizer is None else tokenizer.text(prompt)), prompt
+    return (prompt_words(prompt) if tokenizer is None else tokenizer.text_ids(prompt)), prompt
 
 
 # --- the two dialects ------------------------------------------------------------
@@ -138,7 +142,7 @@ class Dialect:
     id_prefix: str
     default_max_tokens: int
     max_tokens_fields: tuple[str, ...]  # first present wins
-    prompt: Callable[[Json, ModelTokenizer | None], tuple[int, str]]  # body -> (prompt tokens, text key)
+    prompt: Callable[[Json, ModelTokenizer | None], Prompt]  # body -> (prompt tokens, text key)
     choice: Callable[[str], Json]  # text-carrying fields of a full choice
     delta: Callable[[str | None, bool], Json]  # (text or None on the closing chunk, first chunk?)
 
@@ -209,14 +213,14 @@ class _Call:
         }
 
 
-def _parse_call(body: Any, dialect: Dialect, served_model: str, tokenizer: ModelTokenizer | None,
+def _parse_call(body: Any, dialect: Dialect, config: SimConfig, tokenizer: ModelTokenizer | None,
                 request_id: str | None) -> _Call:
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     model = _get(body, "model", str)
     if model is None:
         raise ApiError(400, "'model' is required", param="model")
-    if model != served_model:
+    if model != config.model:
         raise ApiError(
             404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
         )
@@ -229,13 +233,14 @@ def _parse_call(body: Any, dialect: Dialect, served_model: str, tokenizer: Model
     max_tokens = _get(body, field, int, dialect.default_max_tokens)
     if max_tokens < 1:
         raise ApiError(400, f"'{field}' must be at least 1", param=field)
-    prompt_tokens, key = dialect.prompt(body, tokenizer)
+    tokens, key = dialect.prompt(body, tokenizer)
+    prefix = block_hashes(tokens, config.tokens_per_block) if config.prefix_caching else ()
     return _Call(
         dialect=dialect,
         model=model,
         stream=_get(body, "stream", bool, False),
         include_usage=_get(_get(body, "stream_options", dict, {}), "include_usage", bool, False),
-        gen=GenRequest(prompt_tokens, max_tokens, _stop(body), key),
+        gen=GenRequest(len(tokens), max_tokens, _stop(body), key, prefix),
         id=dialect.id_prefix + (request_id or uuid.uuid4().hex),
         created=int(time.time()),
     )
@@ -250,7 +255,7 @@ async def _complete(request: web.Request, dialect: Dialect) -> web.StreamRespons
         raise ApiError(400, "request body is not valid JSON")
     # vLLM names a response after the request's X-Request-Id (Envoy sends one); trtllm-serve does not.
     request_id = request.headers.get("X-Request-Id") if request.app[ENGINE].paged else None
-    call = _parse_call(body, dialect, request.app[CONFIG].model, request.app.get(TOKENIZER), request_id)
+    call = _parse_call(body, dialect, request.app[CONFIG], request.app.get(TOKENIZER), request_id)
     try:
         reset = requested_reset(request)  # a test hook; None for every ordinary request
     except ValueError as e:

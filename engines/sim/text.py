@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from itertools import accumulate
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,18 +34,36 @@ def generate_words(seed: int, key: str) -> Iterator[str]:
         yield rng.choice(VOCAB)
 
 
-def count_prompt_tokens(text: str) -> int:
+def prompt_words(text: str) -> list[str]:
     """Approximate tokenizer: one token per word and per punctuation mark.
 
     Real tokenizers merge frequent byte sequences, so like them this counts
     fewer tokens than a one-token-per-byte upper bound.
     """
-    return len(_TOKEN_RE.findall(text))
+    return _TOKEN_RE.findall(text)
+
+
+def count_prompt_tokens(text: str) -> int:
+    return len(prompt_words(text))
 
 
 def count_chat_tokens(contents: Iterable[str]) -> int:
     """Prompt tokens of a chat: each message's content plus CHAT_TOKENS_PER_MESSAGE (4)."""
     return sum(count_prompt_tokens(c) + CHAT_TOKENS_PER_MESSAGE for c in contents)
+
+
+def chat_words(messages: Iterable[tuple[str, str]]) -> list[str]:
+    """The tokens of a chat of (role, content) messages without a tokenizer: each content's words framed
+    by CHAT_TOKENS_PER_MESSAGE (4) tokens naming its role, as a chat template frames them."""
+    return [t for role, content in messages for t in ("<|start|>", role, "<|sep|>", *prompt_words(content), "<|end|>")]
+
+
+def block_hashes(tokens: Sequence[Hashable], tokens_per_block: int) -> tuple[int, ...]:
+    """The chained hashes of the whole blocks of `tokens`, as a prefix cache knows them: each block's
+    hash covers every token before it."""
+    whole = len(tokens) - len(tokens) % tokens_per_block
+    blocks = (hash(tuple(tokens[i:i + tokens_per_block])) for i in range(0, whole, tokens_per_block))
+    return tuple(accumulate(blocks, lambda prev, h: hash((prev, h))))
 
 
 @dataclass(frozen=True)
@@ -61,14 +80,20 @@ class ModelTokenizer:
         source = read_template(Path(tokenizer_json))
         return cls(Tokenizer.from_file(tokenizer_json), ChatTemplate(source) if source else None)
 
-    def chat(self, body: Mapping[str, Any]) -> int:
+    def chat_ids(self, body: Mapping[str, Any]) -> list[int]:
         """Raises kvgate.chat_template.Unrenderable for a chat the template cannot render."""
         if self.template is None:
             raise ValueError("the model has no chat template")
-        return len(self.tokenizer.encode(self.template.render(body), add_special_tokens=False).ids)
+        return self.tokenizer.encode(self.template.render(body), add_special_tokens=False).ids
+
+    def text_ids(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt).ids
+
+    def chat(self, body: Mapping[str, Any]) -> int:
+        return len(self.chat_ids(body))
 
     def text(self, prompt: str) -> int:
-        return len(self.tokenizer.encode(prompt).ids)
+        return len(self.text_ids(prompt))
 
 
 class StopScanner:

@@ -5,13 +5,13 @@ incoming ModelInferRequest as a generation of its own, concurrently with the
 others on the stream, and reports a request's error in-band
 (ModelStreamInferResponse.error_message) without ending the stream.
 
-Final-response flag, as Triton sends it for decoupled models: every streamed
-response carries the bool parameter `triton_final_response`. It is true on the
-last response of a request, unless the request set
-`triton_enable_empty_final_response` (tritonclient's
-`async_stream_infer(..., enable_empty_final_response=True)`): then every
-response with text says false and an extra response without outputs says true.
-tritonclient calls the stream callback once per response, that empty one included.
+Final-response flag, as Triton 2.51 sends it (for decoupled models and the others
+alike): every streamed response carries the bool parameter `triton_final_response`, true on the last
+response of a request. The simulated model sends its final flag with its last response, as
+TensorRT-LLM's engine and ensemble do, so `triton_enable_empty_final_response` (tritonclient's
+`async_stream_infer(..., enable_empty_final_response=True)`) changes nothing here: measured on the
+real Triton, an empty final response comes only from a model that sends the flag alone (TensorRT-LLM's
+BLS model).
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ SERVICE = "/inference.GRPCInferenceService/"
 INFER_PATH = SERVICE + "ModelInfer"
 STREAM_INFER_PATH = SERVICE + "ModelStreamInfer"
 FINAL_RESPONSE = "triton_final_response"
-ENABLE_EMPTY_FINAL_RESPONSE = "triton_enable_empty_final_response"
 
 CODES = {
     TritonError.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
@@ -189,20 +188,13 @@ class TritonGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: service_pb2.ModelInferRequest, metadata: Metadata
     ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         call = self._accept(request, STREAM_INFER_PATH, metadata)
-        empty_final = (
-            ENABLE_EMPTY_FINAL_RESPONSE in request.parameters
-            and request.parameters[ENABLE_EMPTY_FINAL_RESPONSE].bool_param
-        )
         async with generation.run(self._engine, call.gen) as chunks:
             if call.stream:  # decoupled: a response per token
                 async for chunk in chunks:
-                    last = chunk.finish_reason is not None
-                    yield self._stream_response(request, chunk.text, last and not empty_final)
+                    yield self._stream_response(request, chunk.text, chunk.finish_reason is not None)
             else:
                 done = await generation.collect(chunks)
-                yield self._stream_response(request, done.text, not empty_final)
-        if empty_final:
-            yield self._stream_response(request, None, True)
+                yield self._stream_response(request, done.text, True)
 
     # --- helpers ---------------------------------------------------------------------
 
@@ -228,20 +220,17 @@ class TritonGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 )
         return call_from_tensors(request.model_name, inputs)
 
-    def _response(
-        self, request: service_pb2.ModelInferRequest, text: str | None
-    ) -> service_pb2.ModelInferResponse:
+    def _response(self, request: service_pb2.ModelInferRequest, text: str) -> service_pb2.ModelInferResponse:
         response = service_pb2.ModelInferResponse(
             model_name=request.model_name, model_version=MODEL_VERSION, id=request.id
         )
-        if text is not None:
-            outputs, raw = encode_grpc_outputs([tensor_output(text)])
-            response.outputs.extend(outputs)
-            response.raw_output_contents.extend(raw)
+        outputs, raw = encode_grpc_outputs([tensor_output(text)])
+        response.outputs.extend(outputs)
+        response.raw_output_contents.extend(raw)
         return response
 
     def _stream_response(
-        self, request: service_pb2.ModelInferRequest, text: str | None, final: bool
+        self, request: service_pb2.ModelInferRequest, text: str, final: bool
     ) -> service_pb2.ModelStreamInferResponse:
         response = self._response(request, text)
         response.parameters[FINAL_RESPONSE].bool_param = final
@@ -250,12 +239,20 @@ class TritonGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def _stream_error(
         self, request: service_pb2.ModelInferRequest, message: str
     ) -> service_pb2.ModelStreamInferResponse:
-        return service_pb2.ModelStreamInferResponse(
+        """As Triton 2.51 answers one request of a stream: the id always; the model and the final
+        flag only when the model exists (an unknown model's error carries neither)."""
+        if request.model_name != self._config.model:
+            return service_pb2.ModelStreamInferResponse(
+                error_message=message, infer_response=service_pb2.ModelInferResponse(id=request.id)
+            )
+        error = service_pb2.ModelStreamInferResponse(
             error_message=message,
             infer_response=service_pb2.ModelInferResponse(
                 model_name=request.model_name, model_version=MODEL_VERSION, id=request.id
             ),
         )
+        error.infer_response.parameters[FINAL_RESPONSE].bool_param = True
+        return error
 
 
 def add_to_server(service: TritonGrpcService, server: grpc.aio.Server) -> None:

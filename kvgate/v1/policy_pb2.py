@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvgate/v1/policy.proto\x12\tkvgate.v1\"\xe4\x04\n\x0bModelPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x03 \x01(\r\x12\x19\n\x11max_output_tokens\x18\x04 \x01(\r\x12\x1a\n\x12kv_bytes_per_token\x18\x05 \x01(\x04\x12\x18\n\x10tokens_per_block\x18\x06 \x01(\r\x12&\n\tendpoints\x18\x07 \x03(\x0b\x32\x13.kvgate.v1.Endpoint\x12\x32\n\x0fprompt_estimate\x18\x08 \x01(\x0b\x32\x19.kvgate.v1.PromptEstimate\x12\x15\n\rbackend_model\x18\t \x01(\t\x12\'\n\ttokenizer\x18\n \x01(\x0b\x32\x14.kvgate.v1.Tokenizer\x12\x32\n\x10priority_classes\x18\x0b \x03(\x0b\x32\x18.kvgate.v1.PriorityClass\x12\x1e\n\x16\x64\x65\x66\x61ult_priority_class\x18\x0c \x01(\t\x12\x30\n\x0e\x65ngine_metrics\x18\r \x01(\x0b\x32\x18.kvgate.v1.EngineMetrics\x12\x1e\n\x16long_request_threshold\x18\x0e \x01(\x01\x12\x1f\n\x17long_requests_max_share\x18\x0f \x01(\x01\x12.\n\rchat_template\x18\x10 \x01(\x0b\x32\x17.kvgate.v1.ChatTemplate\x12\x0e\n\x06\x65ngine\x18\x11 \x01(\t\x12%\n\x1dlong_requests_short_window_ms\x18\x12 \x01(\r\"q\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x17\n\x0fkv_budget_bytes\x18\x02 \x01(\x04\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x13\n\x0bmetrics_url\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\r\")\n\tTokenizer\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"\xc5\x01\n\x0c\x43hatTemplate\x12\x10\n\x08template\x18\x01 \x01(\t\x12\x19\n\x11tool_use_template\x18\x02 \x01(\t\x12\x42\n\x0especial_tokens\x18\x03 \x03(\x0b\x32*.kvgate.v1.ChatTemplate.SpecialTokensEntry\x12\x0e\n\x06origin\x18\x04 \x01(\t\x1a\x34\n\x12SpecialTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\rPriorityClass\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bmax_wait_ms\x18\x02 \x01(\r\"<\n\rEngineMetrics\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\x12\x16\n\x0estale_after_ms\x18\x02 \x01(\r\"\x8e\x01\n\x06Tenant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61pi_key_sha256\x18\x02 \x03(\t\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x1b\n\x13requests_per_minute\x18\x04 \x01(\r\x12\x19\n\x11tokens_per_minute\x18\x05 \x01(\x04\x12\x16\n\x0epriority_class\x18\x06 \x01(\t\"x\n\x0c\x42udgetShares\x12\x37\n\x08\x66raction\x18\x01 \x03(\x0b\x32%.kvgate.v1.BudgetShares.FractionEntry\x1a/\n\rFractionEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"a\n\x0ePromptEstimate\x12\x17\n\x0f\x62ytes_per_token\x18\x01 \x01(\x01\x12\x1a\n\x12per_message_tokens\x18\x02 \x01(\r\x12\x1a\n\x12per_request_tokens\x18\x03 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvgate/v1/policy.proto\x12\tkvgate.v1\"\xf5\x04\n\x0bModelPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x03 \x01(\r\x12\x19\n\x11max_output_tokens\x18\x04 \x01(\r\x12\x1a\n\x12kv_bytes_per_token\x18\x05 \x01(\x04\x12\x18\n\x10tokens_per_block\x18\x06 \x01(\r\x12&\n\tendpoints\x18\x07 \x03(\x0b\x32\x13.kvgate.v1.Endpoint\x12\x32\n\x0fprompt_estimate\x18\x08 \x01(\x0b\x32\x19.kvgate.v1.PromptEstimate\x12\x15\n\rbackend_model\x18\t \x01(\t\x12\'\n\ttokenizer\x18\n \x01(\x0b\x32\x14.kvgate.v1.Tokenizer\x12\x32\n\x10priority_classes\x18\x0b \x03(\x0b\x32\x18.kvgate.v1.PriorityClass\x12\x1e\n\x16\x64\x65\x66\x61ult_priority_class\x18\x0c \x01(\t\x12\x30\n\x0e\x65ngine_metrics\x18\r \x01(\x0b\x32\x18.kvgate.v1.EngineMetrics\x12\x1e\n\x16long_request_threshold\x18\x0e \x01(\x01\x12\x1f\n\x17long_requests_max_share\x18\x0f \x01(\x01\x12.\n\rchat_template\x18\x10 \x01(\x0b\x32\x17.kvgate.v1.ChatTemplate\x12\x0e\n\x06\x65ngine\x18\x11 \x01(\t\x12%\n\x1dlong_requests_short_window_ms\x18\x12 \x01(\r\x12\x0f\n\x07routing\x18\x13 \x01(\t\"\x82\x01\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x17\n\x0fkv_budget_bytes\x18\x02 \x01(\x04\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x13\n\x0bmetrics_url\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\r\x12\x0f\n\x07kv_pool\x18\x06 \x01(\t\")\n\tTokenizer\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"\xc5\x01\n\x0c\x43hatTemplate\x12\x10\n\x08template\x18\x01 \x01(\t\x12\x19\n\x11tool_use_template\x18\x02 \x01(\t\x12\x42\n\x0especial_tokens\x18\x03 \x03(\x0b\x32*.kvgate.v1.ChatTemplate.SpecialTokensEntry\x12\x0e\n\x06origin\x18\x04 \x01(\t\x1a\x34\n\x12SpecialTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\rPriorityClass\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bmax_wait_ms\x18\x02 \x01(\r\"K\n\rEngineMetrics\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\x12\x16\n\x0estale_after_ms\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\"\x8e\x01\n\x06Tenant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61pi_key_sha256\x18\x02 \x03(\t\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x1b\n\x13requests_per_minute\x18\x04 \x01(\r\x12\x19\n\x11tokens_per_minute\x18\x05 \x01(\x04\x12\x16\n\x0epriority_class\x18\x06 \x01(\t\"x\n\x0c\x42udgetShares\x12\x37\n\x08\x66raction\x18\x01 \x03(\x0b\x32%.kvgate.v1.BudgetShares.FractionEntry\x1a/\n\rFractionEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"a\n\x0ePromptEstimate\x12\x17\n\x0f\x62ytes_per_token\x18\x01 \x01(\x01\x12\x1a\n\x12per_message_tokens\x18\x02 \x01(\r\x12\x1a\n\x12per_request_tokens\x18\x03 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,25 +36,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BUDGETSHARES_FRACTIONENTRY']._loaded_options = None
   _globals['_BUDGETSHARES_FRACTIONENTRY']._serialized_options = b'8\001'
   _globals['_MODELPOLICY']._serialized_start=38
-  _globals['_MODELPOLICY']._serialized_end=650
-  _globals['_ENDPOINT']._serialized_start=652
-  _globals['_ENDPOINT']._serialized_end=765
-  _globals['_TOKENIZER']._serialized_start=767
-  _globals['_TOKENIZER']._serialized_end=808
-  _globals['_CHATTEMPLATE']._serialized_start=811
-  _globals['_CHATTEMPLATE']._serialized_end=1008
-  _globals['_CHATTEMPLATE_SPECIALTOKENSENTRY']._serialized_start=956
-  _globals['_CHATTEMPLATE_SPECIALTOKENSENTRY']._serialized_end=1008
-  _globals['_PRIORITYCLASS']._serialized_start=1010
-  _globals['_PRIORITYCLASS']._serialized_end=1060
-  _globals['_ENGINEMETRICS']._serialized_start=1062
-  _globals['_ENGINEMETRICS']._serialized_end=1122
-  _globals['_TENANT']._serialized_start=1125
-  _globals['_TENANT']._serialized_end=1267
-  _globals['_BUDGETSHARES']._serialized_start=1269
-  _globals['_BUDGETSHARES']._serialized_end=1389
-  _globals['_BUDGETSHARES_FRACTIONENTRY']._serialized_start=1342
-  _globals['_BUDGETSHARES_FRACTIONENTRY']._serialized_end=1389
-  _globals['_PROMPTESTIMATE']._serialized_start=1391
-  _globals['_PROMPTESTIMATE']._serialized_end=1488
+  _globals['_MODELPOLICY']._serialized_end=667
+  _globals['_ENDPOINT']._serialized_start=670
+  _globals['_ENDPOINT']._serialized_end=800
+  _globals['_TOKENIZER']._serialized_start=802
+  _globals['_TOKENIZER']._serialized_end=843
+  _globals['_CHATTEMPLATE']._serialized_start=846
+  _globals['_CHATTEMPLATE']._serialized_end=1043
+  _globals['_CHATTEMPLATE_SPECIALTOKENSENTRY']._serialized_start=991
+  _globals['_CHATTEMPLATE_SPECIALTOKENSENTRY']._serialized_end=1043
+  _globals['_PRIORITYCLASS']._serialized_start=1045
+  _globals['_PRIORITYCLASS']._serialized_end=1095
+  _globals['_ENGINEMETRICS']._serialized_start=1097
+  _globals['_ENGINEMETRICS']._serialized_end=1172
+  _globals['_TENANT']._serialized_start=1175
+  _globals['_TENANT']._serialized_end=1317
+  _globals['_BUDGETSHARES']._serialized_start=1319
+  _globals['_BUDGETSHARES']._serialized_end=1439
+  _globals['_BUDGETSHARES_FRACTIONENTRY']._serialized_start=1392
+  _globals['_BUDGETSHARES_FRACTIONENTRY']._serialized_end=1439
+  _globals['_PROMPTESTIMATE']._serialized_start=1441
+  _globals['_PROMPTESTIMATE']._serialized_end=1538
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ModelPolicy(_message.Message):
-    __slots__ = ("name", "protocol", "max_context_tokens", "max_output_tokens", "kv_bytes_per_token", "tokens_per_block", "endpoints", "prompt_estimate", "backend_model", "tokenizer", "priority_classes", "default_priority_class", "engine_metrics", "long_request_threshold", "long_requests_max_share", "chat_template", "engine", "long_requests_short_window_ms")
+    __slots__ = ("name", "protocol", "max_context_tokens", "max_output_tokens", "kv_bytes_per_token", "tokens_per_block", "endpoints", "prompt_estimate", "backend_model", "tokenizer", "priority_classes", "default_priority_class", "engine_metrics", "long_request_threshold", "long_requests_max_share", "chat_template", "engine", "long_requests_short_window_ms", "routing")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class ModelPolicy(_message.Message):
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     LONG_REQUESTS_SHORT_WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
     name: str
     protocol: str
     max_context_tokens: int
@@ -44,21 +45,24 @@ class ModelPolicy(_message.Message):
     chat_template: ChatTemplate
     engine: str
     long_requests_short_window_ms: int
-    def __init__(self, name: _Optional[str] = ..., protocol: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., tokens_per_block: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., prompt_estimate: _Optional[_Union[PromptEstimate, _Mapping]] = ..., backend_model: _Optional[str] = ..., tokenizer: _Optional[_Union[Tokenizer, _Mapping]] = ..., priority_classes: _Optional[_Iterable[_Union[PriorityClass, _Mapping]]] = ..., default_priority_class: _Optional[str] = ..., engine_metrics: _Optional[_Union[EngineMetrics, _Mapping]] = ..., long_request_threshold: _Optional[float] = ..., long_requests_max_share: _Optional[float] = ..., chat_template: _Optional[_Union[ChatTemplate, _Mapping]] = ..., engine: _Optional[str] = ..., long_requests_short_window_ms: _Optional[int] = ...) -> None: ...
+    routing: str
+    def __init__(self, name: _Optional[str] = ..., protocol: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., tokens_per_block: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., prompt_estimate: _Optional[_Union[PromptEstimate, _Mapping]] = ..., backend_model: _Optional[str] = ..., tokenizer: _Optional[_Union[Tokenizer, _Mapping]] = ..., priority_classes: _Optional[_Iterable[_Union[PriorityClass, _Mapping]]] = ..., default_priority_class: _Optional[str] = ..., engine_metrics: _Optional[_Union[EngineMetrics, _Mapping]] = ..., long_request_threshold: _Optional[float] = ..., long_requests_max_share: _Optional[float] = ..., chat_template: _Optional[_Union[ChatTemplate, _Mapping]] = ..., engine: _Optional[str] = ..., long_requests_short_window_ms: _Optional[int] = ..., routing: _Optional[str] = ...) -> None: ...
 
 class Endpoint(_message.Message):
-    __slots__ = ("address", "kv_budget_bytes", "grpc_address", "metrics_url", "priority")
+    __slots__ = ("address", "kv_budget_bytes", "grpc_address", "metrics_url", "priority", "kv_pool")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KV_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     METRICS_URL_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    KV_POOL_FIELD_NUMBER: _ClassVar[int]
     address: str
     kv_budget_bytes: int
     grpc_address: str
     metrics_url: str
     priority: int
-    def __init__(self, address: _Optional[str] = ..., kv_budget_bytes: _Optional[int] = ..., grpc_address: _Optional[str] = ..., metrics_url: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
+    kv_pool: str
+    def __init__(self, address: _Optional[str] = ..., kv_budget_bytes: _Optional[int] = ..., grpc_address: _Optional[str] = ..., metrics_url: _Optional[str] = ..., priority: _Optional[int] = ..., kv_pool: _Optional[str] = ...) -> None: ...
 
 class Tokenizer(_message.Message):
     __slots__ = ("path", "sha256")
@@ -96,12 +100,14 @@ class PriorityClass(_message.Message):
     def __init__(self, name: _Optional[str] = ..., max_wait_ms: _Optional[int] = ...) -> None: ...
 
 class EngineMetrics(_message.Message):
-    __slots__ = ("interval_ms", "stale_after_ms")
+    __slots__ = ("interval_ms", "stale_after_ms", "model")
     INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     STALE_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     interval_ms: int
     stale_after_ms: int
-    def __init__(self, interval_ms: _Optional[int] = ..., stale_after_ms: _Optional[int] = ...) -> None: ...
+    model: str
+    def __init__(self, interval_ms: _Optional[int] = ..., stale_after_ms: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Tenant(_message.Message):
     __slots__ = ("name", "api_key_sha256", "models", "requests_per_minute", "tokens_per_minute", "priority_class")

@@ -599,7 +599,8 @@ async def grpc_stream_cancel(gw: Gateway, rng: random.Random) -> str:
 
 async def grpc_stream_refused(gw: Gateway, rng: random.Random) -> str:
     """A stream whose first message is admitted and answering when its second one is refused (prompt
-    over the context): the refusal ends the stream, and the first message's reservation goes with it."""
+    over the context): the refusal is that request's error and the stream goes on; it is then
+    cancelled, and the first message's reservation goes with it."""
     call = await GrpcCall.open(gw, "ModelStreamInfer")
     try:
         await call.send(infer_request(words(rng, 4), 24, stream=True, id_="admitted"))
@@ -608,9 +609,10 @@ async def grpc_stream_refused(gw: Gateway, rng: random.Random) -> str:
             return f"unexpected: {raw!r}, status {call.status}"
         await call.send(infer_request("z" * 1100, 8, id_="refused"))
         while (raw := await call.read()) is not None:
-            if stream_response(raw).infer_response.id == "refused":
-                return "unexpected: the refused message was answered"
-        return "ended" if call.status != OK else "unexpected: the stream ended OK"
+            msg = stream_response(raw)
+            if msg.infer_response.id == "refused":
+                return "refused alone" if msg.error_message else "unexpected: the refused message was run"
+        return f"unexpected: the stream ended, status {call.status}"
     finally:
         call.close()
 
@@ -634,7 +636,7 @@ KINDS: dict[str, tuple[Kind, float, set[str], tuple[str, int]]] = {
     "grpc infer cancel": (grpc_infer_cancel, 5, {"cancelled", "answered first"}, ("cancelled", 50)),
     "grpc stream": (grpc_stream, 2, {"ok"}, ("ok", 20)),
     "grpc stream cancel": (grpc_stream_cancel, 5, {"cancelled"}, ("cancelled", 50)),
-    "grpc stream refused": (grpc_stream_refused, 2, {"ended"}, ("ended", 20)),
+    "grpc stream refused": (grpc_stream_refused, 2, {"refused alone"}, ("refused alone", 20)),
 }
 
 

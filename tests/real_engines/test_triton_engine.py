@@ -122,7 +122,8 @@ class Stream:
             result, error = self.results.get(timeout=BOUND_S)
             assert error is None and result is not None, error
             response = result.get_response()
-            texts[response.id].extend(t.decode() for t in result.as_numpy("text_output").flatten())
+            output = result.as_numpy("text_output")  # None: an empty final response
+            texts[response.id].extend(() if output is None else (t.decode() for t in output.flatten()))
             if response.parameters["triton_final_response"].bool_param:
                 pending.remove(response.id)
         return texts
@@ -234,11 +235,13 @@ def test_grpc_stream_carries_several_requests(grpc_client: grpcclient.InferenceS
     try:
         grpc_client.async_stream_infer(ENGINE, grpc_inputs("one", 3, stream=True), request_id="r1")
         grpc_client.async_stream_infer("ensemble", grpc_inputs("two", 2, stream=False), request_id="r2")
-        grpc_client.async_stream_infer("tensorrt_llm_bls", grpc_inputs("three", 2, stream=True), request_id="r3")
+        # BLS sends its final flag alone (as TensorRT-LLM's): the client sees it only when it asks.
+        grpc_client.async_stream_infer("tensorrt_llm_bls", grpc_inputs("three", 2, stream=True), request_id="r3",
+                                       enable_empty_final_response=True)
         texts = stream.texts_until_final({"r1", "r2", "r3"})
     finally:
         grpc_client.stop_stream()
-    # Each request's end is its last data response, marked triton_final_response: no empty final.
+    # The others end with their last data response, marked triton_final_response.
     assert texts == {"r1": ["w0", " w1", " w2"], "r2": [words(2)], "r3": ["w0", " w1"]}
 
 
@@ -282,7 +285,8 @@ def test_pool_is_shared_by_ensemble_and_bls(triton_engine: TritonEngine,
     stream = Stream(grpc_client)
     try:
         for model, prompt in prompts.items():
-            grpc_client.async_stream_infer(model, grpc_inputs(prompt, max_tokens, stream=True), request_id=model)
+            grpc_client.async_stream_infer(model, grpc_inputs(prompt, max_tokens, stream=True), request_id=model,
+                                           enable_empty_final_response=True)
         wait_for(lambda: used_blocks(triton_engine) == expected, f"using {expected} blocks")
         # Only the engine describes the pool: the BLS model's series stay at zero.
         assert metric(triton_engine, "nv_trt_llm_kv_cache_block_metrics", model="tensorrt_llm_bls",
@@ -344,7 +348,8 @@ def test_a_cancelled_stream_frees_blocks_only_of_direct_requests(triton_engine: 
     grpc_client.start_stream(callback=lambda result, error: None)
     try:
         for model, prompt in prompts.items():
-            grpc_client.async_stream_infer(model, grpc_inputs(prompt, max_tokens, stream=True), request_id=model)
+            grpc_client.async_stream_infer(model, grpc_inputs(prompt, max_tokens, stream=True), request_id=model,
+                                           enable_empty_final_response=True)
         expected = sum(blocks_for(triton_engine, p, max_tokens) for p in prompts.values())
         wait_for(lambda: used_blocks(triton_engine) == expected, "all three running")
     finally:

@@ -217,17 +217,19 @@ class Peak:
     """The highest value of one gauge seen while it runs: a thread reads the one line it needs (a full
     parse of vLLM's ~1,000 lines takes longer than the moments it must catch)."""
 
-    def __init__(self, url: str, series: str):
+    def __init__(self, url: str, name: str, **labels: str):
         self.url, self.peak, self.samples, self._stop = url, 0.0, 0, threading.Event()
-        self._line = re.compile("^" + re.escape(series) + r"(?:\{[^}]*\})? (\S+)$", re.MULTILINE)
+        self._line = re.compile("^" + re.escape(name) + r"(\{[^}]*\})? (\S+)$", re.MULTILINE)
+        self._labels = [f'{k}="{v}"' for k, v in labels.items()]  # those the series has, among others
         self._thread = threading.Thread(target=self._sample)
 
     def _sample(self) -> None:
         with httpx.Client(timeout=30) as http:
             while not self._stop.is_set():
-                found = self._line.search(http.get(self.url).text)
+                found = next((m for m in self._line.finditer(http.get(self.url).text)
+                              if all(label in (m[1] or "") for label in self._labels)), None)
                 assert found is not None, f"{self.url} publishes the series"
-                self.peak, self.samples = max(self.peak, float(found[1])), self.samples + 1
+                self.peak, self.samples = max(self.peak, float(found[2])), self.samples + 1
                 time.sleep(0.005)
 
     def __enter__(self) -> Peak:
@@ -295,7 +297,7 @@ def test_a_flood_fills_the_cache_without_a_preemption(gateway: Gateway, vllm_eng
 
         before = metric(engine, "vllm:num_preemptions_total")
         with Peak(engine_url + "/metrics", "vllm:kv_cache_usage_perc") as kv, \
-                Peak(gateway.ext_proc_metrics_url, f'kvgate_kv_reserved_bytes{{endpoint="{engine_url[7:]}",model="{model}"}}') \
+                Peak(gateway.ext_proc_metrics_url, "kvgate_kv_reserved_bytes", endpoint=engine_url[7:], model=model) \
                 as reserved:
             assert flood(through_kvgate, 28) == [200] * 28
         assert metric(engine, "vllm:num_preemptions_total") == before

@@ -272,6 +272,40 @@ def test_choose_skips_endpoints_it_does_not_fit_and_blind_ones() -> None:
     assert choose([small, blind], p, policy(), 0.0) is blind
 
 
+def test_choose_prefers_the_expected_prefix_hit_over_a_little_more_headroom() -> None:
+    p = planned(completion(ids(10), max_tokens=20))
+    cached, empty = ledger(1000, "a:1", reserved=200), ledger(1000, "b:1")
+    assert choose([cached, empty], p, policy(), 0.0) is empty
+    assert choose([cached, empty], p, policy(), 0.0, hits={"a:1": 0.9}) is cached
+    # A longer hit elsewhere wins over a shorter one at equal headroom.
+    other = ledger(1000, "c:1", reserved=200)
+    assert choose([cached, other], p, policy(), 0.0, hits={"a:1": 0.3, "c:1": 0.6}) is other
+
+
+def test_choose_gives_up_a_hit_on_an_endpoint_half_a_cache_fuller() -> None:
+    """A whole-prompt hit is worth HEADROOM_WEIGHT (2) times the free share: half a cache of imbalance."""
+    p = planned(completion(ids(10), max_tokens=20))
+    for reserved, expected in ((400, "a:1"), (600, "b:1")):
+        cached, empty = ledger(1000, "a:1", reserved=reserved), ledger(1000, "b:1")
+        assert choose([cached, empty], p, policy(), 0.0, hits={"a:1": 1.0}).endpoint == expected
+
+
+def test_a_prefix_hit_never_admits_what_does_not_fit() -> None:
+    p = planned(completion(ids(10), max_tokens=20))
+    full = ledger(10 * p.nbytes, "a:1", reserved=9 * p.nbytes + 1)
+    assert choose([full], p, policy(), 0.0, hits={"a:1": 1.0}) is None
+    roomy = ledger(10 * p.nbytes, "b:1")
+    assert choose([full, roomy], p, policy(), 0.0, hits={"a:1": 1.0}) is roomy
+    assert admit(p, policy(), [full], 0.0, 900.0, hits={"a:1": 1.0}) is None
+
+
+def test_a_prefix_hit_on_an_overflow_endpoint_does_not_beat_a_primary() -> None:
+    pol = policy(endpoints=(EndpointPolicy("a:1", 1000, "", ""), EndpointPolicy("b:1", 1000, "", "", priority=1)))
+    p = planned(completion(ids(10), max_tokens=20), pol)
+    primary, overflow = ledger(1000, "a:1", reserved=600), ledger(1000, "b:1")
+    assert choose([primary, overflow], p, pol, 0.0, hits={"b:1": 1.0}) is primary
+
+
 def long_policy(**overrides: Any) -> Policy:
     """Long: above 10% of a 10,000 B endpoint; together at most half of it while short requests are around."""
     return policy(long_request_threshold=0.1, long_requests_max_share=0.5,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from engines.sim.config import SimConfig
 from engines.sim.engine import SimEngine
 from engines.sim.metrics import SimMetrics, TritonMetrics
-from ext_proc.engine_metrics import EngineLoad, parse_engine_load
+from ext_proc.engine_metrics import EngineLoad, ModelNotPublished, NotPublishedYet, parse_engine_load
 
 # trtllm-serve --return_perf_metrics: prometheus_client in multiprocess mode (hence pid), every series
 # labelled model_name/engine_type "undefined" by trtllm-serve, iteration gauges among request ones.
@@ -171,7 +173,7 @@ def test_the_simulated_trtllm_serve() -> None:
 def test_triton() -> None:
     assert parse_engine_load(TRITON) == EngineLoad(
         kv_used_fraction=0.5, kv_used_blocks=3120, kv_max_blocks=6240, tokens_per_block=64,
-        waiting=2, running=6, engine="triton",
+        waiting=2, running=6, engine="triton", models=("tensorrt_llm",),
     )  # fmt: skip
     assert parse_engine_load(TRITON, model="tensorrt_llm").kv_used_blocks == 3120
 
@@ -180,9 +182,10 @@ def test_the_simulated_triton() -> None:
     engine = SimEngine(SimConfig(kv_blocks=64, tokens_per_block=16, max_batch=8))
     assert engine.kv.try_allocate("request", 33)  # 3 blocks
     load = parse_engine_load(TritonMetrics(engine).prometheus_text().decode())
+    assert load.kv_used_blocks == 3 and load.kv_max_blocks == 64 and load.engine == "triton"
     assert load == EngineLoad(
         kv_used_fraction=3 / 64, kv_used_blocks=3, kv_max_blocks=64, tokens_per_block=16,
-        waiting=0, running=0, engine="triton",
+        waiting=0, running=0, engine="triton", models=load.models,
     )  # fmt: skip
 
 
@@ -194,13 +197,48 @@ def _triton_model(model: str, used: int, max_blocks: int, version: str = "1", to
     return "\n".join(lines) + "\n"
 
 
-def test_triton_with_several_models_needs_one_named() -> None:
+def test_triton_with_several_models_reads_the_one_named() -> None:
     text = _triton_model("llama_trtllm", 10, 100) + _triton_model("mistral_trtllm", 30, 200)
-    with pytest.raises(ValueError, match=r"triton serves several models \(llama_trtllm, mistral_trtllm\): name one"):
-        parse_engine_load(text)
-    assert parse_engine_load(text, model="mistral_trtllm").kv_used_blocks == 30
-    with pytest.raises(ValueError, match=r"no model 'tensorrt_llm' \(found: llama_trtllm, mistral_trtllm\)"):
+    load = parse_engine_load(text, model="mistral_trtllm")
+    assert (load.kv_used_blocks, load.kv_max_blocks, load.models) == (30, 200, ("mistral_trtllm",))
+
+
+def test_triton_without_the_named_model_is_up_without_numbers() -> None:
+    """Not loaded yet (or a wrong name, which the scraper logs): not a reason to count the engine full."""
+    text = _triton_model("llama_trtllm", 10, 100) + _triton_model("mistral_trtllm", 30, 200)
+    with pytest.raises(ModelNotPublished, match=r"no model 'tensorrt_llm' \(found: llama_trtllm, mistral_trtllm\)"):
         parse_engine_load(text, model="tensorrt_llm")
+    assert issubclass(ModelNotPublished, NotPublishedYet)
+
+
+def test_triton_with_several_non_zero_models_and_none_named_adds_them_up() -> None:
+    """Never blind, never under: the sum over-counts only pools the catalog failed to tell apart."""
+    load = parse_engine_load(_triton_model("llama_trtllm", 10, 100) + _triton_model("mistral_trtllm", 30, 200))
+    assert (load.kv_used_blocks, load.kv_max_blocks, load.running) == (40, 300, 2)
+    assert load.models == ("llama_trtllm", "mistral_trtllm")
+
+
+REAL_TRITON = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize(("page", "used", "running"), [("idle", 0, 0), ("busy", 21, 3)])
+def test_real_triton_with_a_bls_publishing_zeros_reads_the_pools_owner(page: str, used: int, running: int) -> None:
+    """Pages of the real Triton 2.51 (tests/real_engines/triton_fixture.py's repository): `tensorrt_llm`
+    owns the 64-block pool, `tensorrt_llm_bls` publishes zeros for every KV type and no request
+    metrics, `ensemble` nothing. Its zeros are no model: the owner is read, named or not."""
+    text = (REAL_TRITON / f"triton_2.51_trtllm_repository_{page}.txt").read_text()
+    expected = EngineLoad(kv_used_fraction=used / 64, kv_used_blocks=used, kv_max_blocks=64, tokens_per_block=16,
+                          waiting=0, running=running, engine="triton", models=("tensorrt_llm",))
+    assert parse_engine_load(text) == expected
+    assert parse_engine_load(text, model="tensorrt_llm") == expected
+    bls = parse_engine_load(text, model="tensorrt_llm_bls")  # named, it is read: zeros, and no queue known
+    assert (bls.kv_used_blocks, bls.kv_max_blocks, bls.running) == (0, 0, None)
+
+
+def test_triton_whose_models_all_publish_zeros_is_an_idle_engine() -> None:
+    """An engine still starting (or restarted): zeros everywhere read as nothing used, never as an error."""
+    load = parse_engine_load(_triton_model("tensorrt_llm", 0, 0, tokens_per=0) + _triton_model("bls", 0, 0, tokens_per=0))
+    assert (load.kv_used_blocks, load.kv_used_fraction, load.models) == (0, 0.0, ("bls", "tensorrt_llm"))
 
 
 def test_triton_model_versions_add_up() -> None:

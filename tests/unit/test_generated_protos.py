@@ -50,5 +50,5 @@ def test_generated_module_knows_model_policy() -> None:
         "name", "protocol", "max_context_tokens", "max_output_tokens", "kv_bytes_per_token",
         "tokens_per_block", "endpoints", "prompt_estimate", "backend_model", "tokenizer", "priority_classes",
         "default_priority_class", "engine_metrics", "long_request_threshold", "long_requests_max_share",
-        "chat_template", "engine", "long_requests_short_window_ms"]
+        "chat_template", "engine", "long_requests_short_window_ms", "routing"]
     assert policy_pb2.BudgetShares.DESCRIPTOR.full_name == "kvgate.v1.BudgetShares"

@@ -203,14 +203,56 @@ def test_set_budget_grow_admits_more() -> None:
     assert ledger.reserved == 300
 
 
-def test_ledgers_are_independent_and_sorted() -> None:
+def test_ledgers_of_other_endpoints_or_pools_are_independent_and_sorted() -> None:
     ledgers = Ledgers()
-    b = ledgers.set_budget("b", "e:1", 100)
+    b = ledgers.set_budget("b", "e:2", 100)
     a = ledgers.set_budget("a", "e:1", 100)
+    c = ledgers.set_budget("c", "e:1", 100, pool="e:1/other")
     reserve(a, 100)
     reserve(b, 10)
-    assert [lg.name for lg in ledgers.all()] == ["a@e:1", "b@e:1"]
-    assert b.reserved == 10
+    reserve(c, 100)
+    assert [lg.name for lg in ledgers.all()] == ["a@e:1", "b@e:2", "c@e:1"]
+    assert [p.key for p in ledgers.pools()] == ["e:1", "e:1/other", "e:2"]
+    assert (a.reserved, b.reserved, c.reserved) == (100, 10, 100)
+
+
+def test_models_at_one_endpoint_draw_on_its_one_pool() -> None:
+    """Aliases, or Triton's ensemble and BLS over one engine: one budget between them, whichever
+    name a request came by (issue 11: two names each admitted the whole pool, 1.97x)."""
+    ledgers = Ledgers()
+    ensemble = ledgers.set_budget("ensemble", "e:1", 1000)
+    bls = ledgers.set_budget("tensorrt_llm_bls", "e:1", 1000)
+    assert ensemble.pool is bls.pool and ensemble is not bls
+    r1, r2 = reserve(ensemble, 600), reserve(bls, 400)
+    assert ensemble.try_reserve(1, 0.0, TTL) is None and bls.try_reserve(1, 0.0, TTL) is None
+    assert (ensemble.reserved, bls.reserved, ensemble.active, bls.headroom) == (1000, 1000, 2, 0)
+    assert (r1.ledger.model, r2.ledger.model) == ("ensemble", "tensorrt_llm_bls")  # each names its model
+    assert bls.release(r1, 1.0)  # released through any door: the pool's
+    assert ensemble.headroom == 600 and not ensemble.release(r1, 2.0)
+
+
+def test_what_one_name_sets_on_the_pool_every_name_sees() -> None:
+    ledgers = Ledgers()
+    a, b = ledgers.set_budget("a", "e:1", 1000), ledgers.set_budget("b", "e:1", 1000)
+    a.blind = True
+    assert b.blind and b.headroom == 0
+    b.observe_engine(used_bytes=300, reserved_then=0)
+    assert (a.blind, a.excess, a.headroom) == (False, 300, 700)
+    ledgers.set_share(0.5)
+    assert (a.capacity, b.capacity) == (500, 500)  # the pool's share, not one per name
+
+
+def test_a_model_moved_to_another_pool_leaves_its_reservations_where_they_were() -> None:
+    ledgers = Ledgers()
+    old = ledgers.set_budget("a", "e:1", 1000)
+    r = reserve(old, 400)
+    new = ledgers.set_budget("a", "e:1", 1000, pool="e:1/p")
+    assert new is not old and ledgers.get("a", "e:1") is new and new.reserved == 0
+    ledgers.retain({("a", "e:1")})
+    assert ledgers.pool("e:1") is old.pool  # still holds r
+    assert [x.key for x in ledgers.expire(TTL + 1)] == ["a@e:1"] and r.released
+    ledgers.retain({("a", "e:1")})
+    assert [p.key for p in ledgers.pools()] == ["e:1/p"]
 
 
 def test_ledgers_expire_across_keys() -> None:

@@ -83,7 +83,7 @@ def test_no_sample_or_a_stale_one_makes_the_endpoint_full() -> None:
     assert ledger is not None
     rec.step()
     assert ledger.blind and ledger.headroom == 0
-    scraper.samples[ENDPOINT.metrics_url] = Sample(load(4), taken_at=99.5)
+    scraper.samples[ENDPOINT.pool] = Sample(load(4), taken_at=99.5)
     rec.step()
     assert not ledger.blind and ledger.excess == 4 * BLOCK * BPT
     now[0] = 105.6  # the last sample is 6.1 s old, above stale_after_s
@@ -94,7 +94,7 @@ def test_no_sample_or_a_stale_one_makes_the_endpoint_full() -> None:
 def test_an_engine_that_answers_without_kv_numbers_yet_is_not_full() -> None:
     now = [100.0]
     rec, scraper, table = reconciler(now)
-    scraper.samples[ENDPOINT.metrics_url] = Sample(None, taken_at=99.9)
+    scraper.samples[ENDPOINT.pool] = Sample(None, taken_at=99.9)
     rec.step()
     ledger = table.ledgers.get("m", "e:1")
     assert ledger is not None and not ledger.blind and ledger.headroom == ENDPOINT.budget_bytes
@@ -135,7 +135,7 @@ def test_samples_feed_the_prompt_gap() -> None:
     gap.admitted("m", "e:1", 0)
     for t, counter in ((99.0, 1000), (100.0, 1100)):
         now[0] = t + 0.5
-        scraper.samples[ENDPOINT.metrics_url] = Sample(vllm(0.1, prompt_tokens=counter), taken_at=t)
+        scraper.samples[ENDPOINT.pool] = Sample(vllm(0.1, prompt_tokens=counter), taken_at=t)
         rec.step()
         gap.admitted("m", "e:1", 80)
     assert gap.gap("m") == pytest.approx(80 / 100 - 1)

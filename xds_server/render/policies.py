@@ -10,7 +10,8 @@ def _endpoint(model: Model, addr: Address) -> policy_pb2.Endpoint:
     return policy_pb2.Endpoint(
         address=str(addr), kv_budget_bytes=model.kv_budget_bytes,
         grpc_address=str(addr.grpc()) if addr.grpc_port else "",
-        metrics_url=addr.metrics_url(model.protocol, model.engine), priority=addr.priority)
+        metrics_url=addr.metrics_url(model.protocol, model.engine), priority=addr.priority,
+        kv_pool=model.kv_pool_key(addr))
 
 
 def model_policy(model: Model, catalog: Catalog) -> policy_pb2.ModelPolicy:
@@ -35,6 +36,7 @@ def model_policy(model: Model, catalog: Catalog) -> policy_pb2.ModelPolicy:
         long_requests_max_share=model.long_requests.max_share,
         long_requests_short_window_ms=round(model.long_requests.short_window_s * 1000),
         engine=model.engine,
+        routing=model.routing,
     )
     if model.tokenizer is not None:
         policy.tokenizer.CopyFrom(policy_pb2.Tokenizer(path=str(model.tokenizer), sha256=model.tokenizer_sha256))
@@ -45,7 +47,8 @@ def model_policy(model: Model, catalog: Catalog) -> policy_pb2.ModelPolicy:
     if model.engine_metrics.scrape:
         policy.engine_metrics.CopyFrom(policy_pb2.EngineMetrics(
             interval_ms=round(model.engine_metrics.interval_s * 1000),
-            stale_after_ms=round(model.engine_metrics.stale_after_s * 1000)))
+            stale_after_ms=round(model.engine_metrics.stale_after_s * 1000),
+            model=model.engine_metrics.model or ""))
     return policy
 
 

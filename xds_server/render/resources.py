@@ -527,11 +527,14 @@ def stream_routes(catalog: Catalog) -> list[dict[str, Any]]:
     holds the body until the headers are answered, so it cannot route by the first message.)"""
     if not any(m.protocol == "triton" for m in catalog.models):
         return []
+    # The responses too, chunk by chunk: each request on the stream is released at its last response
+    # (ext_proc/stream_exchange.py). This route's mode is the one the whole exchange keeps: Envoy reads
+    # the per-route override when the headers arrive, before the route cache is cleared.
     grpc_mode = {EXT_PROC_FILTER: {
         "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
         "overrides": {"processing_mode": {
             "request_header_mode": "SEND", "request_body_mode": "STREAMED", "response_header_mode": "SKIP",
-            "response_body_mode": "NONE", "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}}}}
+            "response_body_mode": "STREAMED", "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}}}}
     # Reached only when ext_proc routed nothing, which it never does without refusing.
     return [{"name": "triton grpc stream", "match": {"path": TRITON_GRPC_SERVICE + "ModelStreamInfer"},
              **_direct(404, NO_ROUTE_BODY, ext_proc={**grpc_mode, **_UNBUFFERED})}]

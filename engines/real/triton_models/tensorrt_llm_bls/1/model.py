@@ -1,6 +1,7 @@
 """tensorrt_llm_bls: TensorRT-LLM's BLS shape. Each request is sent on to the engine model
-(tensorrt_llm) by BLS; when decoupled, the engine's responses are streamed back as they come, the last
-one carrying the final flag, else its one response is returned. The KV pool is the engine's: this
+(tensorrt_llm) by BLS; when decoupled, the engine's responses are streamed back as they come, and then
+the final flag alone, as TensorRT-LLM's BLS model ends a streamed request (a client sees that flag only
+if it asks for Triton's empty final response); else its one response is returned. The KV pool is the engine's: this
 model publishes zero-valued nv_trt_llm_kv_cache_block_metrics for itself, as a model that owns no pool
 may.
 
@@ -63,19 +64,12 @@ class TritonPythonModel:
             return
         responses = await engine_request.async_exec(decoupled=True)
         loop = asyncio.get_running_loop()
-        held = None  # sent when the next one comes, so that the last one can carry the final flag
         while (response := await loop.run_in_executor(None, next, responses, None)) is not None:
             if sender.is_cancelled():
-                held = None
                 break
             if response.has_error() or response.output_tensors():
-                if held is not None:
-                    sender.send(held)
-                held = _copy(response)
-        if held is None:
-            sender.send(flags=FINAL)
-        else:
-            sender.send(held, flags=FINAL)
+                sender.send(_copy(response))
+        sender.send(flags=FINAL)
 
     def finalize(self) -> None:
         for task in self.tasks:
