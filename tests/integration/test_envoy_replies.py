@@ -77,6 +77,21 @@ def grpc_infer(gw: Gateway, model_name: str, text: str = "hi") -> InferenceServe
     return None
 
 
+def message(gw: Gateway, model_name: str) -> httpx.Response:
+    """Anthropic's Messages API, as its SDK sends it."""
+    return httpx.post(f"{gw.url}/v1/messages", headers={"anthropic-version": "2023-06-01"}, timeout=30,
+                      json={"model": model_name, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+
+
+def anthropic_error(resp: httpx.Response, status: int, type_: str, code: str) -> str:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"] == "application/json"
+    body = resp.json()
+    assert body["type"] == "error" and body["error"]["type"] == type_, body
+    assert body["error"]["details"] == {"error_code": code} and body["error"]["message"], body
+    return body["error"]["message"]
+
+
 def openai_error(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
     assert resp.status_code == status, resp.text
     assert resp.headers["content-type"] == "application/json"
@@ -133,6 +148,9 @@ def test_a_body_over_the_limit_is_413_in_each_convention(gateway: Gateway) -> No
     assert str(MAX_REQUEST_BYTES) in openai_error(complete(gateway, "a", prompt=big), 413, "body_too_large")["message"]
     assert str(MAX_REQUEST_BYTES) in triton_error(generate(gateway, "t", big), 413)
     assert str(MAX_REQUEST_BYTES) in grpc_error(grpc_infer(gateway, "t", big), "RESOURCE_EXHAUSTED")
+    too_big = httpx.post(f"{gateway.url}/v1/messages", headers={"anthropic-version": "2023-06-01"}, timeout=30,
+                         json={"model": "a", "max_tokens": 4, "messages": [{"role": "user", "content": big}]})
+    assert str(MAX_REQUEST_BYTES) in anthropic_error(too_big, 413, "request_too_large", "body_too_large")
 
 
 def test_a_stalled_engine_is_a_504_after_the_models_timeout_in_each_convention(gateway: Gateway) -> None:
@@ -176,6 +194,7 @@ def test_a_dead_engine_is_503_engine_unavailable_in_each_convention_and_others_a
             assert error["type"] == "service_unavailable" and resp.headers["retry-after"] == "1" and took < 2
             assert "engine" in triton_error(generate(gateway, "tut"), 503)
             assert "engine" in grpc_error(grpc_infer(gateway, "tut"), "UNAVAILABLE")
+            assert "engine" in anthropic_error(message(gateway, "ut"), 503, "overloaded_error", "engine_unavailable")
             assert complete(gateway, "a").status_code == 200 and generate(gateway, "t").status_code == 200
     finally:
         for m in ("ut", "tut"):

@@ -185,3 +185,40 @@ def test_removing_a_model_under_load_never_black_holes_a_request(gateway: Gatewa
         for w in workers:
             w.join()
         assert set(seen) <= {200, 404}, f"attempt {attempt}: {sorted(set(seen))} {unexpected[:3]}"
+
+
+def test_adding_a_model_under_load_answers_only_unknown_retry_or_served(gateway: Gateway, pristine: str) -> None:
+    """While a model is added, its requests get 404 (not there yet), 200, or, for one whose headers
+    reached Envoy before the model's routes and whose body reached ext_proc after its policy, a
+    retryable 503 model_not_ready; never a 400 from the routes for bodiless requests (seen under load
+    before the pending route), nor Envoy's plain text."""
+    for attempt in range(3):
+        seen: list[int] = []
+        unexpected: list[str] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(timeout=10) as http:
+                while not stop.is_set():
+                    answer = http.post(f"{gateway.url}/v1/completions",
+                                       json={"model": "beta", "prompt": "hi", "max_tokens": 1})
+                    seen.append(answer.status_code)
+                    ok = answer.status_code in (200, 404) or (
+                        answer.status_code == 503 and answer.headers.get("retry-after") == "1"
+                        and answer.json()["error"]["code"] == "model_not_ready")
+                    if not ok:
+                        unexpected.append(f"{answer.status_code} {answer.text}")
+
+        workers = [threading.Thread(target=load) for _ in range(4)]
+        for w in workers:
+            w.start()
+        time.sleep(0.2)
+        admin_client.apply_models(gateway.admin_address, yaml.safe_dump([alias_of_alpha(gateway, "beta")]))
+        wait_for(lambda: bool(seen) and seen[-1] == 200, "beta served")
+        stop.set()
+        for w in workers:
+            w.join()
+        admin_client.remove_model(gateway.admin_address, "beta")
+        wait_for(lambda: complete(gateway, "beta").status_code == 404, "beta gone")
+        assert not unexpected, f"attempt {attempt}: {unexpected[:3]}"
+        assert 404 in seen and 200 in seen

@@ -9,7 +9,7 @@ from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from kvgate.catalog import Address, CatalogError, parse_catalog
 from kvgate.v1.policy_pb2 import BudgetShares
 from xds_server.control import Controller, models_from_yaml, render
-from xds_server.render.resources import unrouted_routes
+from xds_server.render.resources import pending_route, unrouted_routes
 from xds_server.server import XdsServer
 from xds_server.settings import GatewaySettings
 from xds_server.resource_types import BUDGET_SHARES, CLUSTER, ENDPOINT, POLICY, ROUTE
@@ -116,7 +116,7 @@ def spy_on_publish(c: Controller) -> list[Snapshot]:
 def route_names(snapshot: Snapshot) -> set[str]:
     """The routes that depend on the catalog (not the ones for requests ext_proc never routed)."""
     config = RouteConfiguration.FromString(snapshot.get(ROUTE).items["kvgate_routes"].value)
-    unrouted = {r["name"] for r in unrouted_routes()}
+    unrouted = {r["name"] for r in [pending_route(), *unrouted_routes()]}
     return {r.name for vh in config.virtual_hosts for r in vh.routes} - unrouted
 
 

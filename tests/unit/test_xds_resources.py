@@ -24,7 +24,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3.http_connection
 from envoy.extensions.load_balancing_policies.override_host.v3.override_host_pb2 import OverrideHost
 from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpProtocolOptions
 from kvgate.catalog import Address, Catalog, CatalogError, bundled_catalog_path, load_catalog, parse_catalog
-from kvgate.wire import ADMISSION_ATTRIBUTES, BINARY_HEADER, DECISION_NAMESPACE, header_attribute
+from kvgate.wire import (ADMISSION_ATTRIBUTES, BINARY_HEADER, DECISION_NAMESPACE, anthropic_error_type,
+                         header_attribute)
 from kvgate.v1.policy_pb2 import ModelPolicy
 from xds_server.render import policies, resources
 from xds_server.settings import GatewaySettings
@@ -220,12 +221,25 @@ def test_unresolved_sim_cannot_be_rendered() -> None:
 # --- RDS -------------------------------------------------------------------------------------
 
 def test_each_model_routed_by_the_model_ext_procs_decision_names() -> None:
-    by_cluster = {}
+    by_cluster, pending = {}, []
     for r in routes(snapshot()).values():
         for m in r.match.dynamic_metadata:
             assert (m.filter, [k.key for k in m.path]) == (DECISION_NAMESPACE, ["model"])
-            by_cluster[m.value.string_match.exact] = r.route.cluster
+            if m.value.HasField("present_match"):
+                pending.append(r.route.cluster)
+            else:
+                by_cluster[m.value.string_match.exact] = r.route.cluster
     assert by_cluster == {m.name: m.cluster_name for m in catalog().models}
+    # A model ext_proc admitted that no route names yet (a request in flight as it was added): a
+    # cluster that never exists, so Envoy's cluster_not_found, which the local replies map.
+    assert pending == [resources.pending_route()["route"]["cluster"]]
+    assert pending[0] not in resources_of(snapshot(), CLUSTER, Cluster)
+
+
+def test_an_admitted_request_on_routes_older_than_its_model_gets_a_retryable_503() -> None:
+    (reply,) = [r for r in resources.local_replies(SETTINGS) if r.code == "model_not_ready"]
+    assert (reply.status, reply.grpc_status, reply.retry_after_s) == (503, 14, 1)
+    assert "cluster_not_found" in reply.when["extension_filter"]["typed_config"]["expression"]
 
 
 def test_model_routes_keep_ext_proc() -> None:
@@ -517,11 +531,18 @@ def test_envoys_own_replies_get_a_mapper_per_kind_and_convention_and_no_default_
     assert not config.HasField("body_format")
     kinds = resources.local_replies(SETTINGS)
     assert [r.code for r in kinds] == ["gateway_unavailable", "body_too_large", "engine_timeout",
-                                       "engine_idle_timeout", "engine_unavailable", "gateway_error"]
-    assert len(config.mappers) == 3 * len(kinds)
-    for reply, (grpc, triton, openai) in zip(kinds, zip(*[iter(config.mappers)] * 3)):
+                                       "engine_idle_timeout", "model_not_ready", "engine_unavailable", "gateway_error"]
+    assert len(config.mappers) == 4 * len(kinds)
+    for reply, (grpc, triton, anthropic, openai) in zip(kinds, zip(*[iter(config.mappers)] * 4)):
         assert [f.header_filter.header.name for f in grpc.filter.and_filter.filters[1:]] == ["content-type"]
         assert [f.header_filter.header.name for f in triton.filter.and_filter.filters[1:]] == [":path"]
+        (by_path,) = anthropic.filter.and_filter.filters[1:]
+        assert by_path.header_filter.header.string_match.prefix == "/v1/messages"
+        anthropic_body = json_format.MessageToDict(anthropic.body_format_override.json_format)
+        assert anthropic_body == {"type": "error", "error": {
+            "type": anthropic_error_type(reply.status or 500), "message": reply.message,
+            "details": {"error_code": reply.code}}}
+        assert anthropic.status_code.value == (reply.status or 0)
         assert not openai.filter.HasField("and_filter")  # the rest: the OpenAI API
         openai_body = json_format.MessageToDict(openai.body_format_override.json_format)
         assert openai_body == {"error": {"message": reply.message, "type": reply.type_, "param": None,
@@ -531,7 +552,7 @@ def test_envoys_own_replies_get_a_mapper_per_kind_and_convention_and_no_default_
         assert openai.status_code.value == triton.status_code.value == grpc.status_code.value == (reply.status or 0)
         grpc_headers = {h.header.key: h.header.value for h in grpc.headers_to_add}
         assert grpc_headers.get("grpc-status") == (str(reply.grpc_status) if reply.grpc_status else None)
-        for m in (openai, triton):
+        for m in (openai, triton, anthropic):
             headers = {h.header.key: h.header.value for h in m.headers_to_add}
             assert headers.get("retry-after") == (str(reply.retry_after_s) if reply.retry_after_s else None)
 

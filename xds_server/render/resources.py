@@ -314,6 +314,11 @@ def local_replies(settings: GatewaySettings) -> list[LocalReply]:
         LocalReply("engine_idle_timeout", 504, _DEADLINE_EXCEEDED,
                    "Nothing was sent or received on this request for longer than the model's idle timeout "
                    "(timeouts.idle_s).", _flags("SI")),
+        # Admitted, but routed on routes older than the model (pending_route below): retry at once.
+        LocalReply("model_not_ready", 503, _UNAVAILABLE,
+                   "The model was being added as this request arrived, and the gateway's routes for it were not "
+                   "in place yet; the request was not sent to any engine. Retry it.",
+                   _cel("response.code_details == 'cluster_not_found'"), "service_unavailable", retry_after_s=1),
         # No healthy engine, connect failure, reset or closed before the response began, overflow, a
         # cluster not there (yet): the same code ext_proc gives when it sees every engine down.
         LocalReply("engine_unavailable", 503, _UNAVAILABLE,
@@ -330,6 +335,8 @@ def local_replies(settings: GatewaySettings) -> list[LocalReply]:
 _CONVENTIONS: list[tuple[str, dict[str, Any] | None]] = [
     ("grpc", {"header_filter": {"header": _GRPC}}),
     ("triton", {"header_filter": {"header": {"name": ":path", "string_match": {"prefix": "/v2"}}}}),
+    ("anthropic", {"header_filter": {"header": {"name": ":path",
+                                                "string_match": {"prefix": ANTHROPIC_MESSAGES_PATH}}}}),
     ("openai", None)]
 
 
@@ -341,6 +348,12 @@ def _mapper(reply: LocalReply, convention: str, selects: dict[str, Any] | None) 
         body = {"text_format_source": {"inline_string": reply.message}}
         if reply.grpc_status is not None:
             headers.append({"key": "grpc-status", "value": str(reply.grpc_status)})
+    elif convention == "anthropic":
+        # Anthropic's shape, as ext_proc's anthropic_protocol gives it; Envoy's own status (None) is
+        # a server error there.
+        body = {"json_format": {"type": "error", "error": {
+            "type": anthropic_error_type(reply.status or 500), "message": reply.message,
+            "details": {"error_code": reply.code}}}, "content_type": "application/json"}
     else:
         error: Any = reply.message if convention == "triton" else {
             "message": reply.message, "type": reply.type_, "param": None, "code": reply.code}
@@ -573,6 +586,22 @@ def _bodiless(path: str, error: Any) -> list[dict[str, Any]]:
              **error(405, "method_not_allowed", f"{path} takes POST")}]
 
 
+# A cluster that never exists: routing to it is Envoy's 503 cluster_not_found, which local_replies
+# turns into model_not_ready in the client's convention.
+_ROUTE_PENDING_CLUSTER = "kvgate_route_pending"
+
+
+def pending_route() -> dict[str, Any]:
+    """A request ext_proc admitted for a model none of its routes names. Envoy snaps a request's routes
+    when its headers arrive; ext_proc gets a new model's policy only once every Envoy has ACKed the
+    model's routes (control.py), but a request already in flight then still holds the routes it began
+    with (found under load: 280 of them over 50 adds to ten Envoys, answered 400 "request body is
+    empty" by the bodiless route). It gets a retryable 503 instead; its reservation goes with its end."""
+    decided = [{"filter": DECISION_NAMESPACE, "path": [{"key": "model"}], "value": {"present_match": True}}]
+    return {"name": "admitted, route pending", "match": {"prefix": "/", "dynamic_metadata": decided},
+            "route": {"cluster": _ROUTE_PENDING_CLUSTER}}
+
+
 def unrouted_routes() -> list[dict[str, Any]]:
     """Where a request ends that ext_proc did not route: it is called with a request's body, so these
     answer the ones without one (a POST with an empty body, a GET to an inference call, an unknown URL)
@@ -628,6 +657,6 @@ def route_configuration(catalog: Catalog, settings: GatewaySettings) -> dict[str
             "domains": ["*"],
             "routes": [*model_lookup_routes(catalog), *triton_routes(catalog),
                        *(r for m in catalog.models for r in model_routes(m)),
-                       *stream_routes(catalog), *unrouted_routes()],
+                       *stream_routes(catalog), pending_route(), *unrouted_routes()],
         }],
     }
