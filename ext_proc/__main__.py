@@ -142,7 +142,8 @@ async def run(args: argparse.Namespace) -> int:
         return 2
     await server.start()
     runner = await serve_metrics(registry, args.host, args.metrics_port, lambda: replica_status(
-        args.node_id, ledgers, table.queue_lengths(), servicer.refusals, time.time())) if args.metrics_port else None
+        args.node_id, ledgers, table.queue_lengths(), servicer.refusals, servicer.decision_counts,
+        time.time())) if args.metrics_port else None
     # The status URL tells the control plane where this replica's live numbers are.
     node = Node(id=args.node_id, cluster=EXT_PROC_GROUP, metadata={
         HELD_SHARE_KEY: INITIAL_SHARE,

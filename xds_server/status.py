@@ -67,24 +67,30 @@ def _replica_summary(r: ReplicaReport) -> dict[str, Any]:
             "share": s.get("share"), "time": s.get("time")}
 
 
+def model_statuses(catalog: Catalog, reports: Iterable[ReplicaReport]) -> list[dict[str, Any]]:
+    """Every catalog model with its endpoints' ledgers summed over the replicas that reported."""
+    ledgers: dict[tuple[str, str], list[tuple[str, Mapping[str, Any]]]] = {}
+    waiting: dict[str, int] = {}
+    for r in reports:
+        if r.status is None:
+            continue
+        for lg in r.status.get("ledgers", []):
+            ledgers.setdefault((lg.get("model"), lg.get("endpoint")), []).append((r.node_id, lg))
+        for model, n in r.status.get("queues", {}).items():
+            waiting[model] = waiting.get(model, 0) + int(n)
+    return [_model_status(m, ledgers, waiting.get(m.name, 0)) for m in catalog.models]
+
+
 def aggregate(catalog: Catalog, fleet: Mapping[str, Any], reports: Iterable[ReplicaReport],
               now: float) -> dict[str, Any]:
     """The status page's JSON. `fleet` is GetStatus (admin.fleet_status) as a dict: `version` and
     `nodes`. A replica that could not be fetched is listed with its error and counts nowhere else."""
     reports = list(reports)
-    fetched = [(r.node_id, r.status) for r in reports if r.status is not None]
-    ledgers: dict[tuple[str, str], list[tuple[str, Mapping[str, Any]]]] = {}
-    waiting: dict[str, int] = {}
-    refusals: list[dict[str, Any]] = []
-    for node_id, status in fetched:
-        for lg in status.get("ledgers", []):
-            ledgers.setdefault((lg.get("model"), lg.get("endpoint")), []).append((node_id, lg))
-        for model, n in status.get("queues", {}).items():
-            waiting[model] = waiting.get(model, 0) + int(n)
-        refusals += [{**r, "replica": node_id} for r in status.get("refusals", [])]
+    refusals = [{**r, "replica": rep.node_id} for rep in reports if rep.status is not None
+                for r in rep.status.get("refusals", [])]
     refusals.sort(key=lambda r: r.get("time", 0.0), reverse=True)
     return {"time": now, "version": fleet.get("version", ""),
-            "models": [_model_status(m, ledgers, waiting.get(m.name, 0)) for m in catalog.models],
+            "models": model_statuses(catalog, reports),
             "refusals": refusals[:REFUSALS_SHOWN],
             "replicas": sorted((_replica_summary(r) for r in reports), key=lambda r: r["node_id"]),
             "nodes": list(fleet.get("nodes", []))}

@@ -1,8 +1,11 @@
 """The control plane's status page in a real browser (Debian's headless Chromium): models and
-endpoints listed, a held request's reservation appearing and going away, refusals, an engine going down."""
+endpoints listed, a held request's reservation appearing and going away, the charts of KV use and
+admissions drawing them, refusals, an engine going down."""
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -19,6 +22,7 @@ from kvgate.catalog import parse_catalog
 from kvgate.cli.gateway import Gateway
 from kvgate.wire import PRIORITY_HEADER
 from tests.integration.conftest import TEST_CATALOG, start_gateway, wait_for
+from xds_server.status_history import SAMPLE_INTERVAL_S
 
 # Debian's packages (.ci/run installs them): selenium must not go looking for a browser to download.
 CHROMIUM = "/usr/bin/chromium"
@@ -36,6 +40,9 @@ DOOMED = {"name": "doomed", "endpoints": ["sim"], "max_context_tokens": 2048, "m
           "sim": {"ttft_base_ms": 0, "ttft_per_token_ms": 0, "itl_ms": 0, "batch_slowdown": 0}}
 # The page polls every second; a change shows within a few polls.
 PAGE_TIMEOUT_S = 10
+# The control plane samples the charts' history every SAMPLE_INTERVAL_S and the page fetches it as
+# often: a change is charted within two intervals and a poll, given time for a loaded machine.
+CHART_TIMEOUT_S = 5 * SAMPLE_INTERVAL_S
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +88,8 @@ def cell(page: WebDriver, model: str, endpoint: str, field: str) -> str | None:
         return None
 
 
-def until(page: WebDriver, predicate: Callable[[], bool], what: str) -> None:
-    WebDriverWait(page, PAGE_TIMEOUT_S, poll_frequency=0.1,
+def until(page: WebDriver, predicate: Callable[[], bool], what: str, timeout_s: float = PAGE_TIMEOUT_S) -> None:
+    WebDriverWait(page, timeout_s, poll_frequency=0.1,
                   ignored_exceptions=[StaleElementReferenceException]).until(
         lambda _: predicate(), message=f"the page never showed {what}")
 
@@ -91,6 +98,27 @@ def refusal_rows(page: WebDriver) -> list[dict[str, str]]:
     rows = page.find_elements(By.CSS_SELECTOR, "#refusals tbody tr")
     return [{c.get_attribute("data-field"): c.text for c in r.find_elements(By.CSS_SELECTOR, "td[data-field]")}
             | {"code": r.get_attribute("data-code")} for r in rows]
+
+
+def chart_line(page: WebDriver, chart: str, series: str) -> tuple[list[float | None], str] | None:
+    """(values, SVG path data) of one line of a chart (a CSS selector) as the page draws it now."""
+    found = page.find_elements(By.CSS_SELECTOR, f'{chart} path[data-series="{series}"]')
+    try:
+        return (json.loads(found[0].get_attribute("data-values")), found[0].get_attribute("d")) if found else None
+    except StaleElementReferenceException:
+        return None
+
+
+def values(page: WebDriver, chart: str, series: str) -> list[float | None]:
+    line = chart_line(page, chart, series)
+    return line[0] if line else []
+
+
+def drawn_rising(page: WebDriver, chart: str, series: str) -> bool:
+    """The line's path has points at two heights: it shows a change, not just a flat zero."""
+    line = chart_line(page, chart, series)
+    heights = {float(y) for y in re.findall(r"[ML][\d.]+,([\d.]+)", line[1])} if line else set()
+    return len(heights) >= 2
 
 
 def test_models_and_endpoints_are_listed_and_up(page: WebDriver, gateway: Gateway) -> None:
@@ -116,6 +144,38 @@ def test_reserved_bytes_show_live_while_a_request_holds_them(page: WebDriver, ga
     # The client went away mid-stream: the request ends there, and ext_proc releases its reservation.
     until(page, lambda: cell(page, "org/tiny", tiny, "reserved") == "0", "the reservation released")
     assert cell(page, "org/tiny", tiny, "reservations") == "0"
+
+
+def test_the_kv_chart_draws_a_held_reservation_and_its_release(page: WebDriver, gateway: Gateway) -> None:
+    chart = f'tbody[data-model="org/tiny"] tr[data-endpoint="{endpoint_of(gateway, "org/tiny")}"] svg[data-chart="kv"]'
+    until(page, lambda: values(page, chart, "reserved")[-1:] == [0.0], "an empty pool charted", CHART_TIMEOUT_S)
+    # 100 bytes + 8 = 108 prompt tokens + 128 output = 236 -> 15 blocks of 16 KiB = 240 KiB of 640: 0.375.
+    # The engine streams for 12.8 s, two samples at least.
+    with httpx.Client(timeout=30) as http, http.stream("POST", f"{gateway.url}/v1/completions", json={
+            "model": "org/tiny", "prompt": "p" * 100, "max_tokens": 128, "stream": True}) as held:
+        assert held.status_code == 200
+        until(page, lambda: 0.375 in values(page, chart, "reserved"), "the reservation charted", CHART_TIMEOUT_S)
+    assert drawn_rising(page, chart, "reserved")
+    assert len(values(page, chart, "used")) == len(values(page, chart, "reserved"))
+    until(page, lambda: values(page, chart, "reserved")[-1:] == [0.0], "the release charted", CHART_TIMEOUT_S)
+
+
+def test_the_admissions_chart_counts_admitted_and_refused_requests(page: WebDriver, gateway: Gateway) -> None:
+    chart = 'tbody[data-model="fast"] svg[data-chart="admissions"]'
+    until(page, lambda: chart_line(page, chart, "admitted") is not None, "the admissions chart", CHART_TIMEOUT_S)
+    admitted, refused = sum(values(page, chart, "admitted")), sum(values(page, chart, "refused"))
+    with httpx.Client(timeout=30) as http:
+        for _ in range(3):
+            ok = http.post(f"{gateway.url}/v1/completions", json={"model": "fast", "prompt": "hi", "max_tokens": 2})
+            assert ok.status_code == 200
+        for _ in range(2):
+            bad = http.post(f"{gateway.url}/v1/completions", json={"model": "fast", "prompt": "hi", "max_tokens": 2},
+                            headers={PRIORITY_HEADER: "nope"})
+            assert bad.status_code == 400
+    # Nothing else in this module is admitted to "fast"; an earlier test's one refusal may be charted late.
+    until(page, lambda: sum(values(page, chart, "admitted")) == admitted + 3
+          and sum(values(page, chart, "refused")) >= refused + 2, "the requests charted", CHART_TIMEOUT_S)
+    assert drawn_rising(page, chart, "admitted") and drawn_rising(page, chart, "refused")
 
 
 def test_a_refusal_appears_in_recent_refusals(page: WebDriver, gateway: Gateway) -> None:

@@ -1,6 +1,6 @@
 """The status page's data: one replica's snapshot (ext_proc/status.py), the control plane's merge of
-them (xds_server/status.py), its Prometheus metrics (xds_server/metrics.py) and how it fetches
-replicas that fail (xds_server/status_page.py)."""
+them (xds_server/status.py), the charts' history (xds_server/status_history.py), its Prometheus
+metrics (xds_server/metrics.py) and how it fetches replicas that fail (xds_server/status_page.py)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,12 @@ from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ext_proc import sinks
 from ext_proc.admission import Refusal
-from ext_proc.ledger import Ledgers
-from ext_proc.status import MESSAGE_CHARS, RecentRefusals, replica_status
+from ext_proc.decision import Admit, Refuse
+from ext_proc.decision_metadata import DecisionRecord
+from ext_proc.ledger import Ledger, Ledgers
+from ext_proc.status import MESSAGE_CHARS, DecisionCounts, RecentRefusals, replica_status
 from kvgate.catalog import parse_catalog
 from kvgate.cli.processes import free_port
 from xds_server.cache import SnapshotCache
@@ -35,7 +38,8 @@ from xds_server.settings import GatewaySettings
 from xds_server.acks import Nack
 from xds_server.resource_types import CLUSTER, ENDPOINT
 from kvgate.wire import STATUS_URL_KEY
-from xds_server.status import DOWN, UNKNOWN, UP, ReplicaReport, aggregate, status_url_of
+from xds_server.status import DOWN, UNKNOWN, UP, ReplicaReport, aggregate, model_statuses, status_url_of
+from xds_server.status_history import DecisionDeltas, History, KvUse, Sample, kv_use
 from xds_server.status_page import fetch_report
 
 GIB = 2**30
@@ -71,7 +75,9 @@ def test_replica_status_is_json_with_every_ledger_its_queues_and_refusals() -> N
     ledgers.set_budget("m", "10.0.0.2:8000", 1000).blind = True
     recent = RecentRefusals(clock=lambda: 5.0)
     recent.record("", Refusal(404, "unknown_url", "no such URL"), None)
-    status = replica_status("ext-proc-0", ledgers, {"m": 2}, recent, now=7.0)
+    counts = DecisionCounts()
+    counts.admitted("m")
+    status = replica_status("ext-proc-0", ledgers, {"m": 2}, recent, counts, now=7.0)
     assert json.loads(json.dumps(status)) == status  # nothing that JSON cannot carry
     assert status["node_id"] == "ext-proc-0" and status["share"] == 0.5 and status["queues"] == {"m": 2}
     assert status["ledgers"] == [
@@ -81,6 +87,20 @@ def test_replica_status_is_json_with_every_ledger_its_queues_and_refusals() -> N
          "excess": 0, "blind": True, "active": 0}]
     assert status["refusals"] == [{"time": 5.0, "model": "", "status": 404, "code": "unknown_url",
                                    "message": "no such URL", "request_id": None}]
+    assert status["decisions"] == {"m": {"admitted": 1, "refused": 0}}
+
+
+def test_the_decision_counts_sink_counts_admitted_and_refused_per_model() -> None:
+    counts = DecisionCounts()
+    sink = sinks.decision_counts(counts)
+    reservation = Ledger("m", "10.0.0.1:8000", budget=1000).try_reserve(10, now=0.0, ttl_s=1.0)
+    assert reservation is not None
+    for _ in range(2):
+        sink(sinks.Decided(Admit("m", 8, None, None, reservation), DecisionRecord(), None))
+    sink(sinks.Decided(Refuse("m", Refusal(429, "rate_limit_exceeded", "full")), DecisionRecord(), None))
+    sink(sinks.Decided(Refuse("", Refusal(404, "unknown_url", "no")), DecisionRecord(), None))
+    sink(sinks.Finished(DecisionRecord(model="m"), 1.0))  # the end of a request is no decision
+    assert counts.totals() == {"": {"admitted": 0, "refused": 1}, "m": {"admitted": 2, "refused": 1}}
 
 
 # --- the control plane's merge ---------------------------------------------------------------
@@ -151,6 +171,78 @@ def test_refusals_of_all_replicas_newest_first_with_their_replica_and_capped() -
     assert [(r["time"], r["replica"]) for r in refusals[:3]] == [(3.0, "a"), (2.0, "b"), (1.0, "a")]
     assert refusals[0]["code"] == "invalid_priority_class"
     assert len(refusals) == 50
+
+
+# --- the charts' history ---------------------------------------------------------------------
+
+def counted(node_id: str, **totals: tuple[int, int]) -> ReplicaReport:
+    """A replica reporting (admitted, refused) totals per model."""
+    return ReplicaReport(node_id, f"http://{node_id}/status.json", {"decisions": {
+        m: {"admitted": a, "refused": r} for m, (a, r) in totals.items()}})
+
+
+def test_kv_use_is_reserved_and_reserved_plus_excess_over_the_capacity_of_reported_endpoints() -> None:
+    models = model_statuses(CATALOG, [
+        report("a", [ledger("m", "10.0.0.1:8000", reserved=GIB // 8, excess=GIB // 8)]),
+        report("b", [ledger("m", "10.0.0.1:8000", reserved=GIB // 8), ledger("m", "10.0.0.2:8000", capacity=0)]),
+    ])
+    # Two replicas with half the budget each: 2/8 reserved of 1 GiB, 3/8 with the excess; an endpoint
+    # with no capacity (no share yet) and one nobody reports have no point.
+    assert kv_use(models) == {("m", "10.0.0.1:8000"): KvUse(0.25, 0.375)}
+
+
+def test_decisions_per_interval_are_increases_per_replica_summed() -> None:
+    deltas = DecisionDeltas()
+    # First sight: a baseline, whatever the replica counted before is not this interval's.
+    assert deltas.step([counted("a", m=(10, 1)), counted("b", m=(5, 0))]) == ({}, {})
+    assert deltas.step([counted("a", m=(13, 1), n=(1, 2)), counted("b", m=(6, 4))]) == (
+        {"m": 4, "n": 1}, {"m": 4, "n": 2})
+    # b did not answer: its requests show once it does, nothing is lost or counted twice.
+    failed = ReplicaReport("b", "http://b/status.json", None, "no answer within 0.5 s")
+    assert deltas.step([counted("a", m=(13, 1), n=(1, 2)), failed]) == ({"m": 0, "n": 0}, {"m": 0, "n": 0})
+    assert deltas.step([counted("a", m=(13, 1), n=(1, 2)), counted("b", m=(8, 4))]) == (
+        {"m": 2, "n": 0}, {"m": 0, "n": 0})
+    # a restarted under its node id (totals went down): it counts from zero again.
+    assert deltas.step([counted("a", m=(3, 0)), counted("b", m=(8, 4))]) == ({"m": 3}, {"m": 0})
+
+
+def test_a_replica_that_left_is_forgotten_and_a_baseline_again_when_it_returns() -> None:
+    deltas = DecisionDeltas()
+    deltas.step([counted("a", m=(1, 0)), counted("b", m=(1, 0))])
+    # b left: the fleet's count does not go backwards by b's totals.
+    assert deltas.step([counted("a", m=(2, 0))]) == ({"m": 1}, {"m": 0})
+    assert deltas.step([counted("a", m=(2, 0)), counted("b", m=(50, 0))]) == ({"m": 0}, {"m": 0})
+
+
+def sample(t: float, reserved: float | None = None, admitted: int = 0) -> Sample:
+    kv = {} if reserved is None else {("m", "10.0.0.1:8000"): KvUse(reserved, reserved + 0.5)}
+    return Sample(t, kv, {"m": admitted}, {"n": 1})
+
+
+def test_history_keeps_the_window_in_a_bounded_ring() -> None:
+    history = History(window_s=60.0, interval_s=10.0)
+    for t in range(0, 200, 10):
+        history.add(sample(float(t)))
+    assert len(history) == 7 and history.to_json(CATALOG)["times"] == [130.0, 140.0, 150.0, 160.0, 170.0, 180.0, 190.0]
+    # Late samples (a slow fetch) do not stretch it past the window, however few they are.
+    history.add(sample(300.0))
+    assert history.to_json(CATALOG)["times"] == [300.0]
+
+
+def test_history_json_has_one_value_per_time_for_each_model_and_endpoint_of_the_catalog() -> None:
+    history = History(window_s=60.0, interval_s=10.0)
+    history.add(sample(10.0, reserved=0.25, admitted=3))
+    history.add(sample(20.0))  # nobody reported the endpoint: a gap in its line
+    history.add(sample(30.0, reserved=0.0))
+    got = history.to_json(CATALOG)
+    assert json.loads(json.dumps(got)) == got
+    assert (got["interval_s"], got["window_s"], got["times"]) == (10.0, 60.0, [10.0, 20.0, 30.0])
+    assert [m["name"] for m in got["models"]] == ["m", "n"]
+    m, n = got["models"]
+    assert (m["admitted"], m["refused"], n["admitted"], n["refused"]) == ([3, 0, 0], [0, 0, 0], [0, 0, 0], [1, 1, 1])
+    assert m["endpoints"] == [
+        {"address": "10.0.0.1:8000", "reserved": [0.25, None, 0.0], "used": [0.75, None, 0.5]},
+        {"address": "10.0.0.2:8000", "reserved": [None] * 3, "used": [None] * 3}]
 
 
 @pytest.mark.parametrize(("metadata", "url"), [

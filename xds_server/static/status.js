@@ -1,8 +1,16 @@
-// The status page: polls status.json (xds_server/status.py says its shape) and redraws the tables.
+// The status page: polls status.json (xds_server/status.py says its shape) and redraws the tables,
+// and history.json (xds_server/status_history.py) for the charts drawn in them.
 // Plain DOM and textContent only: names and messages come from clients and catalogs, never as HTML.
 "use strict";
 
 const POLL_MS = 1000;
+const SVG_NS = "http://www.w3.org/2000/svg";
+// A chart's drawing box; CSS scales it (preserveAspectRatio none) to its cell.
+const CHART_W = 120;
+const CHART_H = 24;
+
+// The last history.json; the tables redraw every second, the history changes every interval_s.
+let history = null;
 
 // el("td", {class: "x", dataset: {field: "reserved"}}, "text", childNode, ...)
 function el(tag, attrs = {}, ...children) {
@@ -12,6 +20,13 @@ function el(tag, attrs = {}, ...children) {
     else node.setAttribute(key, value);
   }
   for (const child of children) node.append(child ?? "");
+  return node;
+}
+
+function svg(tag, attrs = {}, ...children) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
+  node.append(...children);
   return node;
 }
 
@@ -49,7 +64,54 @@ function usageBar(ep) {
             ` ${Math.round(fraction * 100)}%`);
 }
 
-function endpointRow(ep) {
+// SVG path data of one series over the history's window, newest at the right edge, values from 0 to
+// `top`; a null (no replica reported the endpoint then) breaks the line.
+function linePath(times, values, top) {
+  const newest = times[times.length - 1];
+  let d = "";
+  let drawing = false;
+  values.forEach((v, i) => {
+    if (v === null) { drawing = false; return; }
+    const x = CHART_W - ((newest - times[i]) / history.window_s) * CHART_W;
+    // A pixel's margin top and bottom: a line at zero or at the top is not cut in half by the edge.
+    const y = CHART_H - 1 - (Math.min(v, top) / top) * (CHART_H - 2);
+    d += `${drawing ? "L" : "M"}${x.toFixed(1)},${y.toFixed(1)}`;
+    drawing = true;
+  });
+  return d;
+}
+
+// A small chart: one path per series [name, values], data-* attributes for scripts and tests
+// (data-values: the series as JSON).
+function chart(kind, title, top, series) {
+  const paths = series.map(([name, values]) => svg("path", {
+    class: `line ${name}`, d: linePath(history.times, values, top), "data-series": name,
+    "data-values": JSON.stringify(values)}));
+  return svg("svg", {class: "chart", viewBox: `0 0 ${CHART_W} ${CHART_H}`, preserveAspectRatio: "none",
+                     "data-chart": kind}, svg("title", {}, title), ...paths);
+}
+
+const windowText = () => `last ${Math.round(history.window_s / 60)} min`;
+
+function kvChart(model, address) {
+  const series = history?.models.find((m) => m.name === model)?.endpoints.find((e) => e.address === address);
+  if (!series) return "";
+  return chart("kv", `KV of capacity, ${windowText()}: reserved (blue), with engine excess (orange)`, 1,
+               [["reserved", series.reserved], ["used", series.used]]);
+}
+
+function admissionsChart(model) {
+  const series = history?.models.find((m) => m.name === model);
+  if (!series) return "";
+  const top = Math.max(1, ...series.admitted, ...series.refused);
+  const sum = (values) => values.reduce((a, b) => a + b, 0);
+  return el("span", {class: "admissions"},
+    chart("admissions", `requests per ${history.interval_s} s, ${windowText()}: admitted (green), ` +
+          `refused (red); up to ${top}`, top, [["admitted", series.admitted], ["refused", series.refused]]),
+    ` ${sum(series.admitted)} admitted, ${sum(series.refused)} refused, ${windowText()}`);
+}
+
+function endpointRow(modelName, ep) {
   const blind = ep.blind_replicas.length ? ` (stale metrics: ${ep.blind_replicas.join(", ")})` : "";
   return el("tr", {dataset: {endpoint: ep.address}},
     el("td", {}, ep.address, ep.priority ? el("span", {class: "tag"}, `overflow ${ep.priority}`) : ""),
@@ -60,17 +122,20 @@ function endpointRow(ep) {
     usageBar(ep),
     numberCell("excess", ep.excess_bytes, bytes),
     numberCell("reservations", ep.reservations),
-    numberCell("replicas", ep.replicas));
+    numberCell("replicas", ep.replicas),
+    el("td", {class: "chart-cell"}, kvChart(modelName, ep.address)));
 }
 
 function modelBody(model) {
   const head = el("tr", {class: "model"},
-    el("th", {colspan: "8"}, model.name,
+    el("th", {colspan: "9"}, model.name,
        el("span", {class: "detail"},
           `${model.protocol}, context ${model.max_context_tokens}, output ${model.max_output_tokens} tokens, `,
           `budget ${bytes(model.endpoints[0]?.budget_bytes ?? 0)} per endpoint, waiting `,
-          el("span", {dataset: {field: "waiting", value: String(model.waiting)}}, String(model.waiting)))));
-  return el("tbody", {dataset: {model: model.name}}, head, ...model.endpoints.map(endpointRow));
+          el("span", {dataset: {field: "waiting", value: String(model.waiting)}}, String(model.waiting))),
+       admissionsChart(model.name)));
+  return el("tbody", {dataset: {model: model.name}}, head,
+            ...model.endpoints.map((ep) => endpointRow(model.name, ep)));
 }
 
 function refusalRow(r) {
@@ -133,4 +198,22 @@ async function poll() {
   }
 }
 
+// The charts' data, fetched again every sampling interval; a failed fetch keeps the last one (the
+// tables already say when the control plane is away).
+async function pollHistory() {
+  let wait = POLL_MS;
+  try {
+    const resp = await fetch("history.json", {cache: "no-store"});
+    if (resp.ok) {
+      history = await resp.json();
+      wait = history.interval_s * 1000;
+    }
+  } catch (e) {
+    // Retried in a second.
+  } finally {
+    setTimeout(pollHistory, wait);
+  }
+}
+
 poll();
+pollHistory();
