@@ -1,63 +1,62 @@
 """`python -m bench.prefix`: prefix-cache-aware routing on a shared-prefix workload, in one run.
 
-Many users chat over 4 simulated vLLM engines (engines/sim, vLLM flavour, prefix caching on, one prefill
-lane each so that prefill is the engine's bottleneck as on a GPU): each user's chat opens with one of a
-few long system prompts, half of them with one of a few long documents, and goes on for several turns,
-each re-sending the whole conversation. Three set-ups, each with fresh (cold) engines, one after the
+Many users chat at once: each user's chat opens with one of a few long system prompts, most of them
+with one of several long documents, and goes on for several turns, each re-sending the whole
+conversation. Three set-ups (bench/prefix_engines.py), each with fresh (cold) engines, one after the
 other:
 
-  least-request   Envoy alone, its LEAST_REQUEST balancer over the 4 engines (no kvgate)
+  least-request   Envoy alone, its LEAST_REQUEST balancer over the engines (no kvgate)
   headroom        kvgate, `routing: headroom`: the endpoint with the most KV headroom
   prefix          kvgate, `routing: prefix` (the default): expected prefix hit and headroom
 
+The engines: 4 simulated vLLM engines (engines/sim, prefix caching on, GPU-like prefill), or with
+`--engine vllm` 2 real vLLM replicas on the CPU (engines/real/vllm.py, the tiny random-weight Llama,
+after `python -m engines.real.vllm install`) and the workload scaled down to their 2,048-token context
+and 7,680-token caches (VLLM_WORKLOAD).
+
 Reported per set-up: TTFT p50/p99 (streamed, to the first content chunk), throughput (requests done
 per second of the run), the engines' own prefix-cache hit rate (vllm:prefix_cache_hits_total over
-queries_total, summed) and their KV-exhaustion events; and each as a ratio against least-request in
-the same run. Before them, the prefix index's own cost per request (ext_proc/prefix_index.py) for a
-2 KB and a 200 KB prompt, and its bytes per entry.
+queries_total, summed) and their KV-exhaustion events (vLLM: preemptions); and each as a ratio against
+least-request in the same run. Before them, the prefix index's own cost per request
+(ext_proc/prefix_index.py) for a 2 KB and a 200 KB prompt, and its bytes per entry. `--plots DIR`
+draws the TTFT distributions and hit rates (bench/prefix_plot.py).
 
-~4 minutes by default, ~40 s with --quick (numbers from --quick mean nothing).
+Simulated: ~30 s by default, ~10 s with --quick (numbers from --quick mean nothing). vLLM: ~3.5 minutes,
+most of it starting 2 replicas for each set-up.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
-import statistics
+import shlex
 import sys
 import tempfile
 import time
 import timeit
 import tracemalloc
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import orjson
-import yaml
 
 from bench.machine import describe
-from bench.spike_engines import status, wait
+from bench.prefix_engines import FLEETS, HITS, QUERIES, SETUPS, SIM, Fleet, engine_counters, started
 from engines.sim.text import VOCAB
 from ext_proc.prefix_index import PrefixIndex, prompt_blocks
-from kvgate.catalog import Address, parse_catalog
 from kvgate.cli.envoy_bootstrap import envoy_binary
-from kvgate.cli.gateway import Gateway, probe
-from kvgate.cli.processes import Supervisor, free_port
 
-HOST = "127.0.0.1"
-MODEL = "shared-prefix"
-SETUPS = ("least-request", "headroom", "prefix")
+MODEL = "shared-prefix"  # the index-cost measurement's model name
 
 
 @dataclass(frozen=True)
 class Workload:
-    users: int = 48
+    users: int = 48  # chatting at once
     turns: int = 4
+    chats: int = 1  # each user's, one after the other
     system_prompts: int = 4
     system_words: int = 500
     documents: int = 24  # more than one engine's cache holds, fewer than all four hold together
@@ -68,32 +67,34 @@ class Workload:
     seed: int = 1
 
 
-@dataclass(frozen=True)
-class Engines:
-    """Each simulated engine: a GPU-like prefill (~10,000 tokens/s, one prefill at a time) and decode."""
-
-    count: int = 4
-    kv_blocks: int = 4096  # 16-token blocks: 65,536 tokens each
-    tokens_per_block: int = 16
-    ttft_base_ms: float = 10.0
-    ttft_per_token_ms: float = 0.1
-    itl_ms: float = 10.0
-    batch_slowdown: float = 0.01
-
-
 QUICK_WORKLOAD = Workload(users=12, turns=2, system_prompts=2, system_words=300, documents=6, document_words=800,
                           output_tokens=8)
+# The tiny Llama's tokenizer makes ~2.8 tokens of a word: a document is ~730 tokens (23 blocks of 32), the
+# 14 of them ~320 blocks, well over one replica's 239 usable blocks, and half of them (with the running
+# chats' own blocks) within it; the fourth turn of a chat is up to ~1,400 tokens of prompt, within the
+# 2,048-token context. kvgate reserves each request's whole prompt (shared blocks counted for each), up
+# to 45 blocks: 8 users chatting at once fit the two budgets (~4 a replica), so that admission does not
+# queue them, and each has 6 chats one after the other, ~3 chats a document over the run.
+VLLM_WORKLOAD = Workload(users=8, turns=4, chats=6, system_prompts=2, system_words=60, documents=14,
+                         document_words=260, question_words=15)
+VLLM_QUICK_WORKLOAD = Workload(users=6, turns=2, system_prompts=2, system_words=40, documents=4, document_words=150,
+                               question_words=10, output_tokens=8)
+WORKLOADS = {"sim": (Workload(), QUICK_WORKLOAD), "vllm": (VLLM_WORKLOAD, VLLM_QUICK_WORKLOAD)}
 
 
 @dataclass
 class Result:
     setup: str
     ttft_s: list[float] = field(default_factory=list)
+    sent_s: list[float] = field(default_factory=list)  # each request's, from the run's start
+    turn: list[int] = field(default_factory=list)  # each request's in its chat, from 1
+    start: float = 0.0  # the run's, time.perf_counter()
     failed: int = 0
     wall_s: float = 0.0
     hits: float = 0.0
     queries: float = 0.0
     exhaustion: float = 0.0
+    queries_by_engine: list[float] = field(default_factory=list)  # each engine's share of the prompts
 
     @property
     def throughput(self) -> float:
@@ -121,21 +122,23 @@ class User:
 
 
 def users(w: Workload) -> list[User]:
-    """Every user's system prompt (+ document) and questions: the same for every set-up."""
+    """Every chat's system prompt (+ document) and questions, user after user for each round of chats:
+    the same for every set-up."""
     rng = random.Random(w.seed)
     systems = [f"System prompt {i}. " + _words(rng, w.system_words) for i in range(w.system_prompts)]
     documents = [f"Document {i}. " + _words(rng, w.document_words) for i in range(w.documents)]
     out = []
-    for _ in range(w.users):
+    for _ in range(w.users * w.chats):
         system = rng.choice(systems) + ("\n\n" + rng.choice(documents) if rng.random() < w.document_share else "")
         out.append(User(system, tuple(_words(rng, w.question_words) + "?" for _ in range(w.turns))))
     return out
 
 
-async def _turn(session: aiohttp.ClientSession, url: str, messages: list[dict[str, str]],
+async def _turn(session: aiohttp.ClientSession, url: str, fleet: Fleet, messages: list[dict[str, str]],
                 output_tokens: int) -> tuple[float, str] | None:
     """One streamed chat turn: its TTFT and reply, or None when it failed."""
-    body = {"model": MODEL, "messages": messages, "max_tokens": output_tokens, "stream": True}
+    body = {"model": fleet.model, "messages": messages, "max_tokens": output_tokens, "stream": True,
+            **fleet.body_fields}
     start = time.perf_counter()
     ttft, reply = None, []
     async with session.post(f"{url}/v1/chat/completions", data=orjson.dumps(body),
@@ -146,142 +149,57 @@ async def _turn(session: aiohttp.ClientSession, url: str, messages: list[dict[st
         async for line in r.content:
             if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
                 continue
-            delta = orjson.loads(line[6:])["choices"][0]["delta"].get("content")
+            choices = orjson.loads(line[6:])["choices"]
+            delta = choices[0]["delta"].get("content") if choices else None
             if delta:
                 ttft = ttft if ttft is not None else time.perf_counter() - start
                 reply.append(delta)
     return (ttft, "".join(reply)) if ttft is not None else None
 
 
-async def _chat(session: aiohttp.ClientSession, url: str, user: User, w: Workload, result: Result) -> None:
+async def _chat(session: aiohttp.ClientSession, url: str, fleet: Fleet, user: User, w: Workload,
+                result: Result) -> None:
     messages = [{"role": "system", "content": user.system}]
-    for question in user.questions:
+    for turn, question in enumerate(user.questions, 1):
         messages.append({"role": "user", "content": question})
-        done = await _turn(session, url, messages, w.output_tokens)
+        sent = time.perf_counter() - result.start
+        done = await _turn(session, url, fleet, messages, w.output_tokens)
         if done is None:
             result.failed += 1
             return
         result.ttft_s.append(done[0])
+        result.sent_s.append(sent)
+        result.turn.append(turn)
         messages.append({"role": "assistant", "content": done[1]})
 
 
-async def run_load(url: str, w: Workload, result: Result) -> None:
-    """Every user chats at once, each turn after the previous one's answer (a closed loop)."""
+async def run_load(url: str, fleet: Fleet, w: Workload, result: Result) -> None:
+    """Every user chats at once, each turn after the previous one's answer, each chat after the previous
+    one's end (a closed loop)."""
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
-        start = time.perf_counter()
-        await asyncio.gather(*(_chat(session, url, u, w, result) for u in users(w)))
-        result.wall_s = time.perf_counter() - start
+        result.start = time.perf_counter()
+        chats = users(w)
+
+        async def user(first: int) -> None:
+            for chat in chats[first::w.users]:
+                await _chat(session, url, fleet, chat, w, result)
+
+        await asyncio.gather(*(user(i) for i in range(w.users)))
+        result.wall_s = time.perf_counter() - result.start
 
 
-# --- the set-ups ------------------------------------------------------------------------------------
-
-def _sim_argv(e: Engines, port: int) -> list[str]:
-    return [sys.executable, "-m", "engines.sim", "--flavor", "vllm", "--prefix-caching", "--prefill-lanes", "1",
-            "--host", HOST, "--port", str(port), "--model", MODEL, "--kv-blocks", str(e.kv_blocks),
-            "--tokens-per-block", str(e.tokens_per_block), "--ttft-base-ms", str(e.ttft_base_ms),
-            "--ttft-per-token-ms", str(e.ttft_per_token_ms), "--itl-ms", str(e.itl_ms),
-            "--batch-slowdown", str(e.batch_slowdown)]
-
-
-def catalog(engines: list[Address], e: Engines, routing: str) -> dict[str, Any]:
-    """The model over the running engines; its budget is exactly each engine's cache (vLLM's null block
-    aside, which ext_proc reads from the engine). No tokenizer: prompts are bounded at 4 bytes per token
-    (the simulator's words average ~6.5 bytes with their space: the bound stays above its count)."""
-    return {"models": [{
-        "name": MODEL, "engine": "vllm", "routing": routing, "max_context_tokens": 65536, "max_output_tokens": 1024,
-        "tokens_per_block": e.tokens_per_block,
-        "endpoints": [{"host": a.host, "port": a.port} for a in engines],
-        "kv": {"bytes_per_token": 1024, "budget_per_endpoint": e.kv_blocks * e.tokens_per_block * 1024},
-        "prompt_estimate": {"bytes_per_token": 4.0},
-    }], "priority_classes": [{"name": "default", "max_wait_s": 30}]}
-
-
-def _envoy_least_request(listen: int, admin: int, engines: list[Address]) -> dict[str, Any]:
-    endpoints = [{"endpoint": {"address": {"socket_address": {"address": a.host, "port_value": a.port}}}}
-                 for a in engines]
-    return {
-        "admin": {"address": {"socket_address": {"address": HOST, "port_value": admin}}},
-        "static_resources": {
-            "listeners": [{"name": "http", "address": {"socket_address": {"address": HOST, "port_value": listen}},
-                           "filter_chains": [{"filters": [{
-                               "name": "envoy.filters.network.http_connection_manager",
-                               "typed_config": {
-                                   "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                                            "http_connection_manager.v3.HttpConnectionManager",
-                                   "stat_prefix": "http",
-                                   "route_config": {"virtual_hosts": [{
-                                       "name": "all", "domains": ["*"],
-                                       "routes": [{"match": {"prefix": "/"},
-                                                   "route": {"cluster": "engines", "timeout": "300s"}}]}]},
-                                   "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-                                       "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-                               }}]}]}],
-            "clusters": [{"name": "engines", "type": "STATIC", "connect_timeout": "1s", "lb_policy": "LEAST_REQUEST",
-                          "circuit_breakers": {"thresholds": [{"max_requests": 100000, "max_pending_requests": 100000,
-                                                                "max_connections": 100000}]},
-                          "load_assignment": {"cluster_name": "engines", "endpoints": [{"lb_endpoints": endpoints}]}}],
-        },
-    }
-
-
-@contextmanager
-def started(setup: str, e: Engines, run_dir: Path) -> Iterator[tuple[str, list[Address]]]:
-    """Fresh engines and the set-up in front of them: (the URL the load goes to, the engines)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    supervisor = Supervisor(run_dir)
-    try:
-        engines = [Address(host=HOST, port=free_port()) for _ in range(e.count)]
-        for i, a in enumerate(engines):
-            supervisor.start(f"sim-{i}", _sim_argv(e, a.port))
-        for a in engines:
-            wait(supervisor, lambda a=a: status(f"http://{a}/v1/completions",
-                                                  {"model": MODEL, "prompt": "x", "max_tokens": 1}) == 200, str(a))
-        if setup == "least-request":
-            listen, admin = free_port(), free_port()
-            (run_dir / "envoy.yaml").write_text(yaml.safe_dump(_envoy_least_request(listen, admin, engines)))
-            supervisor.start("envoy", [envoy_binary(), "-c", str(run_dir / "envoy.yaml"), "--log-level", "warn",
-                                       "--disable-hot-restart"])
-            url = f"http://{HOST}:{listen}"
-            wait(supervisor, lambda: status(f"{url}/v1/completions",
-                                              {"model": MODEL, "prompt": "x", "max_tokens": 1}) == 200, "envoy")
-            yield url, engines
-            return
-        routing = "headroom" if setup == "headroom" else "prefix"
-        cat = parse_catalog(catalog(engines, e, routing))
-        gateway = Gateway(cat, run_dir=run_dir / "gateway", port=free_port())
-        gateway.start()
-        try:
-            wait(supervisor, lambda: status(*probe(gateway.url, cat.models[0])) == 200, "gateway")
-            yield gateway.url, engines
-        finally:
-            gateway.stop()
-    finally:
-        supervisor.stop_all()
-
-
-async def _engine_counters(engines: list[Address]) -> dict[str, float]:
-    names = ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total", "kvgate_sim_kv_exhaustion_events_total")
-    out = dict.fromkeys(names, 0.0)
-    async with aiohttp.ClientSession() as session:
-        for a in engines:
-            async with session.get(f"http://{a}/metrics") as r:
-                for line in (await r.text()).splitlines():
-                    name = line.split("{", 1)[0].split(" ", 1)[0]
-                    if name in out:
-                        out[name] += float(line.rsplit(" ", 1)[1])
-    return out
-
-
-def run_setup(setup: str, w: Workload, e: Engines, run_dir: Path) -> Result:
+def run_setup(setup: str, fleet: Fleet, w: Workload, run_dir: Path) -> Result:
     result = Result(setup)
-    with started(setup, e, run_dir / setup) as (url, engines):
-        before = asyncio.run(_engine_counters(engines))  # the readiness probes' own
-        asyncio.run(run_load(url, w, result))
-        after = asyncio.run(_engine_counters(engines))
-    result.hits = after["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"]
-    result.queries = after["vllm:prefix_cache_queries_total"] - before["vllm:prefix_cache_queries_total"]
-    result.exhaustion = after["kvgate_sim_kv_exhaustion_events_total"] - before["kvgate_sim_kv_exhaustion_events_total"]
+    with started(setup, fleet, run_dir / setup) as (url, engines):
+        before = asyncio.run(engine_counters(fleet, engines))  # the readiness probes' own
+        asyncio.run(run_load(url, fleet, w, result))
+        after = asyncio.run(engine_counters(fleet, engines))
+    spent = [{k: a[k] - b[k] for k in a} for a, b in zip(after, before)]
+    result.hits = sum(x[HITS] for x in spent)
+    result.queries = sum(x[QUERIES] for x in spent)
+    result.exhaustion = sum(x[fleet.exhaustion] for x in spent)
+    result.queries_by_engine = [x[QUERIES] for x in spent]
     return result
 
 
@@ -323,18 +241,20 @@ def bytes_per_entry(entries: int = 100_000) -> float:
 
 # --- report -----------------------------------------------------------------------------------------
 
-def render(results: list[Result], costs: list[IndexCost], entry_bytes: float) -> str:
+def render(results: list[Result], fleet: Fleet, costs: list[IndexCost], entry_bytes: float) -> str:
     base = results[0]
 
     def ratio(x: float, b: float) -> str:
         return f"{x / b:.2f}x" if b else "-"
 
     lines = ["| set-up | requests | failed | TTFT p50 ms | TTFT p99 ms | req/s | prefix-cache hit rate | "
-             "KV exhaustion |", "|---|---|---|---|---|---|---|---|"]
+             f"{fleet.exhaustion_label} | prompt tokens by engine |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r.setup} | {len(r.ttft_s)} | {r.failed} | {r.ttft_ms(0.5):.0f} ({ratio(r.ttft_ms(0.5), base.ttft_ms(0.5))}) | "
                      f"{r.ttft_ms(0.99):.0f} ({ratio(r.ttft_ms(0.99), base.ttft_ms(0.99))}) | "
-                     f"{r.throughput:.2f} ({ratio(r.throughput, base.throughput)}) | {r.hit_rate:.1%} | {r.exhaustion:.0f} |")
+                     f"{r.throughput:.2f} ({ratio(r.throughput, base.throughput)}) | "
+                     f"{r.hit_rate:.1%} ({ratio(r.hit_rate, base.hit_rate)}) | {r.exhaustion:.0f} | "
+                     f"{' / '.join(f'{q / r.queries:.0%}' for q in r.queries_by_engine) if r.queries else '-'} |")
     lines += ["", f"Ratios against {base.setup}, measured in the same run.", "",
               "| prompt | prefix index per request (hash, 4 lookups, record) |", "|---|---|"]
     lines += [f"| {c.prompt_kb} KB | {c.us_per_request:.0f} µs |" for c in costs]
@@ -344,24 +264,39 @@ def render(results: list[Result], costs: list[IndexCost], entry_bytes: float) ->
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.prefix", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engine", choices=FLEETS, default=SIM.name,
+                        help="4 simulated vLLM engines (default), or 2 real vLLM replicas on the CPU")
     parser.add_argument("--quick", action="store_true", help="a tiny run (smoke test): the numbers mean nothing")
     parser.add_argument("--users", type=int, help="override the workload's number of users")
+    parser.add_argument("--chats", type=int, help="override the workload's chats per user")
+    parser.add_argument("--plots", type=Path, metavar="DIR",
+                        help=f"write {' or '.join(f.plot_name for f in FLEETS.values())} (by engine) there (e.g. docs)")
     parser.add_argument("--run-dir", type=Path, help="where logs go (default: a temporary directory)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
     args = parse_args(argv)
-    w = QUICK_WORKLOAD if args.quick else Workload()
-    w = replace(w, users=args.users) if args.users else w
+    fleet = FLEETS[args.engine]
+    w = WORKLOADS[fleet.name][1 if args.quick else 0]
+    w = replace(w, users=args.users or w.users, chats=args.chats or w.chats)
+    fleet.prepare()
     costs = [index_cost(2), index_cost(200)]
     entry_bytes = bytes_per_entry(10_000 if args.quick else 100_000)
+    loadavg = os.getloadavg()
+    started_at = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kvgate-prefix-") as tmp:
         run_dir = args.run_dir or Path(tmp)
-        results = [run_setup(s, w, Engines(), run_dir) for s in SETUPS]
-    print(f"python -m bench.prefix{' --quick' if args.quick else ''}: {w}")
-    print(describe(envoy_binary()))
-    print(render(results, costs, entry_bytes))
+        results = [run_setup(s, fleet, w, run_dir) for s in SETUPS]
+    print(shlex.join([sys.executable, "-m", "bench.prefix", *(sys.argv[1:] if argv is None else argv)]))
+    print(f"engines: {fleet.count} x {fleet.name}; workload: {w}")
+    print(f"{describe(envoy_binary())}; load average before the run {loadavg[0]:.2f} / {loadavg[1]:.2f} "
+          f"(1 / 5 min); the run took {time.monotonic() - started_at:.0f} s")
+    print(render(results, fleet, costs, entry_bytes))
+    if args.plots:
+        from bench.prefix_plot import plot  # matplotlib only when asked for
+
+        print(f"plot: {plot(results, fleet, w, args.plots / fleet.plot_name)}", file=sys.stderr)
     return results
 
 

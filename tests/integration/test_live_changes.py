@@ -7,7 +7,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -42,6 +43,34 @@ def complete(gw: Gateway, model: str) -> httpx.Response:
     return httpx.post(f"{gw.url}/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 1000})
 
 
+
+
+@contextmanager
+def loaded(gw: Gateway, model: str, expected: Callable[[httpx.Response], bool]
+           ) -> Iterator[tuple[list[int], list[str]]]:
+    """Four clients sending `model` one request after another until the block ends: (every status
+    seen, the answers `expected` did not accept)."""
+    seen: list[int] = []
+    unexpected: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=10) as http:
+            while not stop.is_set():
+                answer = http.post(f"{gw.url}/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 1})
+                seen.append(answer.status_code)
+                if not expected(answer):
+                    unexpected.append(f"{answer.status_code} {answer.text}")
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        yield seen, unexpected
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
 
 
 def test_a_model_added_through_the_api_is_served_then_removed(gateway: Gateway, pristine: str) -> None:
@@ -162,28 +191,10 @@ def test_removing_a_model_under_load_never_black_holes_a_request(gateway: Gatewa
         beta = alias_of_alpha(gateway, "beta")
         admin_client.apply_models(gateway.admin_address, yaml.safe_dump([beta]))
         wait_for(lambda: complete(gateway, "beta").status_code == 200, "beta served")
-        seen: list[int] = []
-        unexpected: list[str] = []
-        stop = threading.Event()
-
-        def load() -> None:
-            with httpx.Client(timeout=10) as http:
-                while not stop.is_set():
-                    answer = http.post(f"{gateway.url}/v1/completions",
-                                       json={"model": "beta", "prompt": "hi", "max_tokens": 1})
-                    seen.append(answer.status_code)
-                    if answer.status_code not in (200, 404):
-                        unexpected.append(answer.text)
-
-        workers = [threading.Thread(target=load) for _ in range(4)]
-        for w in workers:
-            w.start()
-        time.sleep(0.2)
-        admin_client.remove_model(gateway.admin_address, "beta")
-        wait_for(lambda: bool(seen) and seen[-1] == 404, "beta refused")
-        stop.set()
-        for w in workers:
-            w.join()
+        with loaded(gateway, "beta", lambda answer: answer.status_code in (200, 404)) as (seen, unexpected):
+            time.sleep(0.2)
+            admin_client.remove_model(gateway.admin_address, "beta")
+            wait_for(lambda: bool(seen) and seen[-1] == 404, "beta refused")
         assert set(seen) <= {200, 404}, f"attempt {attempt}: {sorted(set(seen))} {unexpected[:3]}"
 
 
@@ -192,32 +203,16 @@ def test_adding_a_model_under_load_answers_only_unknown_retry_or_served(gateway:
     reached Envoy before the model's routes and whose body reached ext_proc after its policy, a
     retryable 503 model_not_ready; never a 400 from the routes for bodiless requests (seen under load
     before the pending route), nor Envoy's plain text."""
+    def expected(answer: httpx.Response) -> bool:
+        return answer.status_code in (200, 404) or (
+            answer.status_code == 503 and answer.headers.get("retry-after") == "1"
+            and answer.json()["error"]["code"] == "model_not_ready")
+
     for attempt in range(3):
-        seen: list[int] = []
-        unexpected: list[str] = []
-        stop = threading.Event()
-
-        def load() -> None:
-            with httpx.Client(timeout=10) as http:
-                while not stop.is_set():
-                    answer = http.post(f"{gateway.url}/v1/completions",
-                                       json={"model": "beta", "prompt": "hi", "max_tokens": 1})
-                    seen.append(answer.status_code)
-                    ok = answer.status_code in (200, 404) or (
-                        answer.status_code == 503 and answer.headers.get("retry-after") == "1"
-                        and answer.json()["error"]["code"] == "model_not_ready")
-                    if not ok:
-                        unexpected.append(f"{answer.status_code} {answer.text}")
-
-        workers = [threading.Thread(target=load) for _ in range(4)]
-        for w in workers:
-            w.start()
-        time.sleep(0.2)
-        admin_client.apply_models(gateway.admin_address, yaml.safe_dump([alias_of_alpha(gateway, "beta")]))
-        wait_for(lambda: bool(seen) and seen[-1] == 200, "beta served")
-        stop.set()
-        for w in workers:
-            w.join()
+        with loaded(gateway, "beta", expected) as (seen, unexpected):
+            time.sleep(0.2)
+            admin_client.apply_models(gateway.admin_address, yaml.safe_dump([alias_of_alpha(gateway, "beta")]))
+            wait_for(lambda: bool(seen) and seen[-1] == 200, "beta served")
         admin_client.remove_model(gateway.admin_address, "beta")
         wait_for(lambda: complete(gateway, "beta").status_code == 404, "beta gone")
         assert not unexpected, f"attempt {attempt}: {unexpected[:3]}"
