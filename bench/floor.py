@@ -96,8 +96,9 @@ class Side:
 
 
 @contextmanager
-def started(run_dir: Path) -> Iterator[tuple[SetUp, SetUp]]:
-    """(Envoy alone, kvgate), both in front of one fast upstream; everything stopped on exit."""
+def started(run_dir: Path, ext_proc_workers: int = 1) -> Iterator[tuple[SetUp, SetUp]]:
+    """(Envoy alone, kvgate with that many ext_proc processes), both in front of one fast upstream;
+    everything stopped on exit."""
     procs = Supervisor(run_dir)
     gateway: Gateway | None = None
     try:
@@ -116,7 +117,7 @@ def started(run_dir: Path) -> Iterator[tuple[SetUp, SetUp]]:
         alone = procs.start("envoy-alone", [envoy_binary(), "-c", str(baseline_config), "--log-level", "warn",
                                             "--disable-hot-restart"])
         gateway = Gateway(parse_catalog(catalog(upstream)), run_dir=run_dir / "gateway", port=free_port(),
-                          max_request_bytes=MAX_REQUEST_BYTES)
+                          max_request_bytes=MAX_REQUEST_BYTES, extra_ext_procs=ext_proc_workers - 1)
         gateway.start()
         ext_procs = {c.name: c.proc.pid for c in gateway.supervisor.children if c.name.startswith("ext_proc")}
         sides = (SetUp("envoy alone", f"http://127.0.0.1:{port}/v1/chat/completions",
@@ -178,11 +179,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--body-kb", type=float, default=2.4, help="size of the chat body (default: %(default)s)")
     p.add_argument("--seconds", type=int, default=5, help="per set-up, load and round (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=2, help="default: %(default)s")
+    p.add_argument("--ext-proc-workers", type=int, default=1,
+                   help="ext_proc processes, as `kvgate up --ext-proc-workers` (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    if not args.concurrency or min(args.concurrency) < 1 or args.seconds <= 0 or args.rounds < 1:
-        p.error("need connections >= 1, --seconds > 0, --rounds >= 1")
+    if not args.concurrency or min(args.concurrency) < 1 or args.seconds <= 0 or args.rounds < 1 \
+            or args.ext_proc_workers < 1:
+        p.error("need connections >= 1, --seconds > 0, --rounds >= 1, --ext-proc-workers >= 1")
     return args
 
 
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     body = chat_body(args.body_kb)
     run_dir = Path(tempfile.mkdtemp(prefix="kvgate-floor-"))
     try:
-        with started(run_dir) as sides:
+        with started(run_dir, args.ext_proc_workers) as sides:
             results = measure(sides, body, args.concurrency, args.seconds, args.rounds)
     except BaseException:
         print(f"process logs kept in {run_dir}", file=sys.stderr)

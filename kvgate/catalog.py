@@ -437,8 +437,7 @@ class Model(_Strict):
             # The engine was built for shorter sequences and would reject what the gateway admits.
             raise ValueError(f"max_context_tokens ({self.max_context_tokens}) exceeds the engine config's "
                              f"build_config.max_seq_len ({max_seq_len})")
-        one_request = kv_math.reservation_bytes(
-            self.max_context_tokens, self.block_tokens, self.kv_bytes_per_token)
+        one_request = self.full_context_bytes
         budget, kv = self.kv_budget_bytes, self.kv
         if budget < one_request:
             # An engine that cannot hold one full-context request would refuse it forever.
@@ -449,6 +448,11 @@ class Model(_Strict):
                              if kv.max_tokens_in_paged_kv_cache else "") + ")")
             raise ValueError(f"{source} holds less than one max_context_tokens request ({one_request} B)")
         return self
+
+    @property
+    def full_context_bytes(self) -> int:
+        """What the largest request the model admits reserves: max_context_tokens in whole blocks."""
+        return kv_math.reservation_bytes(self.max_context_tokens, self.block_tokens, self.kv_bytes_per_token)
 
     @property
     def kv_budget_bytes(self) -> int:

@@ -22,6 +22,7 @@ from kvgate.cli import admin_client
 from kvgate.catalog import SIM, Address, Catalog, CatalogError, Model, bundled_catalog_path, load_catalog
 from kvgate.cli.gateway import Gateway, NotReady
 from kvgate.cli.processes import Child, ProcessDied
+from kvgate.cli.workers import DEFAULT_WORKERS, split_budget_errors
 from xds_server.settings import GatewaySettings
 from xds_server.control import render
 from xds_server.resource_types import BUDGET_SHARES, PUSH_ORDER
@@ -53,17 +54,26 @@ def up(catalog: CatalogOption = bundled_catalog_path(),
        host: Annotated[str, typer.Option(help="Gateway address")] = "127.0.0.1",
        xds_port: Annotated[int, typer.Option(help="Control-plane port (xDS and the admin API)")] = 18000,
        status_port: Annotated[int, typer.Option(help="Control plane's status page and /metrics")] = 18080,
-       run_dir: Annotated[Path | None, typer.Option(help="Where logs and rendered files go")] = None) -> None:
+       run_dir: Annotated[Path | None, typer.Option(help="Where logs and rendered files go")] = None,
+       ext_proc_workers: Annotated[int, typer.Option(
+           min=1, help="ext_proc processes; each admits from 1/N of every endpoint's KV budget")] = DEFAULT_WORKERS,
+       ) -> None:
     """Start engines (for `sim` endpoints), xds_server, ext_proc and Envoy; stop them all on Ctrl-C/SIGTERM."""
     cat = _load(catalog)
+    if errors := split_budget_errors(cat, ext_proc_workers):
+        typer.echo(f"--ext-proc-workers {ext_proc_workers}: each worker admits from 1/{ext_proc_workers} of every "
+                   "KV budget, too little for:\n  " + "\n  ".join(errors), err=True)
+        raise typer.Exit(2)
     workdir = run_dir or Path(tempfile.mkdtemp(prefix="kvgate-"))
     # SIGTERM unwinds like Ctrl-C, through the `finally` that stops every child. SIGINT too, even when
     # a script started us in the background: its shell makes background jobs ignore SIGINT, and
     # Python then keeps it ignored instead of raising KeyboardInterrupt.
     signal.signal(signal.SIGTERM, _raise_exit)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    gateway = Gateway(cat, run_dir=workdir, host=host, port=port, xds_port=xds_port, xds_http_port=status_port)
-    typer.echo(f"starting kvgate ({len(cat.models)} models; logs in {workdir}) ...", err=True)
+    gateway = Gateway(cat, run_dir=workdir, host=host, port=port, xds_port=xds_port, xds_http_port=status_port,
+                      extra_ext_procs=ext_proc_workers - 1)
+    typer.echo(f"starting kvgate ({len(cat.models)} models, {ext_proc_workers} ext_proc worker"
+               f"{'s' if ext_proc_workers > 1 else ''}; logs in {workdir}) ...", err=True)
     try:
         gateway.start()
         typer.echo(f"kvgate ready: {gateway.url}  (OpenAI base_url {gateway.url}/v1; Ctrl-C stops)")
@@ -73,7 +83,7 @@ def up(catalog: CatalogOption = bundled_catalog_path(),
             engines = ", ".join(f"{a} (gRPC {a.grpc_port})" if a.grpc_port else str(a) for a in m.addresses())
             typer.echo(f"  {m.name} ({m.protocol}): {engines}", err=True)
         gateway.supervise(_report_restart)
-        _serve_changes(catalog, gateway)
+        _serve_changes(catalog, gateway, ext_proc_workers)
     except (NotReady, ProcessDied) as e:
         typer.echo(f"kvgate failed: {e}", err=True)
         raise typer.Exit(1) from None
@@ -89,7 +99,7 @@ def _report_restart(child: Child, code: int) -> None:
                f"Its last log lines:\n{child.log_tail(10)}", err=True)
 
 
-def _serve_changes(path: Path, gateway: Gateway) -> None:
+def _serve_changes(path: Path, gateway: Gateway, workers: int) -> None:
     """Until interrupted: serve every valid save of the catalog file; an invalid one is refused and
     changes nothing."""
     path = path.resolve()
@@ -97,6 +107,8 @@ def _serve_changes(path: Path, gateway: Gateway) -> None:
         try:
             cat = load_catalog(path)
             _render(cat)
+            if errors := split_budget_errors(cat, workers):
+                raise CatalogError(f"with {workers} ext_proc workers: " + "; ".join(errors))
         except CatalogError as e:
             typer.echo(f"catalog change refused (still serving the previous one):\n{e}", err=True)
             continue

@@ -139,6 +139,39 @@ def test_up_serves_each_save_of_its_catalog_and_refuses_a_broken_one(tmp_path: P
 
 
 
+def test_up_with_two_ext_proc_workers_splits_each_budget_and_refuses_more_than_fit(tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog.yaml"
+    # One full-context request is 2048 x 64 KiB = 128 MiB: the budget holds two, so two workers can each hold one.
+    catalog.write_text(yaml.safe_dump({"models": [{
+        "name": "solo", "endpoints": ["sim"], "max_context_tokens": 2048, "max_output_tokens": 64,
+        "kv": {"bytes_per_token": 65536, "budget_per_endpoint": "256MiB"}}]}))
+    refused = subprocess.run([*KVGATE, "up", "--catalog", str(catalog), "--ext-proc-workers", "3"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    assert "model 'solo'" in refused.stderr and "at most 2 workers" in refused.stderr, refused.stderr
+
+    status_port = free_port()
+    proc, url = start_up(["--catalog", str(catalog), "--port", str(free_port()), "--xds-port", str(free_port()),
+                          "--status-port", str(status_port), "--ext-proc-workers", "2"], tmp_path)
+    try:
+        workers = [k for k in children_of(proc.pid)
+                   if b"ext_proc" in Path(f"/proc/{k}/cmdline").read_bytes().split(b"\0")]
+        assert len(workers) == 2
+
+        def shares() -> list[float]:
+            replicas = httpx.get(f"http://127.0.0.1:{status_port}/status.json").json()["replicas"]
+            return sorted(r["share"] or 0 for r in replicas)
+
+        wait_for(lambda: shares() == [0.5, 0.5], "each worker holding half of every budget")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        for _ in range(8):
+            raw = client.completions.with_raw_response.create(model="solo", prompt="hi", max_tokens=1000)
+            assert raw.headers["x-kvgate-max-tokens"] == "64"
+        stop_and_check_no_orphans(proc, signal.SIGTERM)
+    finally:
+        proc.kill()
+
+
 def test_up_refuses_an_invalid_catalog_naming_model_and_field(tmp_path: Path) -> None:
     catalog = tmp_path / "bad.yaml"
     catalog.write_text(yaml.safe_dump({"models": [{"name": "m1", "endpoints": ["nowhere"],
