@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -32,10 +33,51 @@ def _dying_with_parent(argv: list[str]) -> tuple[list[str], dict[str, object]]:
     return argv, {"preexec_fn": _die_with_parent}
 
 
+def _ephemeral_range() -> range:
+    """The ports the kernel gives outgoing connections (and bind to port 0)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
+# What `kvgate up` and its parts bind when not told otherwise: never handed out.
+_DEFAULT_PORTS = frozenset({8080, 18000, 18080})
+
+
+class _PortPicker:
+    """Ports outside the ephemeral range, in turn from a random start. A port handed out is bound later
+    by a child process; from the ephemeral range (bind to port 0) it could meanwhile become the local
+    port of some outgoing connection, and the child would fail with "address already in use" (seen in
+    CI). In turn: a process never hands out one port twice while it has unbound ones left."""
+
+    def __init__(self) -> None:
+        ephemeral = _ephemeral_range()
+        self._ports = [p for p in range(1024, 65536) if p not in ephemeral and p not in _DEFAULT_PORTS]
+        self._next = random.randrange(len(self._ports))
+        self._lock = threading.Lock()
+
+    def pick(self, host: str) -> int:
+        with self._lock:
+            for _ in range(len(self._ports)):
+                port = self._ports[self._next]
+                self._next = (self._next + 1) % len(self._ports)
+                with socket.socket() as s:  # without SO_REUSEADDR: a port in TIME_WAIT is skipped too
+                    try:
+                        s.bind((host, port))
+                    except OSError:
+                        continue
+                return port
+        raise OSError(f"no free port on {host} outside the ephemeral range")
+
+
+_PORTS = _PortPicker()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port nothing listens on or uses now, for a process about to bind it."""
+    return _PORTS.pick(host)
 
 
 def port_is_free(host: str, port: int) -> bool:

@@ -74,3 +74,16 @@ def test_a_port_in_time_wait_is_free_and_a_listening_one_is_not() -> None:
     with pytest.raises(OSError):  # what the old probe, without SO_REUSEADDR, tripped over
         plain.bind(("127.0.0.1", port))
     plain.close()
+
+
+def test_free_ports_are_distinct_bindable_and_never_ones_outgoing_connections_take() -> None:
+    """A child binds the port later: one from the ephemeral range could meanwhile become the local port
+    of some outgoing connection ("address already in use" for the child, seen in CI)."""
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = [free_port() for _ in range(500)]
+    assert len(set(ports)) == 500
+    assert not any(low <= p <= high for p in ports)
+    assert not {8080, 18000, 18080} & set(ports)
+    for port in ports[:20]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
