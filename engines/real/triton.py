@@ -52,10 +52,10 @@ MODELS_SOURCE = Path(__file__).resolve().parent / "triton_models"
 ENGINE = "tensorrt_llm"
 MODELS = ("ensemble", "tensorrt_llm_bls", ENGINE)
 # Copied into every Python model's version folder, next to its model.py.
-_SHARED_MODULES = ("backend_packages.py", "parent_watch.py", "trtllm_metrics.py")
+_COMMON_MODULES = ("backend_packages.py", "parent_watch.py", "trtllm_metrics.py")
 RECORD_FILE = "tensorrt_llm.jsonl"
 _INSTALLED_MARKER = "kvgate-installed.json"
-# A stub sees its server gone within 0.5 s (triton_models/shared/parent_watch.py).
+# A stub sees its server gone within 0.5 s (triton_models/common/parent_watch.py).
 STUB_EXIT_S = 5.0
 
 
@@ -84,7 +84,7 @@ class Installation:
 
     @property
     def python_packages(self) -> Path:
-        """MODEL_PACKAGES; triton_models/shared/backend_packages.py finds them here."""
+        """MODEL_PACKAGES; triton_models/common/backend_packages.py finds them here."""
         return self.backends / "python" / "kvgate-packages"
 
 
@@ -166,8 +166,8 @@ def write_repository(directory: Path, pool_blocks: int, tokens_per_block: int, *
         version = target / "1"
         version.mkdir(exist_ok=True)  # an ensemble's version folder is empty, which git does not keep
         if (version / "model.py").exists():
-            for module in _SHARED_MODULES:
-                shutil.copy2(MODELS_SOURCE / "shared" / module, version / module)
+            for module in _COMMON_MODULES:
+                shutil.copy2(MODELS_SOURCE / "common" / module, version / module)
     return directory
 
 
