@@ -142,7 +142,7 @@ async def run(args: argparse.Namespace) -> int:
         return 2
     await server.start()
     runner = await serve_metrics(registry, args.host, args.metrics_port, lambda: replica_status(
-        args.node_id, ledgers, table.queue_lengths(), servicer.refusals, servicer.decision_counts,
+        args.node_id, ledgers, table.queue_lengths(), servicer.refusals, servicer.decisions.totals(),
         time.time())) if args.metrics_port else None
     # The status URL tells the control plane where this replica's live numbers are.
     node = Node(id=args.node_id, cluster=EXT_PROC_GROUP, metadata={

@@ -37,13 +37,13 @@ class _Children:
     are catalog names and fixed codes, so the cache stays small."""
 
     def __init__(self, metric: Counter | Histogram):
-        self._metric = metric
+        self.metric = metric
         self._by_labels: dict[tuple[str, ...], Any] = {}
 
     def labels(self, *labels: str) -> Any:
         child = self._by_labels.get(labels)
         if child is None:
-            child = self._by_labels[labels] = self._metric.labels(*labels)
+            child = self._by_labels[labels] = self.metric.labels(*labels)
         return child
 
 
@@ -78,6 +78,20 @@ class Decisions:
 
     def record(self, model: str, outcome: str) -> None:
         self._counter.labels(model, outcome).inc()
+
+    def totals(self) -> dict[str, dict[str, int]]:
+        """Admitted and refused so far per model, from the outcome counter (read when asked, so the
+        request path counts each decision once): model -> {"admitted": n, "refused": n}; `model` is ""
+        for requests that named no known model, and requests passed through unreserved are neither."""
+        out: dict[str, dict[str, int]] = {}
+        for family in self._counter.metric.collect():
+            for sample in family.samples:
+                outcome = sample.labels["outcome"]
+                if not sample.name.endswith("_total") or outcome == PASSED:
+                    continue
+                counts = out.setdefault(sample.labels["model"], {"admitted": 0, "refused": 0})
+                counts["admitted" if outcome == ADMITTED else "refused"] += int(sample.value)
+        return dict(sorted(out.items()))
 
     def waited(self, model: str, seconds: float, admitted: bool) -> None:
         self._wait.labels(model, str(admitted).lower()).observe(seconds)

@@ -28,7 +28,7 @@ from ext_proc.prefix_index import PrefixIndex
 from ext_proc.prompt_gap import PromptGap
 from ext_proc.sinks import Finished, Sinks
 from ext_proc.state import AdmissionState
-from ext_proc.status import DecisionCounts, RecentRefusals
+from ext_proc.status import RecentRefusals
 from ext_proc.stream_exchange import StreamExchange
 
 
@@ -53,10 +53,8 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
         default_factory=lambda: structlog.get_logger(component="ext_proc"))
     # The last refusals, for the status page (ext_proc/status.py).
     refusals: RecentRefusals = field(default_factory=RecentRefusals)
-    # Admitted and refused per model, for the status page's admissions chart.
-    decision_counts: DecisionCounts = field(default_factory=DecisionCounts)
-    # Where each decision goes; by default metrics, the status page's refusals and counts, the busy log
-    # (and the prompt tokens admitted, with a PromptGap).
+    # Where each decision goes; by default metrics, the status page's refusals and the busy log (and
+    # the prompt tokens admitted, with a PromptGap).
     sinks: Sinks = field(default_factory=Sinks)
     prompt_gap: PromptGap | None = None
     # Where prompt prefixes were routed, for prefix-aware endpoint choice (admission.choose).
@@ -65,7 +63,7 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
     def __post_init__(self) -> None:
         if not self.sinks:
             self.sinks = Sinks([sinks.metrics(self.decisions), sinks.recent_refusals(self.refusals),
-                                sinks.decision_counts(self.decision_counts), sinks.busy_log(self.log),
+                                sinks.busy_log(self.log),
                                 *([sinks.prompt_gap(self.prompt_gap)] if self.prompt_gap is not None else [])])
 
     async def Process(self, request_iterator: AsyncIterator[ProcessingRequest],

@@ -17,7 +17,7 @@ from ext_proc.decision import Admit, Pass, Refuse
 from ext_proc.decision_metadata import DecisionRecord
 from ext_proc.metrics import Decisions
 from ext_proc.prompt_gap import PromptGap
-from ext_proc.status import DecisionCounts, RecentRefusals
+from ext_proc.status import RecentRefusals
 
 
 @dataclass(frozen=True)
@@ -81,17 +81,6 @@ def recent_refusals(refusals: RecentRefusals) -> Sink:
     def sink(event: Event) -> None:
         if isinstance(event, Decided) and isinstance(event.outcome, Refuse):
             refusals.record(event.outcome.model, event.outcome.refusal, event.request_id)
-    return sink
-
-
-def decision_counts(counts: DecisionCounts) -> Sink:
-    """The status page's admissions chart: admitted and refused totals per model."""
-    def sink(event: Event) -> None:
-        match event:
-            case Decided(outcome=Admit(model=model)):
-                counts.admitted(model)
-            case Decided(outcome=Refuse(model=model)):
-                counts.refused(model)
     return sink
 
 

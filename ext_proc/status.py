@@ -9,7 +9,7 @@ merges it (xds_server/status.py). Pure apart from the wall clock a refusal is st
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -51,27 +51,6 @@ class RecentRefusals:
         return len(self._items)
 
 
-class DecisionCounts:
-    """Requests (gRPC stream messages) admitted and refused per model since this replica started. Totals,
-    not rates: the control plane samples them and charts the differences (xds_server/status_history.py),
-    so a sample it misses loses nothing."""
-
-    def __init__(self) -> None:
-        self._admitted: Counter[str] = Counter()
-        self._refused: Counter[str] = Counter()
-
-    def admitted(self, model: str) -> None:
-        self._admitted[model] += 1
-
-    def refused(self, model: str) -> None:
-        self._refused[model] += 1
-
-    def totals(self) -> dict[str, dict[str, int]]:
-        """model -> {"admitted": n, "refused": n}; `model` is "" for requests that named no known model."""
-        return {m: {"admitted": self._admitted[m], "refused": self._refused[m]}
-                for m in sorted(self._admitted.keys() | self._refused.keys())}
-
-
 def ledger_status(ledger: Ledger) -> dict[str, Any]:
     return {"model": ledger.model, "endpoint": ledger.endpoint, "reserved": ledger.reserved,
             "capacity": ledger.capacity, "budget": ledger.budget, "excess": ledger.excess,
@@ -79,11 +58,11 @@ def ledger_status(ledger: Ledger) -> dict[str, Any]:
 
 
 def replica_status(node_id: str, ledgers: Ledgers, queue_lengths: Mapping[str, int],
-                   refusals: Iterable[RefusalRecord], decisions: DecisionCounts,
+                   refusals: Iterable[RefusalRecord], decisions: Mapping[str, Mapping[str, int]],
                    now: float) -> dict[str, Any]:
-    """This replica's `/status.json`."""
+    """This replica's `/status.json`; `decisions` as metrics.Decisions.totals gives them."""
     return {"node_id": node_id, "time": now, "share": ledgers.share,
             "ledgers": [ledger_status(lg) for lg in ledgers.all()],
             "queues": dict(sorted(queue_lengths.items())),
             "refusals": [asdict(r) for r in refusals],
-            "decisions": decisions.totals()}
+            "decisions": {m: dict(counts) for m, counts in decisions.items()}}

@@ -16,15 +16,16 @@ from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, Discovery
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ext_proc import sinks
 from ext_proc.admission import Refusal
 from ext_proc.decision import Admit, Refuse
-from ext_proc.decision_metadata import DecisionRecord
+from ext_proc.decision_metadata import PASSED, DecisionRecord
 from ext_proc.ledger import Ledger, Ledgers
-from ext_proc.status import MESSAGE_CHARS, DecisionCounts, RecentRefusals, replica_status
+from ext_proc.metrics import Decisions
+from ext_proc.status import MESSAGE_CHARS, RecentRefusals, replica_status
 from kvgate.catalog import parse_catalog
 from kvgate.cli.processes import free_port
 from xds_server.cache import SnapshotCache
@@ -75,9 +76,7 @@ def test_replica_status_is_json_with_every_ledger_its_queues_and_refusals() -> N
     ledgers.set_budget("m", "10.0.0.2:8000", 1000).blind = True
     recent = RecentRefusals(clock=lambda: 5.0)
     recent.record("", Refusal(404, "unknown_url", "no such URL"), None)
-    counts = DecisionCounts()
-    counts.admitted("m")
-    status = replica_status("ext-proc-0", ledgers, {"m": 2}, recent, counts, now=7.0)
+    status = replica_status("ext-proc-0", ledgers, {"m": 2}, recent, {"m": {"admitted": 1, "refused": 0}}, now=7.0)
     assert json.loads(json.dumps(status)) == status  # nothing that JSON cannot carry
     assert status["node_id"] == "ext-proc-0" and status["share"] == 0.5 and status["queues"] == {"m": 2}
     assert status["ledgers"] == [
@@ -90,17 +89,19 @@ def test_replica_status_is_json_with_every_ledger_its_queues_and_refusals() -> N
     assert status["decisions"] == {"m": {"admitted": 1, "refused": 0}}
 
 
-def test_the_decision_counts_sink_counts_admitted_and_refused_per_model() -> None:
-    counts = DecisionCounts()
-    sink = sinks.decision_counts(counts)
+def test_decision_totals_count_admitted_and_refused_per_model_from_the_outcome_counter() -> None:
+    decisions = Decisions(CollectorRegistry())
+    sink = sinks.metrics(decisions)
     reservation = Ledger("m", "10.0.0.1:8000", budget=1000).try_reserve(10, now=0.0, ttl_s=1.0)
     assert reservation is not None
     for _ in range(2):
-        sink(sinks.Decided(Admit("m", 8, None, None, reservation), DecisionRecord(), None))
+        sink(sinks.Decided(Admit("m", 8, None, None, reservation),
+                           DecisionRecord(model="m", prompt_tokens=3, max_tokens=8), None))
     sink(sinks.Decided(Refuse("m", Refusal(429, "rate_limit_exceeded", "full")), DecisionRecord(), None))
     sink(sinks.Decided(Refuse("", Refusal(404, "unknown_url", "no")), DecisionRecord(), None))
     sink(sinks.Finished(DecisionRecord(model="m"), 1.0))  # the end of a request is no decision
-    assert counts.totals() == {"": {"admitted": 0, "refused": 1}, "m": {"admitted": 2, "refused": 1}}
+    decisions.record("m", PASSED)  # routed without a reservation: neither
+    assert decisions.totals() == {"": {"admitted": 0, "refused": 1}, "m": {"admitted": 2, "refused": 1}}
 
 
 # --- the control plane's merge ---------------------------------------------------------------
