@@ -107,6 +107,11 @@ class Wait:
     queue: WaitQueue[Reservation]
     rank: int
 
+    @property
+    def needs_longer_timeout(self) -> bool:
+        """Longer than the release grace: Envoy, whose message timeout is seconds, must be told."""
+        return self.seconds > RELEASE_GRACE_S
+
 
 NOT_LOADED = Refusal(503, "policies_not_loaded", "The gateway has not received its model policies yet.",
                      type_="service_unavailable", retry_after=1)
@@ -275,13 +280,23 @@ def try_reserve(planned: Planned, ledgers: list[Ledger], now: float, ttl_s: floa
     return admission.admit(planned.plan, planned.policy, ledgers, now, ttl_s, hits)
 
 
+# Envoy ends a finished request's ext_proc stream (its release) moments after the client has the
+# answer, on another connection than the client's next request, which may be decided first on a busy
+# machine. So a request that does not fit while reservations are held waits this long for one to end
+# even when its class may not wait: a client sending one request after another must not be refused
+# for budget its previous request no longer holds.
+RELEASE_GRACE_S = 0.1
+
+
 def first_try(state: AdmissionState, planned: Planned, body_bytes: int, now: float, ttl_s: float,
               grpc: bool, prefixes: PrefixIndex | None = None) -> Admit | Refuse | Wait:
-    """Reserve now; or, when nothing fits, wait if the request's class may and its queue has room
-    for one more waiter and its body."""
+    """Reserve now; or, when nothing fits, wait if the request's class may (or a release may be on its
+    way: RELEASE_GRACE_S) and its queue has room for one more waiter and its body."""
     ledgers = state.ledgers_of(planned.policy)
     held = try_reserve(planned, ledgers, now, ttl_s, prefixes)
     wait_s = planned.policy.max_wait_s(planned.priority_class) or 0.0
+    if held is None and any(lg.active for lg in ledgers):
+        wait_s = max(wait_s, RELEASE_GRACE_S)
     queue = state.queues.get(planned.policy.name)
     # No engine of the model can be seen (every one's metrics stale): waiting would only delay the 503.
     blind = bool(ledgers) and all(lg.blind for lg in ledgers)

@@ -38,8 +38,8 @@ async def on_body(ex: Exchange, raw: bytes) -> AsyncIterator[ProcessingResponse]
     grpc = ex.convention is Convention.GRPC
     outcome = decision.first_try(state, planned, len(raw), gate.clock(), gate.reservation_ttl_s, grpc, gate.prefixes)
     if isinstance(outcome, Wait):
-        # Envoy would give up on us after its message timeout: tell it how long this may take.
-        yield responses.wait_longer(outcome.seconds + 1)
+        if outcome.needs_longer_timeout:  # Envoy would give up after its message timeout: say how long
+            yield responses.wait_longer(outcome.seconds + 1)
         outcome = await _wait(ex, planned, outcome, len(raw), grpc)
     if isinstance(outcome, Refuse):
         yield ex.refuse(outcome)

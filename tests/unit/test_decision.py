@@ -175,13 +175,25 @@ def test_a_request_that_fits_is_admitted_on_its_endpoint() -> None:
 
 
 def test_a_request_that_does_not_fit_waits_only_if_its_class_may() -> None:
+    """With the budget taken by use the reservations do not explain (nothing will be released)."""
     s = state()
-    s.ledgers.get("m", "e:1").try_reserve(35 * BLOCK, 0.0, 60)  # type: ignore[union-attr]
+    s.ledgers.get("m", "e:1").excess = 35 * BLOCK  # type: ignore[union-attr]
     refused = decision.first_try(s, planned_for(s, completion(20)), body_bytes=100, now=0.0, ttl_s=60, grpc=False)
     assert isinstance(refused, Refuse) and refused.refusal.status == 429 and refused.headroom == (5 * BLOCK,)
     waits = decision.first_try(s, planned_for(s, completion(20), {PRIORITY_HEADER: "patient"}), body_bytes=100,
                                now=0.0, ttl_s=60, grpc=False)
     assert isinstance(waits, Wait) and waits.seconds == 5.0 and waits.rank == 1
+
+
+def test_while_reservations_are_held_a_class_that_may_not_wait_gets_the_release_grace() -> None:
+    """A release may be on its way (the previous request of the same client, ended but not yet told)."""
+    s = state()
+    s.ledgers.get("m", "e:1").try_reserve(35 * BLOCK, 0.0, 60)  # type: ignore[union-attr]
+    waits = decision.first_try(s, planned_for(s, completion(20)), body_bytes=100, now=0.0, ttl_s=60, grpc=False)
+    assert isinstance(waits, Wait) and waits.seconds == decision.RELEASE_GRACE_S and waits.rank == 0
+    patient = decision.first_try(s, planned_for(s, completion(20), {PRIORITY_HEADER: "patient"}), body_bytes=100,
+                                 now=0.0, ttl_s=60, grpc=False)
+    assert isinstance(patient, Wait) and patient.seconds == 5.0
 
 
 def test_settling_a_wait_that_found_nothing_refunds_the_tenant() -> None:

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse
 from ext_proc.exchange import EXT_PROC_ATTRIBUTES
-from ext_proc import triton_grpc
+from ext_proc import decision, triton_grpc
 from ext_proc.ledger import Ledgers
 from ext_proc.metrics import Decisions
 from ext_proc.policy import EndpointPolicy, Policy
@@ -275,6 +275,29 @@ async def test_budget_full_is_429_and_nothing_is_held_for_the_refused() -> None:
     assert refused.immediate_response.status.code == 429
     assert reserved(s) == held
     await holder.aclose()
+    assert reserved(s) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_release_on_its_way_is_waited_for_by_a_class_that_may_not_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget is held by a request whose stream end has not arrived yet: the next request, whose class
+    refuses at once, waits the release grace (made long here: no timing in the test) without asking Envoy
+    for a longer timeout, and is admitted when the release lands."""
+    monkeypatch.setattr(decision, "RELEASE_GRACE_S", 30.0)
+    s = servicer()
+    holder = s.Process(feed(headers(), body({"model": "m", "prompt": "a" * 300, "max_tokens": 100})), None)
+    await holder.__anext__()
+    await holder.__anext__()
+    held = reserved(s)
+    following = s.Process(feed(headers(), body({"model": "m", "prompt": "b" * 300, "max_tokens": 100})), None)
+    await following.__anext__()
+    answer = asyncio.ensure_future(following.__anext__())
+    while not len(s.table.queues["m"]):
+        await asyncio.sleep(0)
+    await holder.aclose()
+    admitted = await answer
+    assert admitted.WhichOneof("response") == "request_body" and reserved(s) == held
+    await following.aclose()
     assert reserved(s) == 0
 
 
