@@ -23,7 +23,7 @@ import pytest
 
 from engines.real.vllm import VllmServer
 from kvgate.cli.gateway import Gateway
-from tests.integration.conftest import ledger_metrics, wait_for
+from tests.integration.conftest import ledger_metrics, reserved, wait_for
 from tests.real_engines.test_vllm_engine import metric
 from tests.real_engines.vllm_fixture import SETUP_TIMEOUT_S
 from tests.real_engines.vllm_gateway_fixture import BLOCK, KV_BYTES_PER_TOKEN, MAX_OUTPUT, MODEL, PATIENT, SIM_MODEL
@@ -35,6 +35,10 @@ IGNORE_EOS = {"ignore_eos": True}
 
 @pytest.fixture
 def gateway(vllm_gateway: Gateway) -> Gateway:
+    """The session's gateway, once the previous test's requests have all been released: tests count on
+    the whole budget (a release lands moments after its client has the answer)."""
+    wait_for(lambda: reserved(vllm_gateway, MODEL) == reserved(vllm_gateway, SIM_MODEL) == 0,
+             "the previous test's reservations to be released", timeout_s=30)
     return vllm_gateway
 
 
@@ -50,10 +54,9 @@ def engine_http(vllm_engine: VllmServer) -> Iterator[httpx.Client]:
         yield c
 
 
-def decision(gw: Gateway, response_id: str) -> dict[str, Any]:
-    """ext_proc's decision about a request, from Envoy's access log: vLLM names its responses after the
-    x-request-id Envoy sends it (chatcmpl-<id>, cmpl-<id>), which the log line carries."""
-    request_id = response_id.split("-", 1)[1]
+def logged_decision(gw: Gateway, request_id: str) -> dict[str, Any]:
+    """ext_proc's decision about the request Envoy named `request_id` (its x-request-id, which Envoy also
+    sets on the response), from Envoy's access log."""
     found: list[dict[str, Any]] = []
 
     def logged() -> bool:
@@ -63,6 +66,11 @@ def decision(gw: Gateway, response_id: str) -> dict[str, Any]:
 
     wait_for(logged, f"the access log line of {request_id}")
     return found[0]
+
+
+def decision(gw: Gateway, response_id: str) -> dict[str, Any]:
+    """vLLM names its completions after the x-request-id Envoy sends it (chatcmpl-<id>, cmpl-<id>)."""
+    return logged_decision(gw, response_id.split("-", 1)[1])
 
 
 def counted(gw: Gateway, response_id: str) -> int:

@@ -11,8 +11,7 @@ as a ceiling.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import anthropic
@@ -24,7 +23,7 @@ from engines.real.vllm import VllmServer
 from kvgate.cli.gateway import Gateway
 from tests.integration.conftest import ledger_metrics, reserved, wait_for
 from tests.real_engines.test_vllm_gateway import client as openai_client  # noqa: F401 (fixtures)
-from tests.real_engines.test_vllm_gateway import gateway  # noqa: F401
+from tests.real_engines.test_vllm_gateway import gateway, logged_decision  # noqa: F401
 from tests.real_engines.vllm_fixture import SETUP_TIMEOUT_S
 from tests.real_engines.vllm_gateway_fixture import BLOCK, KV_BYTES_PER_TOKEN, MAX_OUTPUT, MODEL
 
@@ -51,31 +50,10 @@ def anthropic_client(gateway: Gateway) -> Iterator[anthropic.Anthropic]:
         yield c
 
 
-class Decisions:
-    """ext_proc's decisions about the requests to `path` sent since it was made, from Envoy's access log
-    (the Responses API's ids are vLLM's own, so requests are told apart by when they were sent)."""
-
-    def __init__(self, gw: Gateway, path: str):
-        self.gw, self.path = gw, path
-        self.seen = len(self._lines())
-
-    def _lines(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.gw.access_log_path.read_text().splitlines()]
-
-    def next(self) -> dict[str, Any]:
-        found: list[dict[str, Any]] = []
-
-        def logged() -> bool:
-            found[:] = [e["kvgate"] for e in self._lines()[self.seen:] if e["path"] == self.path and e.get("kvgate")]
-            return bool(found)
-
-        wait_for(logged, f"the access log line of a request to {self.path}")
-        self.seen = len(self._lines())
-        assert len(found) == 1, found
-        return found[0]
-
-
-def counted(decision: dict[str, Any]) -> int:
+def counted(gw: Gateway, headers: Mapping[str, str]) -> int:
+    """The prompt tokens ext_proc admitted the request answered with `headers` for: Envoy names each
+    request in its x-request-id, on the response and in the access log (the APIs' own ids are vLLM's)."""
+    decision = logged_decision(gw, headers["x-request-id"])
     assert decision["decision"] == "admitted" and decision["prompt_counted"] is True, decision
     return int(decision["prompt_tokens"])
 
@@ -86,7 +64,6 @@ def counted(decision: dict[str, Any]) -> int:
                                     {"input": TOOL_ITEMS}], ids=["text", "function call items"])
 def test_a_response_is_counted_exactly_and_clamped(openai_client: openai.OpenAI, gateway: Gateway,
                                                    vllm_engine: VllmServer, fields: dict[str, Any]) -> None:
-    decisions = Decisions(gateway, "/v1/responses")
     raw = openai_client.responses.with_raw_response.create(model=MODEL, max_output_tokens=5000,
                                                            extra_body=IGNORE_EOS, **fields)
     response = raw.parse()
@@ -95,25 +72,23 @@ def test_a_response_is_counted_exactly_and_clamped(openai_client: openai.OpenAI,
     expected = min(MAX_OUTPUT, vllm_engine.max_model_len - prompt)
     assert int(raw.headers["x-kvgate-max-tokens"]) == response.usage.output_tokens == expected
     assert response.max_output_tokens == expected
-    assert counted(decisions.next()) == prompt
+    assert counted(gateway, raw.headers) == prompt
 
 
 def test_a_streamed_response(openai_client: openai.OpenAI, gateway: Gateway) -> None:
-    decisions = Decisions(gateway, "/v1/responses")
-    with openai_client.responses.stream(model=MODEL, input="Stream it.", max_output_tokens=6,
-                                        extra_body=IGNORE_EOS) as stream:
-        final = stream.get_final_response()
+    with openai_client.responses.with_streaming_response.create(
+            model=MODEL, input="Stream it.", max_output_tokens=6, stream=True, extra_body=IGNORE_EOS) as raw:
+        final = [e for e in raw.parse() if e.type == "response.completed"][0].response
     assert final.usage is not None and final.usage.output_tokens == 6
-    assert counted(decisions.next()) == final.usage.input_tokens
+    assert counted(gateway, raw.headers) == final.usage.input_tokens
 
 
 def test_previous_response_id_never_reaches_vllm(openai_client: openai.OpenAI, gateway: Gateway) -> None:
     """vLLM, which keeps no responses unless told to, would answer 404; the gateway says why first."""
-    decisions = Decisions(gateway, "/v1/responses")
     with pytest.raises(openai.BadRequestError) as e:
         openai_client.responses.create(model=MODEL, input="And then?", previous_response_id="resp_0")
     assert e.value.param == "previous_response_id"
-    assert decisions.next()["decision"] == "invalid_request"
+    assert logged_decision(gateway, e.value.response.headers["x-request-id"])["decision"] == "invalid_request"
 
 
 # --- Anthropic's Messages -------------------------------------------------------------------------
@@ -122,11 +97,10 @@ def test_previous_response_id_never_reaches_vllm(openai_client: openai.OpenAI, g
                                     {"messages": TOOL_TURNS}], ids=["text", "tool use and result"])
 def test_a_message_is_counted_exactly_and_clamped(anthropic_client: anthropic.Anthropic, gateway: Gateway,
                                                   vllm_engine: VllmServer, fields: dict[str, Any]) -> None:
-    decisions = Decisions(gateway, "/v1/messages")
     raw = anthropic_client.messages.with_raw_response.create(model=MODEL, max_tokens=5000, **fields)
     message = raw.parse()
-    decision = decisions.next()
-    assert counted(decision) == message.usage.input_tokens
+    decision = logged_decision(gateway, raw.headers["x-request-id"])
+    assert counted(gateway, raw.headers) == message.usage.input_tokens
     clamp = int(raw.headers["x-kvgate-max-tokens"])
     assert clamp == min(MAX_OUTPUT, vllm_engine.max_model_len - message.usage.input_tokens) == decision["max_tokens"]
     assert message.usage.output_tokens <= clamp
@@ -135,11 +109,10 @@ def test_a_message_is_counted_exactly_and_clamped(anthropic_client: anthropic.An
 
 def test_a_streamed_message_and_count_tokens_agree_with_the_gateway(anthropic_client: anthropic.Anthropic,
                                                                       gateway: Gateway) -> None:
-    decisions = Decisions(gateway, "/v1/messages")
     with anthropic_client.messages.stream(model=MODEL, max_tokens=4, messages=TOOL_TURNS) as stream:
         final = stream.get_final_message()
     by_engine = anthropic_client.messages.count_tokens(model=MODEL, messages=TOOL_TURNS)
-    assert counted(decisions.next()) == by_engine.input_tokens == final.usage.input_tokens
+    assert counted(gateway, stream.response.headers) == by_engine.input_tokens == final.usage.input_tokens
     assert final.usage.output_tokens <= 4
 
 
@@ -178,9 +151,8 @@ def test_tokenize_through_the_gateway_is_vllms(gateway: Gateway, vllm_engine: Vl
 def test_embeddings_of_a_generate_only_model_are_vllms_404_and_release(openai_client: openai.OpenAI,
                                                                        gateway: Gateway) -> None:
     """Admitted for the prefill it would take, then vLLM's own answer: this model embeds nothing."""
-    decisions = Decisions(gateway, "/v1/embeddings")
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as e:
         openai_client.embeddings.create(model=MODEL, input="Embed me.")
-    decision = decisions.next()
+    decision = logged_decision(gateway, e.value.response.headers["x-request-id"])
     assert (decision["decision"], decision["max_tokens"]) == ("admitted", 1)
     wait_for(lambda: reserved(gateway, MODEL) == 0, "the release")
