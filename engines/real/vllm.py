@@ -151,6 +151,15 @@ def _end_group(pgid: int, timeout_s: float) -> None:
             time.sleep(0.05)
 
 
+def _niced(nice: int) -> list[str]:
+    """The argv prefix that runs a new session's leader at `nice`. Where the kernel groups scheduling by
+    session (autogroups), a thread's nice ranks it only within its session: the session's group gets
+    the same nice (written from inside the session, so that no other group is touched)."""
+    if nice == 0:
+        return []
+    return ["sh", "-c", f'echo {nice} > /proc/self/autogroup 2>/dev/null; exec nice -n {nice} "$@"', "sh"]
+
+
 @dataclass
 class VllmServer:
     """vLLM's OpenAI server for `model`, on 127.0.0.1 and a free port, with a KV cache of exactly
@@ -166,6 +175,11 @@ class VllmServer:
     max_num_seqs: int = 16
     extra_args: tuple[str, ...] = ()
     ready_timeout_s: float = 180.0
+    # CPU niceness: above 0, the server yields the CPU to the processes beside it. A benchmark sharing
+    # a small machine with it gives it 10: production runs an engine on machines of its own, and
+    # vLLM's three busy processes otherwise starve the gateway and the client for seconds
+    # (docs/benchmarks.md, "bench/spike on vLLM: the stalls").
+    nice: int = 0
     port: int = 0  # 0: a free one, chosen by start()
     _supervisor: Supervisor | None = field(default=None, init=False, repr=False)
     _child: Child | None = field(default=None, init=False, repr=False)
@@ -217,7 +231,7 @@ class VllmServer:
         # util-linux's setsid (beside the setpriv of kvgate.cli.processes): the server leads a process group
         # of its own, which its engine core and worker processes join; stop() ends that group, since they
         # outlive a server that was killed rather than terminated.
-        self._child = self._supervisor.start("vllm", ["setsid", *self.argv()], env)
+        self._child = self._supervisor.start("vllm", ["setsid", *_niced(self.nice), *self.argv()], env)
         self._wait_ready()
         return self
 
