@@ -27,9 +27,6 @@ HOST = "127.0.0.1"
 # vLLM runs at most this many sequences at once; above what the benchmark's cache holds, like the
 # simulator's batch limit (256), so that only KV blocks limit it.
 VLLM_MAX_NUM_SEQS = 64
-# vLLM's CPU niceness: the gateway and the client come first, as on machines apart from the engine's
-# (docs/benchmarks.md, "bench/spike on vLLM: the stalls").
-VLLM_NICE = 10
 
 
 @dataclass(frozen=True)
@@ -82,7 +79,7 @@ def _vllm(model: Model, run_dir: Path) -> Iterator[Address]:
     server = VllmServer(build_model(DEFAULT_MODEL_DIR, venv), run_dir / "vllm", venv,
                         num_blocks=blocks_for(model.kv_budget_bytes, model.block_tokens * model.kv_bytes_per_token),
                         block_size=model.block_tokens, max_model_len=model.max_context_tokens,
-                        max_num_seqs=VLLM_MAX_NUM_SEQS, nice=VLLM_NICE)
+                        max_num_seqs=VLLM_MAX_NUM_SEQS)
     with server:
         yield Address(host=HOST, port=server.port)
 

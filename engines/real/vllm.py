@@ -175,11 +175,10 @@ class VllmServer:
     max_num_seqs: int = 16
     extra_args: tuple[str, ...] = ()
     ready_timeout_s: float = 180.0
-    # CPU niceness: above 0, the server yields the CPU to the processes beside it. A benchmark sharing
-    # a small machine with it gives it 10: production runs an engine on machines of its own, and
-    # vLLM's three busy processes otherwise starve the gateway and the client for seconds
-    # (docs/benchmarks.md, "bench/spike on vLLM: the stalls").
-    nice: int = 0
+    # CPU niceness. Here vLLM shares a small machine with the gateway and the clients under test, where
+    # production gives an engine machines of its own; at 0 its three busy processes starve the others
+    # for seconds (docs/benchmarks.md, "The stalls of bench/spike on vLLM").
+    nice: int = 10
     port: int = 0  # 0: a free one, chosen by start()
     _supervisor: Supervisor | None = field(default=None, init=False, repr=False)
     _child: Child | None = field(default=None, init=False, repr=False)
@@ -187,6 +186,12 @@ class VllmServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        """The server's process: its session and process group hold the engine core and the worker too."""
+        assert self._child is not None, "not started"
+        return self._child.proc.pid
 
     @property
     def openai_url(self) -> str:
@@ -256,7 +261,7 @@ class VllmServer:
         """SIGTERM, then SIGKILL after `timeout_s`; returns once the server is gone, and its children with it."""
         if self._supervisor is not None and self._child is not None:
             self._supervisor.stop_all(timeout_s)
-            _end_group(self._child.proc.pid, timeout_s)
+            _end_group(self.pid, timeout_s)
         self._supervisor = self._child = None
 
     def __enter__(self) -> VllmServer:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -77,6 +78,27 @@ def post_raw(http: httpx.Client, path: str, body: str) -> httpx.Response:
 def chat_body(model: str, fields: str, content: str = '"hi"') -> str:
     return (f'{{"model": "{model}", "messages": [{{"role": "user", "content": {content}}}], '
             f'"ignore_eos": true, {fields}}}')
+
+
+def _stat(p: Path) -> list[str]:
+    """A process's /proc stat fields after its name (state, ppid, pgrp, session, ...); [] once it ended."""
+    try:
+        return p.joinpath("stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def test_every_vllm_process_yields_the_cpu(vllm_engine: VllmServer) -> None:
+    """The server, its engine core and its worker run at the server's niceness, and so does their
+    session's scheduling group where the kernel has autogroups (without it, a session's nice ranks its
+    threads only among themselves)."""
+    session = [f for p in Path("/proc").iterdir() if p.name.isdigit()
+               and (f := _stat(p)) and f[3] == str(vllm_engine.pid)]
+    assert len(session) >= 3, session
+    assert {int(f[16]) for f in session} == {vllm_engine.nice} == {10}
+    autogroup = Path(f"/proc/{vllm_engine.pid}/autogroup")
+    if autogroup.exists():
+        assert autogroup.read_text().split()[-1] == "10"
 
 
 def test_chat_completion(client: openai.OpenAI, vllm_engine: VllmServer) -> None:
