@@ -40,7 +40,8 @@ from bench.machine import describe
 from bench.spike_client import run_load
 from bench.spike_engines import ENGINES, SIM, Engine
 from bench.spike_metrics import EngineSample, fetch, sample_engine
-from bench.spike_report import Run, RequestResult, SpikeReport, goals, render, summarize, to_json, with_ratios
+from bench.spike_report import (Run, RequestResult, SpikeReport, goals, pooled, render, summarize, to_json,
+                                with_ratios)
 from bench.spike_scenario import (BURST, QUICK, STEADY, VLLM_FIELDS, VLLM_MODEL, VLLM_QUICK, VLLM_SEED, Planned,
                                   Scenario, build_plan, catalog, vllm_catalog, without_burst)
 from bench.spike_setups import SETUPS, Setup, Target, started
@@ -103,9 +104,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="sent with every burst request, in every set-up")
     p.add_argument("--plots", type=Path, metavar="DIR",
                    help=f"write {', '.join(e.plot_name for e in ENGINES.values())} (by engine) there (e.g. docs)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run the set-ups N times, in rounds, and pool each set-up's requests: a steadier p99 "
+                        "(the plot shows the first round)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = p.parse_args(argv)
     args.setups = args.setups or (QUICK_SETUPS if args.quick else list(SETUPS))
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     return args
 
 
@@ -195,22 +201,24 @@ def main(argv: list[str] | None = None) -> SpikeReport:
     run_dir = Path(tempfile.mkdtemp(prefix="kvgate-spike-"))
     runs: list[Run] = []
     try:
-        for name in args.setups:
-            runs.append(measure(SETUPS[name], engine, catalog_data, plan, s, headers, run_dir))
-            print(_progress(runs[-1], s), file=sys.stderr, flush=True)
+        for _ in range(args.repeat):
+            for name in args.setups:
+                runs.append(measure(SETUPS[name], engine, catalog_data, plan, s, headers, run_dir))
+                print(_progress(runs[-1], s), file=sys.stderr, flush=True)
     except BaseException:
         print(f"process logs kept in {run_dir}", file=sys.stderr)
         raise
     shutil.rmtree(run_dir)
-    summaries = with_ratios([summarize(r, s) for r in runs])
+    by_setup = [pooled([r for r in runs if r.setup.name == name]) for name in args.setups]
+    summaries = with_ratios([summarize(r, s) for r in by_setup])
     report = SpikeReport(command=shlex.join([sys.executable, "-m", "bench.spike", *argv]), engine=engine.name,
                          exhaustion=engine.exhaustion, machine=machine, loadavg_before=loadavg, scenario=s,
                          catalog=catalog_data, summaries=summaries, goals=goals(summaries, engine.exhaustion),
-                         runs=runs, wall_s=time.monotonic() - started_at)
+                         runs=by_setup, wall_s=time.monotonic() - started_at, repeats=args.repeat)
     if args.plots:
         from bench.spike_plot import plot  # matplotlib only when a plot is asked for
 
-        print(f"plot: {plot(runs, s, args.plots / engine.plot_name)}", file=sys.stderr)
+        print(f"plot: {plot(runs[:len(args.setups)], s, args.plots / engine.plot_name)}", file=sys.stderr)
     print(to_json(report) if args.json else render(report))
     return report
 

@@ -47,6 +47,21 @@ def test_quick_run_reports_every_setup_with_sane_fields(capsys: pytest.CaptureFi
     assert (tmp_path / "spike-latency.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_repeated_runs_are_pooled_per_setup(capsys: pytest.CaptureFixture[str]) -> None:
+    """Two rounds of one set-up: one summary over both runs' requests, goodput still per second of one
+    window, and the report says so."""
+    once = main(["--quick", "--setups", "kvgate-noburst"])
+    twice = main(["--quick", "--setups", "kvgate-noburst", "--repeat", "2"])
+    (x,), (run,) = twice.summaries, twice.runs
+    assert x.steady_measured == 2 * once.summaries[0].steady_measured
+    assert run.repeats == 2 and len(run.requests) == 2 * len(once.runs[0].requests)
+    assert 0 < x.goodput_rps <= x.steady_measured / (2 * (QUICK.window[1] - QUICK.window[0]))
+    assert x.capacity_wait_s >= 0
+    assert "Each set-up ran 2 times" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parse_args(["--repeat", "0"])
+
+
 def test_steady_traffic_is_the_same_with_and_without_the_burst() -> None:
     plan = build_plan(Scenario())
     steady = without_burst(plan)
