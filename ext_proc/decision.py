@@ -99,9 +99,17 @@ class Admit:
     reservation: Reservation
 
 
+# Envoy ends a finished request's ext_proc stream (its release) moments after the client has the
+# answer, on another connection than the client's next request, which may be decided first on a busy
+# machine. So a request that does not fit while reservations are held waits this long for one to end
+# even when its class may not wait: a client sending one request after another must not be refused
+# for budget its previous request no longer holds.
+RELEASE_GRACE_S = 0.1
+
+
 @dataclass(frozen=True)
 class Wait:
-    """Nothing fits now, and the request's class may wait this long in the model's queue."""
+    """Nothing fits now: wait this long in the model's queue (the class's max_wait_s, or the release grace)."""
 
     seconds: float
     queue: WaitQueue[Reservation]
@@ -278,14 +286,6 @@ def try_reserve(planned: Planned, ledgers: list[Ledger], now: float, ttl_s: floa
     hits = None if prefixes is None else prefixes.expected_hits(
         planned.policy.name, (lg.endpoint for lg in ledgers), planned.prefix)
     return admission.admit(planned.plan, planned.policy, ledgers, now, ttl_s, hits)
-
-
-# Envoy ends a finished request's ext_proc stream (its release) moments after the client has the
-# answer, on another connection than the client's next request, which may be decided first on a busy
-# machine. So a request that does not fit while reservations are held waits this long for one to end
-# even when its class may not wait: a client sending one request after another must not be refused
-# for budget its previous request no longer holds.
-RELEASE_GRACE_S = 0.1
 
 
 def first_try(state: AdmissionState, planned: Planned, body_bytes: int, now: float, ttl_s: float,

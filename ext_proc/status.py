@@ -65,4 +65,4 @@ def replica_status(node_id: str, ledgers: Ledgers, queue_lengths: Mapping[str, i
             "ledgers": [ledger_status(lg) for lg in ledgers.all()],
             "queues": dict(sorted(queue_lengths.items())),
             "refusals": [asdict(r) for r in refusals],
-            "decisions": {m: dict(counts) for m, counts in decisions.items()}}
+            "decisions": dict(decisions)}

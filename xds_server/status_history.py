@@ -59,9 +59,10 @@ def _increase(now: int, before: int) -> int:
 
 
 class DecisionDeltas:
-    """Each replica's admitted and refused totals (`decisions` in its /status.json: ext_proc/metrics.py Decisions.totals) turned into what
-    happened since the previous sample, per model, summed over the replicas. Differences are taken per
-    replica: a replica leaving must not make the fleet's sum go backwards."""
+    """Each replica's admitted and refused totals (`decisions` in its /status.json, from ext_proc/metrics.py
+    Decisions.totals) turned into what happened since the previous sample, per model, summed over the
+    replicas. Differences are taken per replica: a replica leaving must not make the fleet's sum go
+    backwards."""
 
     def __init__(self) -> None:
         self._last: dict[str, Mapping[str, Mapping[str, int]]] = {}  # node id -> model -> totals
